@@ -1,0 +1,186 @@
+"""The command line: `python -m reference <command>` (also installed as `ftref`).
+
+Bad input exits with code 2 and one message on stderr naming the file, row or argument; no traceback.
+Heavy libraries are imported inside the commands that need them so `steps` and `render` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from reference.errors import InputError
+
+
+def _warmup(value: str) -> float:
+    """--warmup: whole steps (an int) or a fraction of the total steps (< 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--warmup takes steps (int) or a fraction < 1, got {value!r}") from None
+    if number < 0 or (number >= 1 and number != int(number)):
+        raise argparse.ArgumentTypeError(f"--warmup takes steps (int) or a fraction < 1, got {value!r}")
+    return number
+
+
+def _steps_or_fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or a fraction < 1, got {value!r}") from None
+    return number
+
+
+def cmd_steps(args: argparse.Namespace) -> int:
+    from reference import steps
+
+    settings = steps.StepSettings(
+        records=args.records,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        world_size=args.world_size,
+        warmup=args.warmup,
+        save_strategy=args.save_strategy,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        logging_strategy=args.logging_strategy,
+        logging_steps=args.logging_steps,
+        logging_first_step=args.logging_first_step,
+        drop_last=args.drop_last,
+    )
+    result = steps.plan(settings)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "settings": settings.__dict__}, indent=2))
+    else:
+        print(steps.format_table(settings, result))
+    return 0
+
+
+def _read_messages(source: str) -> list[dict]:
+    where = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"--messages: cannot read {where}: {error.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"--messages: {where} is not JSON (line {error.lineno}, column {error.colno}): {error.msg}") from None
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    if not isinstance(data, list):
+        raise InputError(f"--messages: {where} must hold a JSON list of {{role, content}} objects (or {{\"messages\": [...]}})")
+    for index, message in enumerate(data):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise InputError(f"--messages: {where}, message {index}: needs 'role' and 'content'")
+    return data
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from reference import formats
+
+    messages = _read_messages(args.messages)
+    if args.tokenizer is None:
+        text = formats.render(args.format, messages, args.add_generation_prompt, date_string=args.date)
+        sys.stdout.write(text)
+        return 0
+
+    from reference.vocab import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.format == "alpaca-ja":
+        text = formats.render(args.format, messages, eos_token=tokenizer.eos_token)
+    else:
+        text = formats.render_with_tokenizer(tokenizer, args.format, messages, args.add_generation_prompt, args.date)
+    ids = formats.encode_prompt(tokenizer, text)
+    if args.json:
+        print(json.dumps({"text": text, "input_ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids)}, ensure_ascii=False))
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        print(f"input_ids ({len(ids)}): {json.dumps(ids)}", file=sys.stderr)
+    return 0
+
+
+def cmd_add_tokens(args: argparse.Namespace) -> int:
+    from reference import vocab
+
+    report = vocab.add_special_tokens(args.model, args.tokens, args.output)
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from reference import recipes
+
+    recipe = recipes.load_recipe(args.name)
+    if args.resolved:
+        print(json.dumps(recipes.resolved_settings(recipe, output_dir=args.output_dir), ensure_ascii=False, indent=2, default=str))
+    else:
+        print(recipes.describe(recipe))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftref", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("steps", help="the step plan a transformers.Trainer run makes (claims P9, P10, L4)")
+    p.add_argument("--records", type=int, required=True, help="rows in the training set")
+    p.add_argument("--batch-size", type=int, required=True, help="per_device_train_batch_size")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient_accumulation_steps (default 1)")
+    p.add_argument("--epochs", type=float, default=3.0, help="num_train_epochs, may be fractional (default 3.0)")
+    p.add_argument("--max-steps", type=int, default=-1, help="total optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--world-size", type=int, default=1, help="data-parallel processes (default 1)")
+    p.add_argument("--warmup", type=_warmup, default=0, help="warmup steps (int) or fraction < 1 of total (default 0)")
+    p.add_argument("--save-strategy", default="steps", help="steps | epoch | no (default steps)")
+    p.add_argument("--save-steps", type=_steps_or_fraction, default=500, help="steps between checkpoints, or a fraction < 1 (default 500)")
+    p.add_argument("--save-total-limit", type=int, default=None, help="newest checkpoints kept (default: all)")
+    p.add_argument("--logging-strategy", default="steps", help="steps | epoch | no (default steps)")
+    p.add_argument("--logging-steps", type=_steps_or_fraction, default=500, help="steps between loss log lines, or a fraction < 1 (default 500)")
+    p.add_argument("--logging-first-step", action="store_true", help="also log after step 1")
+    p.add_argument("--drop-last", action="store_true", help="dataloader_drop_last")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_steps)
+
+    p = sub.add_parser("render", help="render messages in a prompt format (claims P4, P11, C2, C11)")
+    p.add_argument("--format", required=True, choices=["gemma2", "llama3.1", "alpaca-ja"])
+    p.add_argument("--messages", required=True, help="JSON file with a list of {role, content}, or - for stdin")
+    p.add_argument("--add-generation-prompt", action="store_true", help="end with the assistant/model turn opener")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer directory: render with its chat template and print ids")
+    p.add_argument("--date", default=None, help="llama3.1 'Today Date' (default: 26 Jul 2024, as the official template)")
+    p.add_argument("--json", action="store_true", help="with --tokenizer: print {text, input_ids, tokens} as JSON")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("add-tokens", help="register special tokens and grow the embeddings (claim P5)")
+    p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
+    p.add_argument("--tokens", required=True, nargs="+", help="tokens to register, e.g. '<user_name>'")
+    p.add_argument("--output", required=True, help="directory to save the grown model and tokenizer")
+    p.set_defaults(func=cmd_add_tokens)
+
+    p = sub.add_parser("recipe", help="show a named recipe, or its fully resolved settings (claims P7, P12, C13, C17, C22)")
+    p.add_argument("name", help="recipe name (primer, llm2024) or a TOML file")
+    p.add_argument("--resolved", action="store_true", help="print every setting, defaults included, as JSON")
+    p.add_argument("--output-dir", default="runs/recipe", help="output_dir to resolve TrainingArguments with")
+    p.set_defaults(func=cmd_recipe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as error:
+        print(f"ftref {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ftref {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

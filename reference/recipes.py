@@ -1,0 +1,271 @@
+"""Recipes: named training setups kept as TOML, mapped onto the installed transformers, fully resolved.
+
+A recipe keeps its source's arguments as the source wrote them (``[training_arguments]``), lists every
+place it departs from the source with the reason (``[departures]``), and carries the method's other
+settings (``[lora]``, ``[quantization]``, ``[sft]``) and records (``[[trials]]``, ``[targets]``).
+
+Mapping onto the installed transformers is explicit:
+* an argument renamed or removed upstream is migrated only by a rule written here (``warmup_ratio``
+  becomes a fractional ``warmup_steps`` in transformers 5, which reads values below 1 as a fraction),
+  and every migration is reported;
+* any other argument the installed ``TrainingArguments`` lacks is an error naming it and the version;
+* arguments this machine cannot honour (``tf32`` without an Ampere GPU, ``bf16`` without CUDA needs
+  ``use_cpu``) are adapted and reported, never dropped silently.
+
+``resolved_settings`` writes out every TrainingArguments field, defaults included (claim P12).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from reference.errors import InputError
+
+SECTIONS = ("training_arguments", "lora", "quantization", "sft")
+
+# Upstream removals with a hint for the user; only warmup_ratio has a migration rule (see _migrate).
+REMOVED_HINTS = {
+    "logging_dir": "removed in transformers 5: TensorBoard files go under output_dir; drop the key "
+    "(or record it under [departures])",
+    "evaluation_strategy": "renamed to eval_strategy",
+    "overwrite_output_dir": "removed in transformers 5",
+}
+
+
+@dataclass
+class Recipe:
+    """A named training setup; see the module docstring for the sections."""
+
+    name: str
+    source: str
+    description: str = ""
+    format: str = "alpaca-ja"
+    """Prompt format of the training text: gemma2, llama3.1 or alpaca-ja."""
+    base_model: str | None = None
+    training_arguments: dict = field(default_factory=dict)
+    """TrainingArguments keyword arguments, as the source wrote them."""
+    departures: dict = field(default_factory=dict)
+    """Source arguments changed or not passed on: {name: {source_value, reason}}."""
+    lora: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)
+    sft: dict = field(default_factory=dict)
+    trials: list = field(default_factory=list)
+    targets: dict = field(default_factory=dict)
+    path: str = ""
+    sha256: str = ""
+
+
+@dataclass
+class Mapping:
+    """A recipe mapped onto the installed TrainingArguments, with every change that took."""
+
+    kwargs: dict
+    migrations: list[str]
+    adaptations: list[str]
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("reference").joinpath("recipes").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name (primer, llm2024) or a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise InputError(f"recipe {name_or_path!s}: no such file")
+        raw = path.read_bytes()
+    elif str(name_or_path) in builtin_names():
+        resource = resources.files("reference").joinpath(f"recipes/{name_or_path}.toml")
+        raw, path = resource.read_bytes(), Path(str(resource))
+    else:
+        raise InputError(f"recipe {name_or_path!s}: not a file and not one of {', '.join(builtin_names())}")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"recipe {path}: not valid TOML: {error}") from None
+    known = {f.name for f in dataclasses.fields(Recipe)} - {"path", "sha256"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"recipe {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for key in ("name", "source"):
+        if key not in data:
+            raise InputError(f"recipe {path}: missing required key {key!r}")
+    return Recipe(**data, path=str(path), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def _parse_value(text: str):
+    """A TOML value (1e-4, true, [1, 2], "x"); anything that is not TOML is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """`key=value` settings: `section.key=value`, or a bare key meaning training_arguments.key."""
+    result = copy.deepcopy(recipe)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"override {item!r}: expected key=value")
+        section, dot, name = key.rpartition(".")
+        section = section if dot else "training_arguments"
+        if section not in SECTIONS:
+            raise InputError(f"override {item!r}: unknown section {section!r}; use one of {', '.join(SECTIONS)}")
+        if section != "training_arguments" and name not in getattr(result, section):
+            raise InputError(f"override {item!r}: recipe {recipe.name!r} has no key {name!r} in [{section}] "
+                             f"(known: {', '.join(sorted(getattr(result, section)))})")
+        getattr(result, section)[name] = _parse_value(value)
+    return result
+
+
+def _migrate(kwargs: dict, fields: set[str], version: str) -> list[str]:
+    notes = []
+    if "warmup_ratio" in kwargs and "warmup_ratio" not in fields:
+        ratio = kwargs.pop("warmup_ratio")
+        if kwargs.get("warmup_steps", 0):
+            raise InputError(f"recipe sets both warmup_ratio={ratio} and warmup_steps={kwargs['warmup_steps']}; keep one")
+        if not 0 <= ratio < 1:
+            raise InputError(f"warmup_ratio={ratio}: must be in [0, 1)")
+        kwargs["warmup_steps"] = ratio
+        notes.append(f"warmup_ratio={ratio} -> warmup_steps={ratio} (transformers {version} reads warmup_steps < 1 "
+                     "as a fraction of the total steps)")
+    return notes
+
+
+def _adapt_to_device(kwargs: dict) -> list[str]:
+    import torch
+
+    notes = []
+    if not torch.cuda.is_available():
+        if kwargs.get("tf32"):
+            kwargs["tf32"] = None
+            notes.append("tf32=True -> tf32=None: TF32 needs an Ampere or newer NVIDIA GPU; none here")
+        if (kwargs.get("bf16") or kwargs.get("fp16")) and not kwargs.get("use_cpu"):
+            kwargs["use_cpu"] = True
+            notes.append("use_cpu=True: no CUDA device, so mixed precision runs on the CPU")
+        if kwargs.get("fp16"):
+            kwargs["fp16"] = False
+            kwargs["bf16"] = True
+            notes.append("fp16=True -> bf16=True: fp16 mixed precision needs CUDA; bf16 runs on the CPU")
+    return notes
+
+
+def map_training_arguments(recipe: Recipe, output_dir: str | None = None, adapt: bool = True) -> Mapping:
+    """The recipe's TrainingArguments kwargs for the installed transformers, with the changes made."""
+    import transformers
+
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    kwargs = dict(recipe.training_arguments)
+    if output_dir is not None:
+        kwargs["output_dir"] = output_dir
+    migrations = _migrate(kwargs, fields, transformers.__version__)
+    missing = sorted(set(kwargs) - fields)
+    if missing:
+        hints = "; ".join(f"{k}: {REMOVED_HINTS.get(k, 'not an argument of this version')}" for k in missing)
+        raise InputError(f"recipe {recipe.name!r}: TrainingArguments of transformers {transformers.__version__} "
+                         f"has no argument(s) {missing} ({hints})")
+    adaptations = _adapt_to_device(kwargs) if adapt else []
+    return Mapping(kwargs=kwargs, migrations=migrations, adaptations=adaptations)
+
+
+def to_training_arguments(recipe: Recipe, output_dir: str | None = None, **extra):
+    """A real `transformers.TrainingArguments` from the recipe (extra kwargs win over the recipe's)."""
+    import transformers
+
+    mapping = map_training_arguments(recipe, output_dir)
+    try:
+        return transformers.TrainingArguments(**{**mapping.kwargs, **extra})
+    except (ValueError, TypeError) as error:
+        raise InputError(f"recipe {recipe.name!r}: TrainingArguments rejected the settings: {error}") from None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers",
+             "safetensors", "sentence-transformers", "pycld2")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe") -> dict:
+    """Every setting a run with this recipe uses, defaults included, and how each was arrived at."""
+    mapping = map_training_arguments(recipe, output_dir)
+    args = to_training_arguments(recipe, output_dir)
+    return {
+        "recipe": {"name": recipe.name, "source": recipe.source, "path": recipe.path, "sha256": recipe.sha256,
+                   "format": recipe.format, "base_model": recipe.base_model},
+        "training_arguments": args.to_dict(),
+        "training_arguments_given": recipe.training_arguments,
+        "migrations": mapping.migrations,
+        "adaptations": mapping.adaptations,
+        "departures": recipe.departures,
+        "lora": _lora_resolved(recipe.lora) if recipe.lora else {},
+        "quantization": recipe.quantization,
+        "sft": recipe.sft,
+        "versions": package_versions(),
+    }
+
+
+def _lora_resolved(lora: dict) -> dict:
+    """Every LoraConfig field, defaults included, for the recipe's LoRA settings."""
+    import peft
+
+    names = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    config = peft.LoraConfig(**{k: v for k, v in lora.items() if k in names})
+    resolved = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    resolved.update({k: v for k, v in lora.items() if k not in names})  # e.g. random_state
+    return resolved
+
+
+def trial_report(recipe: Recipe, shape: str = "gemma-2-27b") -> list[dict]:
+    """C17: each trial with alpha/r and the LoRA trainable-parameter count for the given model shape."""
+    from reference import lora, shapes
+
+    config = shapes.load_config(shape)
+    targets = recipe.lora.get("target_modules", list(shapes.PROJECTIONS))
+    by_name = {t["trial"]: t for t in recipe.trials}
+    rows = []
+    for trial in recipe.trials:
+        model = by_name.get(trial.get("same_model_as"), trial)
+        r, alpha = model.get("r"), model.get("lora_alpha")
+        rows.append({
+            **trial,
+            "r": r, "lora_alpha": alpha,
+            "alpha_over_r": alpha / r,
+            "trainable_parameters": lora.trainable_parameters(config, r, targets),
+        })
+    return rows
+
+
+def describe(recipe: Recipe) -> str:
+    """A readable summary: the arguments, the departures and (when present) the trial table."""
+    lines = [f"recipe {recipe.name}: {recipe.description}", f"source: {recipe.source}", f"format: {recipe.format}", ""]
+    lines += ["[training_arguments]"] + [f"  {k} = {v!r}" for k, v in recipe.training_arguments.items()]
+    for section in ("quantization", "lora", "sft", "targets"):
+        if getattr(recipe, section):
+            lines += ["", f"[{section}]"] + [f"  {k} = {v!r}" for k, v in getattr(recipe, section).items()]
+    if recipe.departures:
+        lines += ["", "departures from the source:"]
+        lines += [f"  {k}: source {v['source_value']!r} - {v['reason']}" for k, v in recipe.departures.items()]
+    if recipe.trials:
+        lines += ["", "trials (gemma-2-27b shape, LoRA on the recipe's target modules):",
+                  f"  {'trial':<20} {'r':>4} {'alpha':>5} {'alpha/r':>7} {'trainable':>13}  result"]
+        for row in trial_report(recipe):
+            lines.append(f"  {row['trial']:<20} {row['r']:>4} {row['lora_alpha']:>5} {row['alpha_over_r']:>7.2f} "
+                         f"{row['trainable_parameters']:>13,}  {row['result']}")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""The spec harness: claim/gpu/slow markers, the tiny fixtures, and one shared Trainer-free setup.
+
+Markers are registered in pyproject.toml. `gpu` tests are skipped with a visible reason when CUDA is
+absent (never silently passed); `claim("ID", ...)` names the SPEC.md claims a test pins, and
+`python spec/claims.py` writes the index of claims to tests (spec/CLAIMS.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine (run `tox -e gpu` on the GPU machine)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture
+def gemma_tokenizer():
+    """The fixture tokenizer with Gemma-2 special tokens and no chat_template (as seed 001's 4-bit copy)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(FIXTURES / "tokenizer"))
+
+
+@pytest.fixture
+def llama_tokenizer():
+    """The same vocabulary as Llama-3.1-instruct: <|begin_of_text|>, <|eot_id|>, the official template."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(FIXTURES / "tokenizer-llama3"))
+
+
+@pytest.fixture
+def tiny_gemma2_dir() -> Path:
+    return FIXTURES / "models" / "tiny-gemma2"
+
+
+@pytest.fixture
+def tiny_llama_dir() -> Path:
+    return FIXTURES / "models" / "tiny-llama"
+
+
+@pytest.fixture
+def tiny_gemma2(tiny_gemma2_dir):
+    """The tiny Gemma-2 (hidden 64, 2 layers) with its committed random weights, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_gemma2_dir))

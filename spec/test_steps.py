@@ -1,0 +1,215 @@
+"""Step arithmetic (reference/steps.py) against what a real transformers.Trainer does.
+
+Every expected number below is either derived by hand in the docstring or counted from a real Trainer
+run by a callback (spec/trainer_probe.py): micro-batches, optimizer steps, epochs, saves, checkpoints
+left on disk, loss log lines and learning rates.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reference.errors import InputError
+from reference.steps import StepSettings, micro_batches_per_epoch, plan
+
+from .trainer_probe import OneWeight, one_weight_dataset, run_trainer
+
+
+def trainer_arguments(s: StepSettings) -> dict:
+    """The TrainingArguments that correspond to StepSettings."""
+    return dict(
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        warmup_steps=s.warmup,
+        save_strategy=s.save_strategy,
+        save_steps=s.save_steps,
+        save_total_limit=s.save_total_limit,
+        logging_strategy=s.logging_strategy,
+        logging_steps=s.logging_steps,
+        logging_first_step=s.logging_first_step,
+        dataloader_drop_last=s.drop_last,
+    )
+
+
+@pytest.mark.claim("P9")
+def test_10000_records_batch_2_for_3_epochs_is_15000_steps():
+    """10,000 records / batch 2 = 5,000 micro-batches per epoch; x 3 epochs = 15,000 (grad-accum 1)."""
+    p = plan(StepSettings(records=10_000, batch_size=2, epochs=3))
+    assert p.micro_batches_per_epoch == 5_000
+    assert p.total_optimizer_steps == 15_000
+    assert p.micro_batches == 15_000
+
+
+@pytest.mark.claim("P9", "P10")
+def test_the_trainer_itself_plans_15000_steps_for_10000_records_batch_2_3_epochs(tmp_path):
+    """The Trainer's own set-up (its dataloader and set_initial_training_values) gives the same total."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=3,
+                             report_to="none", use_cpu=True)
+    trainer = Trainer(model=OneWeight(), args=args, train_dataset=one_weight_dataset(10_000))
+    values = trainer.set_initial_training_values(args, trainer.get_train_dataloader())
+    num_train_epochs, steps_per_epoch, _, _, _, micro_batches_per_epoch_, max_steps = values
+    assert (num_train_epochs, steps_per_epoch, micro_batches_per_epoch_, max_steps) == (3, 5_000, 5_000, 15_000)
+
+
+@pytest.mark.claim("P10")
+def test_weights_update_once_per_grad_accum_micro_batches():
+    """10,000 records, batch 2, grad-accum 4: 5,000 micro-batches -> 1,250 updates per epoch, 3,750 in all."""
+    p = plan(StepSettings(records=10_000, batch_size=2, grad_accum=4, epochs=3))
+    assert (p.optimizer_steps_per_epoch, p.total_optimizer_steps, p.effective_batch_size) == (1_250, 3_750, 8)
+
+
+# Awkward configurations, each run through a real Trainer. The ids say what makes them awkward.
+CASES = {
+    "partial_last_window": StepSettings(records=11, batch_size=2, grad_accum=4, epochs=2, save_steps=1000),
+    "fewer_micro_batches_than_grad_accum": StepSettings(records=5, batch_size=2, grad_accum=8, epochs=3),
+    "fractional_epochs": StepSettings(records=10, batch_size=2, grad_accum=2, epochs=1.5),
+    "max_steps_crosses_epochs": StepSettings(records=9, batch_size=2, grad_accum=2, max_steps=7),
+    "max_steps_inside_first_epoch": StepSettings(records=40, batch_size=2, grad_accum=2, max_steps=3),
+    "save_steps_and_total_limit": StepSettings(records=16, batch_size=2, grad_accum=1, epochs=1, save_steps=3,
+                                               save_total_limit=2),
+    "fractional_save_and_logging_steps": StepSettings(records=20, batch_size=2, grad_accum=1, epochs=1.3,
+                                                      save_steps=0.25, logging_steps=0.2),
+    "save_per_epoch_with_fractional_epochs": StepSettings(records=12, batch_size=4, grad_accum=1, epochs=2.5,
+                                                          save_strategy="epoch", save_total_limit=2),
+    "logging_first_step_and_every_3": StepSettings(records=14, batch_size=1, grad_accum=2, epochs=1,
+                                                   logging_steps=3, logging_first_step=True),
+    "logging_per_epoch": StepSettings(records=7, batch_size=2, grad_accum=1, epochs=3, logging_strategy="epoch"),
+    "drop_last": StepSettings(records=11, batch_size=3, grad_accum=2, epochs=2, drop_last=True, logging_steps=1),
+    "no_saving": StepSettings(records=6, batch_size=2, epochs=2, save_strategy="no", logging_steps=2),
+}
+
+
+@pytest.mark.claim("P10")
+@pytest.mark.parametrize("name", list(CASES))
+def test_step_plan_equals_a_real_trainer_run(name, tmp_path):
+    s = CASES[name]
+    p = plan(s)
+    seen = run_trainer(tmp_path, s.records, **trainer_arguments(s))
+    assert seen.micro_batches == p.micro_batches
+    assert seen.optimizer_steps == p.total_optimizer_steps == seen.max_steps
+    assert seen.epochs_begun == p.epochs_run
+    assert len(seen.save_steps) == p.checkpoints_written
+    assert seen.checkpoints_on_disk == p.checkpoint_steps_kept
+    assert len(seen.checkpoints_on_disk) == p.checkpoints_kept
+    assert len(seen.loss_log_steps) == p.log_lines
+
+
+@pytest.mark.claim("P10")
+def test_partial_last_window_by_hand():
+    """11 records, batch 2 -> 6 micro-batches; grad-accum 4 -> windows of 4 and 2 -> 2 updates per epoch."""
+    p = plan(CASES["partial_last_window"])
+    assert (p.micro_batches_per_epoch, p.last_window_micro_batches, p.optimizer_steps_per_epoch) == (6, 2, 2)
+    assert (p.total_optimizer_steps, p.micro_batches) == (4, 12)
+
+
+@pytest.mark.claim("P10")
+def test_fractional_epochs_by_hand():
+    """10 records, batch 2 -> 5 micro-batches, windows 2+2+1 -> 3 updates/epoch; 1.5 epochs -> ceil(4.5) = 5
+    updates: all of epoch 1 (5 micro-batches) + 2 updates of epoch 2 (4 micro-batches) = 9 micro-batches."""
+    p = plan(CASES["fractional_epochs"])
+    assert (p.total_optimizer_steps, p.micro_batches, p.epochs_run) == (5, 9, 2)
+
+
+@pytest.mark.claim("P10")
+def test_save_total_limit_keeps_the_newest_checkpoints_by_hand():
+    """16 records, batch 2 -> 8 steps; save every 3 -> saves at 3, 6 and the final step 8; keep 2 -> 6, 8."""
+    p = plan(CASES["save_steps_and_total_limit"])
+    assert (p.checkpoints_written, p.checkpoint_steps_kept) == (3, [6, 8])
+
+
+@pytest.mark.claim("P10")
+def test_fractional_warmup_rounds_up_and_the_trainer_warms_up_that_long(tmp_path):
+    """30 records, batch 2 -> 15 steps; warmup 0.1 -> ceil(1.5) = 2 steps. With a linear schedule the rate
+    logged at step k is lr * (k-1)/2 during warmup, so exactly the first 2 logged rates are below the peak."""
+    s = StepSettings(records=30, batch_size=2, epochs=1, warmup=0.1, logging_steps=1)
+    assert plan(s).warmup_steps == 2
+    seen = run_trainer(tmp_path, s.records, lr_scheduler_type="linear", **trainer_arguments(s))
+    peak = max(seen.learning_rates)
+    assert seen.learning_rates.index(peak) == 2
+    assert seen.learning_rates[:2] == [0.0, peak / 2]
+
+
+@pytest.mark.claim("P10")
+def test_whole_warmup_steps_are_taken_as_given():
+    assert plan(StepSettings(records=100, batch_size=1, epochs=1, warmup=7)).warmup_steps == 7
+
+
+@pytest.mark.claim("P10", "X3")
+@pytest.mark.parametrize("records,batch,world,drop_last", [(11, 2, 2, False), (10, 3, 3, False), (9, 1, 4, False),
+                                                            (13, 2, 2, True), (3, 4, 2, False)])
+def test_micro_batches_per_process_equal_accelerates_sharded_dataloader(records, batch, world, drop_last):
+    """Several processes: accelerate deals the batches out round-robin and evens them up; count them."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    sampler = BatchSampler(SequentialSampler(range(records)), batch_size=batch, drop_last=drop_last)
+    per_process = [len(list(BatchSamplerShard(sampler, world, rank))) for rank in range(world)]
+    assert per_process == [micro_batches_per_epoch(records, batch, world, drop_last)] * world
+
+
+@pytest.mark.claim("X3")
+def test_world_size_divides_the_steps_and_multiplies_the_effective_batch():
+    """10,000 records, batch 2, 2 processes: 2,500 micro-batches each per epoch; effective batch 4."""
+    p = plan(StepSettings(records=10_000, batch_size=2, epochs=3, world_size=2))
+    assert (p.micro_batches_per_epoch, p.total_optimizer_steps, p.effective_batch_size) == (2_500, 7_500, 4)
+
+
+@pytest.mark.claim("L4")
+def test_custom_loop_steps_per_epoch_drop_the_tail_while_the_trainer_rounds_up():
+    """STEPS_PER_EPOCH = 1001 // (2 x 2) = 250 (1 record dropped); the Trainer: ceil(ceil(1001/2)/2) = 251."""
+    p = plan(StepSettings(records=1001, batch_size=2, epochs=1, world_size=2))
+    assert (p.custom_loop_steps_per_epoch, p.custom_loop_dropped_records) == (250, 1)
+    assert p.optimizer_steps_per_epoch == 251
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reference", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.claim("P9", "L4")
+def test_steps_cli_prints_json_with_the_contract_keys():
+    result = run_cli("steps", "--records", "10000", "--batch-size", "2", "--epochs", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    for key in ("micro_batches", "micro_batches_per_epoch", "optimizer_steps_per_epoch", "total_optimizer_steps",
+                "effective_batch_size", "warmup_steps", "checkpoints_written", "checkpoints_kept", "log_lines",
+                "custom_loop_steps_per_epoch"):
+        assert key in data
+    assert data["total_optimizer_steps"] == 15_000
+    assert data["checkpoints_written"] == 30  # every 500 steps (the Trainer's default) up to 15,000
+
+
+@pytest.mark.claim("L4")
+def test_steps_cli_table_shows_trainer_and_custom_loop_side_by_side():
+    result = run_cli("steps", "--records", "1001", "--batch-size", "2", "--world-size", "2", "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "total optimizer steps" in result.stdout and "251" in result.stdout
+    assert "STEPS_PER_EPOCH" in result.stdout and "250 (drops 1 records)" in result.stdout
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--records", "0", "--batch-size", "2"], "--records"),
+    (["--records", "10", "--batch-size", "0"], "--batch-size"),
+    (["--records", "10", "--batch-size", "2", "--warmup", "2.5"], "--warmup"),
+    (["--records", "10", "--batch-size", "2", "--warmup", "abc"], "--warmup"),
+    (["--records", "10", "--batch-size", "2", "--save-strategy", "sometimes"], "--save-strategy"),
+    (["--records", "ten", "--batch-size", "2"], "--records"),
+])
+def test_steps_cli_rejects_bad_arguments_with_exit_2_naming_the_argument(args, named):
+    result = run_cli("steps", *args)
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_step_settings_refuse_nonsense_directly():
+    with pytest.raises(InputError, match="--grad-accum"):
+        StepSettings(records=10, batch_size=2, grad_accum=0)
