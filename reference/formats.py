@@ -199,5 +199,5 @@ def render_with_tokenizer(
     extra = {"date_string": date_string} if date_string else {}
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
-    except jinja2.TemplateError as error:
+    except (jinja2.TemplateError, ValueError) as error:  # ValueError: transformers' own checks (no messages)
         raise TemplateError(str(error)) from None
