@@ -6,8 +6,8 @@ settings (``[lora]``, ``[quantization]``, ``[sft]``) and records (``[[trials]]``
 
 Mapping onto the installed transformers is explicit:
 * an argument renamed or removed upstream is migrated only by a rule written here (``warmup_ratio``
-  becomes a fractional ``warmup_steps`` in transformers 5, which reads values below 1 as a fraction),
-  and every migration is reported;
+  becomes a fractional ``warmup_steps`` in transformers 5, which reads values below 1 as a fraction;
+  ``gradient_checkpointing`` becomes ``activation_checkpointing``), and every migration is reported;
 * any other argument the installed ``TrainingArguments`` lacks is an error naming it and the version;
 * arguments this machine cannot honour (``tf32`` without an Ampere GPU, ``bf16`` without CUDA needs
   ``use_cpu``) are adapted and reported, never dropped silently.
@@ -29,11 +29,16 @@ from reference.errors import InputError
 
 SECTIONS = ("training_arguments", "lora", "quantization", "sft")
 
-# Upstream removals with a hint for the user; only warmup_ratio has a migration rule (see _migrate).
+# Upstream renames: applied (and reported) only when the installed TrainingArguments has the new name.
+RENAMES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+    "evaluation_strategy": "eval_strategy",
+}
+# Upstream removals without a rule: an error with this hint.
 REMOVED_HINTS = {
     "logging_dir": "removed in transformers 5: TensorBoard files go under output_dir; drop the key "
     "(or record it under [departures])",
-    "evaluation_strategy": "renamed to eval_strategy",
     "overwrite_output_dir": "removed in transformers 5",
 }
 
@@ -129,6 +134,12 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
 
 def _migrate(kwargs: dict, fields: set[str], version: str) -> list[str]:
     notes = []
+    for old, new in RENAMES.items():
+        if old in kwargs and new in fields:
+            if new in kwargs:
+                raise InputError(f"recipe sets both {old} and its new name {new}; keep {new}")
+            kwargs[new] = kwargs.pop(old)
+            notes.append(f"{old} -> {new} (renamed in transformers {version})")
     if "warmup_ratio" in kwargs and "warmup_ratio" not in fields:
         ratio = kwargs.pop("warmup_ratio")
         if kwargs.get("warmup_steps", 0):

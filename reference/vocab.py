@@ -95,8 +95,9 @@ def register_tokens(tokenizer, model, tokens: list[str]) -> dict:
 
 def add_special_tokens(model_dir: str, tokens: list[str], output_dir: str) -> dict:
     """CLI `add-tokens`: register tokens in a local model + tokenizer and save both (safetensors)."""
-    from reference.models import load_causal_lm
+    from reference.models import load_causal_lm, require_model_dir
 
+    require_model_dir(model_dir)
     for token in tokens:
         if not token or token != token.strip():
             raise InputError(f"--tokens: {token!r} is empty or has surrounding whitespace")

@@ -69,19 +69,18 @@ class CountingCallback(TrainerCallback):
             self.counts.learning_rates.append(logs["learning_rate"])
 
 
-def run_trainer(output_dir: Path, records: int, **training_arguments) -> Counts:
-    """Train OneWeight on `records` rows with the given TrainingArguments and count what happened."""
+def run_trainer(output_dir: Path, records: int, model: nn.Module | None = None, **training_arguments) -> Counts:
+    """Train `model` (a fresh OneWeight by default) on `records` rows and count what happened."""
     args = TrainingArguments(
         output_dir=str(output_dir),
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
         save_only_model=True,
-        learning_rate=1e-3,
-        **training_arguments,
+        **{"learning_rate": 1e-3, **training_arguments},
     )
     callback = CountingCallback()
-    trainer = Trainer(model=OneWeight(), args=args, train_dataset=one_weight_dataset(records), callbacks=[callback])
+    trainer = Trainer(model=model if model is not None else OneWeight(), args=args, train_dataset=one_weight_dataset(records), callbacks=[callback])
     trainer.train()
     counts = callback.counts
     counts.checkpoints_on_disk = sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*"))

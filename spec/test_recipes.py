@@ -1,0 +1,198 @@
+"""Recipes (reference/recipes.py): the primer's and the LLM2024 solution's settings, mapped and resolved."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reference.errors import InputError
+from reference.recipes import (
+    apply_overrides,
+    load_recipe,
+    map_training_arguments,
+    resolved_settings,
+    to_training_arguments,
+    trial_report,
+)
+
+# The arguments of the primer's TrainingArguments example (seed 004 §5), as written there.
+PRIMER_ARGUMENTS = {
+    "output_dir": "gemma-japanese", "num_train_epochs": 3, "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 2, "gradient_checkpointing": True, "optim": "adamw_torch_fused",
+    "logging_steps": 10, "save_strategy": "epoch", "learning_rate": 2e-4, "bf16": True, "tf32": True,
+    "max_grad_norm": 0.3, "warmup_ratio": 0.03, "lr_scheduler_type": "constant", "push_to_hub": True,
+    "report_to": "tensorboard",
+}
+# The TrainingArguments of the LLM2024 solution (seed 001 §2.2.2), as written there.
+LLM2024_ARGUMENTS = {
+    "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8, "num_train_epochs": 2,
+    "learning_rate": 2e-4, "lr_scheduler_type": "linear", "do_eval": True, "optim": "adamw_8bit",
+    "weight_decay": 0.01, "warmup_steps": 300, "fp16": False, "save_steps": 300, "save_total_limit": 10,
+    "logging_dir": "./logs", "logging_steps": 5, "report_to": "wandb", "auto_find_batch_size": True,
+    "neftune_noise_alpha": 5, "bf16": True, "output_dir": "results-jp-r64_alpha64", "seed": 3407,
+}
+
+
+def as_written_in_source(recipe) -> dict:
+    """The recipe's arguments with each departure put back to the source's value."""
+    given = dict(recipe.training_arguments)
+    given.update({name: d["source_value"] for name, d in recipe.departures.items() if name in LLM2024_ARGUMENTS
+                  or name in PRIMER_ARGUMENTS})
+    return given
+
+
+@pytest.mark.claim("P7")
+def test_primer_recipe_holds_every_argument_of_the_primer_example():
+    """Nothing is dropped: each argument is in the recipe or in its departures with the source's value."""
+    recipe = load_recipe("primer")
+    assert as_written_in_source(recipe) == PRIMER_ARGUMENTS
+    assert set(recipe.departures) == {"push_to_hub", "report_to"}
+
+
+@pytest.mark.claim("P7")
+def test_primer_maps_onto_the_installed_training_arguments(tmp_path):
+    """warmup_ratio 0.03 becomes warmup_steps 0.03, which transformers reads as a fraction: 1,000 steps
+    -> ceil(30.0) = 30 warmup steps."""
+    args = to_training_arguments(load_recipe("primer"), output_dir=str(tmp_path))
+    assert (args.num_train_epochs, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (3, 2, 2)
+    assert args.gradient_checkpointing is True and args.optim == "adamw_torch_fused"
+    assert (args.logging_steps, args.save_strategy, args.learning_rate) == (10, "epoch", 2e-4)
+    assert (args.bf16, args.max_grad_norm, args.lr_scheduler_type) == (True, 0.3, "constant")
+    assert args.warmup_steps == 0.03 and args.get_warmup_steps(1000) == 30
+
+
+@pytest.mark.claim("P7")
+def test_every_migration_and_adaptation_is_reported():
+    import torch
+
+    mapping = map_training_arguments(load_recipe("primer"))
+    assert any(note.startswith("warmup_ratio=0.03 -> warmup_steps=0.03") for note in mapping.migrations)
+    assert any(note.startswith("gradient_checkpointing -> activation_checkpointing") for note in mapping.migrations)
+    if not torch.cuda.is_available():
+        assert mapping.kwargs["tf32"] is None and mapping.kwargs["use_cpu"] is True
+        assert len(mapping.adaptations) == 2
+
+
+@pytest.mark.claim("P7")
+def test_an_argument_the_installed_version_lacks_is_a_clear_error(tmp_path):
+    import transformers
+
+    path = tmp_path / "old.toml"
+    path.write_text('name = "old"\nsource = "a transformers 4 notebook"\n[training_arguments]\n'
+                    'output_dir = "x"\nlogging_dir = "./logs"\n', encoding="utf-8")
+    with pytest.raises(InputError) as error:
+        to_training_arguments(load_recipe(path))
+    message = str(error.value)
+    assert "logging_dir" in message and transformers.__version__ in message and "removed in transformers 5" in message
+
+
+@pytest.mark.claim("P7")
+def test_an_unknown_argument_is_named_never_dropped(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text('name = "typo"\nsource = "x"\n[training_arguments]\nlearning_rat = 1e-4\n', encoding="utf-8")
+    with pytest.raises(InputError, match="learning_rat"):
+        map_training_arguments(load_recipe(path))
+
+
+@pytest.mark.claim("C13")
+def test_llm2024_recipe_holds_the_solutions_trainer_settings():
+    recipe = load_recipe("llm2024")
+    assert as_written_in_source(recipe) == LLM2024_ARGUMENTS
+    assert recipe.sft["max_seq_length"] == 2048 and recipe.sft["packing"] is False
+    assert recipe.format == "alpaca-ja"
+    assert recipe.quantization == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                   "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+
+
+@pytest.mark.claim("C13")
+def test_llm2024_maps_onto_a_real_training_arguments(tmp_path):
+    args = to_training_arguments(load_recipe("llm2024"), output_dir=str(tmp_path))
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (4, 8, 2)
+    assert (args.optim, args.weight_decay, args.warmup_steps, args.lr_scheduler_type) == ("adamw_8bit", 0.01, 300, "linear")
+    assert (args.save_steps, args.save_total_limit, args.logging_steps) == (300, 10, 5)
+    assert (args.auto_find_batch_size, args.neftune_noise_alpha, args.bf16, args.seed) == (True, 5, True, 3407)
+
+
+@pytest.mark.claim("C12", "C13")
+def test_llm2024_lora_settings_are_the_solutions():
+    lora = load_recipe("llm2024").lora
+    assert (lora["r"], lora["lora_alpha"], lora["lora_dropout"], lora["bias"], lora["use_rslora"]) == (64, 64, 0.0, "none", False)
+    assert lora["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.claim("C17")
+def test_trial_table_is_kept_as_data():
+    trials = load_recipe("llm2024").trials
+    assert len(trials) == 13
+    table = [(t["trial"], t.get("r"), t.get("lora_alpha"), t.get("score")) for t in trials]
+    assert table[:9] == [("1", 16, 16, None), ("2", 32, 32, 3.5), ("3", 128, 128, None), ("4", 32, 16, 3.63),
+                         ("5", 32, 64, 3.48), ("6", 32, 64, 3.43), ("7", 32, 64, 3.54), ("8(train1.py)", 32, 64, 3.51),
+                         ("9 (以下同一モデル)", 64, 64, 3.52)]
+    assert [t["score"] for t in trials[9:]] == [3.54, 3.69, 3.67, 3.77]
+    assert trials[2]["result"] == "メモリ不足" and trials[10]["note"] == "reputation penulty 1.1"
+
+
+@pytest.mark.claim("C17", "C12")
+def test_each_trial_reports_alpha_over_r_and_trainable_parameters_for_gemma_2_27b():
+    """gemma-2-27b: hidden 4608, 32 query heads and 16 key/value heads of 128, MLP 36864, 46 layers.
+    Per layer, in + out: q 4608+4096, k 4608+2048, v 4608+2048, o 4096+4608, gate 4608+36864,
+    up 4608+36864, down 36864+4608 = 8704 + 6656 + 6656 + 8704 + 3 x 41472 = 155,136.
+    Trainable = r x 155,136 x 46 = r x 7,136,256: r=64 -> 456,720,384; r=32 -> 228,360,192."""
+    rows = {row["trial"]: row for row in trial_report(load_recipe("llm2024"))}
+    assert rows["9 (以下同一モデル)"]["trainable_parameters"] == 456_720_384
+    assert rows["13"]["trainable_parameters"] == 456_720_384  # trials 10-13 reuse trial 9's model
+    assert rows["4"]["trainable_parameters"] == 228_360_192 and rows["4"]["alpha_over_r"] == 0.5
+    assert rows["5"]["alpha_over_r"] == 2.0 and rows["1"]["alpha_over_r"] == 1.0
+    assert rows["3"]["trainable_parameters"] == 128 * 7_136_256
+
+
+@pytest.mark.claim("C22")
+def test_the_recorded_targets_are_kept_as_recipe_metadata():
+    targets = load_recipe("llm2024").targets
+    assert (targets["preliminary_score"], targets["preliminary_rank"]) == (3.83, 4)
+    assert (targets["final_score"], targets["final_rank"]) == (3.73835, 2)
+    assert "ELYZA-tasks-100-TV" in targets["benchmark"]
+
+
+@pytest.mark.claim("P12")
+def test_resolved_settings_write_out_every_training_argument_default_included():
+    import transformers
+
+    settings = resolved_settings(load_recipe("llm2024"))
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    assert fields <= set(settings["training_arguments"])
+    assert settings["training_arguments"]["adam_beta2"] == 0.999  # a default the recipe never mentions
+    assert settings["lora"]["r"] == 64 and "init_lora_weights" in settings["lora"]  # LoraConfig defaults too
+    assert settings["versions"]["transformers"] == transformers.__version__
+    assert settings["departures"]["logging_dir"]["source_value"] == "./logs"
+    assert len(settings["recipe"]["sha256"]) == 64
+
+
+@pytest.mark.claim("P12")
+def test_recipe_command_prints_resolved_settings_as_json():
+    result = subprocess.run([sys.executable, "-m", "reference", "recipe", "llm2024", "--resolved"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["training_arguments"]["gradient_accumulation_steps"] == 8
+
+
+def test_overrides_change_a_copy_and_name_bad_keys():
+    recipe = load_recipe("llm2024")
+    changed = apply_overrides(recipe, ["lora.r=32", "learning_rate=1e-4", "output_dir=runs/x"])
+    assert (changed.lora["r"], changed.training_arguments["learning_rate"]) == (32, 1e-4)
+    assert recipe.lora["r"] == 64
+    with pytest.raises(InputError, match="no key 'rank'"):
+        apply_overrides(recipe, ["lora.rank=32"])
+    with pytest.raises(InputError, match="unknown section"):
+        apply_overrides(recipe, ["optimizer.lr=1"])
+    with pytest.raises(InputError, match="expected key=value"):
+        apply_overrides(recipe, ["r32"])
+
+
+def test_recipe_command_names_an_unknown_recipe_and_exits_2():
+    result = subprocess.run([sys.executable, "-m", "reference", "recipe", "llm2025"], capture_output=True, text=True)
+    assert result.returncode == 2 and "llm2025" in result.stderr and "llm2024" in result.stderr
