@@ -213,3 +213,39 @@ def test_steps_cli_rejects_bad_arguments_with_exit_2_naming_the_argument(args, n
 def test_step_settings_refuse_nonsense_directly():
     with pytest.raises(InputError, match="--grad-accum"):
         StepSettings(records=10, batch_size=2, grad_accum=0)
+
+
+def random_settings(rng) -> StepSettings:
+    """A configuration drawn from the ranges where the Trainer's rounding rules interact."""
+    strategy = rng.choice(["steps", "steps", "epoch", "no"])
+    records, batch_size = rng.randint(1, 40), rng.randint(1, 5)
+    return StepSettings(
+        records=records,
+        batch_size=batch_size,
+        grad_accum=rng.randint(1, 6),
+        epochs=rng.choice([1, 2, 3, 0.5, 1.3, 2.7]),
+        max_steps=rng.choice([-1, -1, -1, rng.randint(1, 12)]),
+        warmup=rng.choice([0, 2, 0.1, 0.35]),
+        save_strategy=strategy,
+        save_steps=rng.choice([1, 2, 3, 5, 0.3, 500]),
+        save_total_limit=rng.choice([None, 1, 2, 3]),
+        logging_strategy=rng.choice(["steps", "steps", "epoch", "no"]),
+        logging_steps=rng.choice([1, 2, 4, 0.25, 500]),
+        logging_first_step=rng.random() < 0.3,
+        drop_last=rng.random() < 0.2 and records >= batch_size,  # else there is not one full batch
+    )
+
+
+@pytest.mark.claim("P10")
+@pytest.mark.parametrize("seed", range(16))
+def test_step_plan_equals_a_real_trainer_on_random_configurations(seed, tmp_path):
+    import random
+
+    s = random_settings(random.Random(seed))
+    p = plan(s)
+    seen = run_trainer(tmp_path, s.records, **trainer_arguments(s))
+    observed = (seen.micro_batches, seen.optimizer_steps, seen.epochs_begun, len(seen.save_steps),
+                seen.checkpoints_on_disk, len(seen.loss_log_steps))
+    expected = (p.micro_batches, p.total_optimizer_steps, p.epochs_run, p.checkpoints_written,
+                p.checkpoint_steps_kept, p.log_lines)
+    assert observed == expected, s
