@@ -114,6 +114,57 @@ def cmd_add_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(total: int, description: str):
+    """A tqdm bar on stderr when a person is watching (a terminal) and the input is long; else None."""
+    if total < 2000 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="rec", file=sys.stderr, mininterval=0.5)
+
+
+def _writable(path: str, flag: str) -> Path:
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{flag} {path}: is a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from reference import data, filters, recipes
+
+    config = filters.FilterConfig.from_recipe(recipes.load_recipe(args.recipe))
+    if Path(args.input).resolve() in (Path(args.output).resolve(), Path(args.rejects).resolve()):
+        raise InputError(f"--output/--rejects must not overwrite --input {args.input}")
+    items = list(data.read_pairs(args.input))
+    if args.strict:
+        bad = next((item for item in items if isinstance(item, data.Unreadable)), None)
+        if bad is not None:
+            raise InputError(f"{args.input}, line {bad.line}: {bad.error}")
+    bar = _progress(len(items), "filter")
+    result = filters.run_filter(items, config, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    with open(_writable(args.output, "--output"), "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(filters.output_row(pair), ensure_ascii=False) + "\n" for pair in result.kept)
+    with open(_writable(args.rejects, "--rejects"), "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(reject.to_row(), ensure_ascii=False) + "\n" for reject in result.rejects)
+    counts = result.counts()
+    if args.json:
+        print(json.dumps({"counts": counts, "ng_list_size": result.ng_list_size, "pass2_ng_size": result.pass2_ng_size,
+                          "output": args.output, "rejects": args.rejects,
+                          "char_table": result.char_table}, ensure_ascii=False))
+        return 0
+    lines = [f"{rule:>16}: {count}" for rule, count in counts.items()]
+    lines += [f"pass-1 NG list: {result.ng_list_size} strings; pass-2 rare characters: {result.pass2_ng_size}",
+              f"kept {counts['kept']} of {counts['input_rows']} rows -> {args.output}; rejects -> {args.rejects}",
+              "character frequencies of the kept records:"]
+    lines += [f"{char}: {count}" for char, count in result.char_table]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def cmd_recipe(args: argparse.Namespace) -> int:
     from reference import recipes
 
@@ -161,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True, nargs="+", help="tokens to register, e.g. '<user_name>'")
     p.add_argument("--output", required=True, help="directory to save the grown model and tokenizer")
     p.set_defaults(func=cmd_add_tokens)
+
+    p = sub.add_parser("filter", help="the LLM2024 quality filter (claims C3-C9)")
+    p.add_argument("--input", required=True, help="JSONL: magpie rows (conversations) or instruction/response rows")
+    p.add_argument("--output", required=True, help="JSONL of kept records: id (if any), instruction, response")
+    p.add_argument("--rejects", required=True, help="JSONL of dropped rows with the rule that dropped each")
+    p.add_argument("--recipe", default="llm2024", help="recipe whose [filter] constants to use (default llm2024, the seed's)")
+    p.add_argument("--strict", action="store_true", help="an unreadable line is an error (exit 2) instead of a reject")
+    p.add_argument("--json", action="store_true", help="print counts and the character table as JSON")
+    p.set_defaults(func=cmd_filter)
 
     p = sub.add_parser("recipe", help="show a named recipe, or its fully resolved settings (claims P7, P12, C13, C17, C22)")
     p.add_argument("name", help="recipe name (primer, llm2024) or a TOML file")

@@ -60,6 +60,8 @@ class Recipe:
     lora: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
     sft: dict = field(default_factory=dict)
+    filter: dict = field(default_factory=dict)
+    """The LLM2024 data filter's constants (see reference/filters.py)."""
     trials: list = field(default_factory=list)
     targets: dict = field(default_factory=dict)
     path: str = ""

@@ -1,0 +1,159 @@
+"""Datasets: records with columns, from files, mapped to instruction/response (seed 004 §2, seed 001 §2.2).
+
+A dataset is structured data: one row is one record, a record has columns. Two ways in:
+
+* `read_pairs` streams instruction/response pairs out of a JSONL file with nothing but `json` — the
+  filter's path, which must start fast and must not lose a row: an unreadable line comes back as an
+  `Unreadable` item carrying its line number, never silently skipped.
+* `load_records` builds a `datasets.Dataset` from JSONL, JSON, CSV, Parquet or a saved dataset folder
+  and maps named columns to instruction/response; a missing file or column, or a row whose value is
+  not text, is an `InputError` naming the file, the row number and the column.
+
+Magpie records (llm-jp/magpie-sft-v1.0) hold a `conversations` list; the instruction is the content of
+the first `user` turn and the response that of the first `assistant` turn, "" when there is none (C3).
+The QA111 set maps input -> instruction and output -> response (C10).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from reference.errors import InputError
+
+SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+QA111_COLUMNS = {"instruction": "input", "response": "output"}
+
+
+@dataclass
+class Pair:
+    """One training record: where it came from and its instruction/response text."""
+
+    line: int
+    instruction: str
+    response: str
+    id: object = None
+
+
+@dataclass
+class Unreadable:
+    """A line that is not a usable record, with why."""
+
+    line: int
+    error: str
+    text: str
+
+
+def magpie_pair(conversations: list) -> tuple[str, str]:
+    """Instruction = first user turn's content, response = first assistant turn's content ("" if none)."""
+    user = next((turn["content"] for turn in conversations if turn["role"] == "user"), "")
+    assistant = next((turn["content"] for turn in conversations if turn["role"] == "assistant"), "")
+    return user, assistant
+
+
+def pair_from_row(row: object, line: int) -> Pair:
+    """A Pair from a magpie row (`conversations`) or an instruction/response row; ValueError if neither."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "conversations" in row:
+        conversations = row["conversations"]
+        if not isinstance(conversations, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in conversations
+        ):
+            raise ValueError("'conversations' must be a list of {role, content} objects with text content")
+        instruction, response = magpie_pair(conversations)
+    elif "instruction" in row and "response" in row:
+        instruction, response = row["instruction"], row["response"]
+        if not isinstance(instruction, str) or not isinstance(response, str):
+            raise ValueError("'instruction' and 'response' must be strings")
+    else:
+        raise ValueError("needs 'conversations' (magpie) or 'instruction' and 'response'")
+    return Pair(line=line, instruction=instruction, response=response, id=row.get("id"))
+
+
+def read_pairs(path: str | Path) -> Iterator[Pair | Unreadable]:
+    """Each line of a JSONL file as a Pair, or as Unreadable with its line number (blank lines skipped)."""
+    try:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
+    except OSError as error:
+        raise InputError(f"{path}: cannot open: {error.strerror}") from None
+    with handle:
+        line_number = 0
+        while True:
+            try:
+                text = handle.readline()
+            except UnicodeDecodeError as error:
+                raise InputError(f"{path}, line {line_number + 1}: not UTF-8 ({error.reason})") from None
+            if not text:
+                return
+            line_number += 1
+            if not text.strip():
+                continue
+            try:
+                yield pair_from_row(json.loads(text), line_number)
+            except (json.JSONDecodeError, ValueError) as error:
+                yield Unreadable(line=line_number, error=str(error), text=text.rstrip("\n"))
+
+
+def _format(path: Path) -> str:
+    if path.is_dir():
+        return "saved"
+    if path.suffix not in SUFFIXES:
+        raise InputError(f"{path}: unknown format {path.suffix!r}; use {', '.join(SUFFIXES)} or a saved dataset folder")
+    return SUFFIXES[path.suffix]
+
+
+def load_table(path: str | Path):
+    """A `datasets.Dataset` from a JSONL/JSON/CSV/Parquet file or a folder saved with save_to_disk."""
+    source = Path(path)
+    if not source.exists():
+        raise InputError(f"{path}: no such file or folder")
+    kind = _format(source)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if kind == "saved":
+            table = datasets.load_from_disk(str(source))
+        else:
+            table = datasets.load_dataset(kind, data_files=str(source), split="train")
+    except Exception as error:  # the loaders raise many types; name the file and say what went wrong
+        raise InputError(f"{path}: cannot be read as {kind}: {type(error).__name__}: {error}") from None
+    if isinstance(table, datasets.DatasetDict):
+        raise InputError(f"{path}: holds several splits ({', '.join(table)}); save one split")
+    return table
+
+
+def load_records(path: str | Path, columns: dict[str, str] | None = None):
+    """A Dataset with `instruction` and `response` columns.
+
+    `columns` maps instruction/response to the file's column names, e.g. {"instruction": "input",
+    "response": "output"}; without it, magpie `conversations` or instruction/response columns are used.
+    Every value must be a string: the first one that is not is an error naming file, row and column.
+    """
+    table = load_table(path)
+    if columns is None and "conversations" in table.column_names:
+        return table.map(lambda row: dict(zip(("instruction", "response"), magpie_pair(row["conversations"]), strict=True)),
+                         remove_columns=table.column_names)
+    columns = columns or {"instruction": "instruction", "response": "response"}
+    missing = [c for c in columns.values() if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(table.column_names)})")
+    for target, column in columns.items():
+        for row, value in enumerate(table[column], start=1):
+            if not isinstance(value, str):
+                raise InputError(f"{path}, row {row}, column {column!r}: expected text for {target}, got {value!r}")
+    selected = table.select_columns(list(columns.values()))
+    return selected.rename_columns({v: k for k, v in columns.items() if v != k})
+
+
+def training_set(filtered_path: str | Path, qa_path: str | Path):
+    """C10: the filtered magpie records followed by the QA111 set (input -> instruction, output -> response)."""
+    import datasets
+
+    magpie = load_records(filtered_path)
+    qa = load_records(qa_path, QA111_COLUMNS)
+    return datasets.concatenate_datasets([magpie.select_columns(["instruction", "response"]), qa])
