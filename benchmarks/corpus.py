@@ -3,7 +3,7 @@
     python benchmarks/corpus.py --records 30000 --output /tmp/magpie.jsonl [--seed 0]
 
 Records are built from the Japanese lines of fixtures/corpus.txt (instruction: 1-2 lines, response:
-4-9 lines). About one record in five carries a random CJK ideograph from the whole unified block, so
+4-9 lines by default, about 250 characters; magpie-sft responses run longer, see --response-lines). About one record in five carries a random CJK ideograph from the whole unified block, so
 the pass-1 NG list holds thousands of rare characters as it does on real data. A few percent carry each
 fault the seed's filter exists for: Chinese drift, Korean, English, NG words, URLs and code fences,
 replacement keys, missing turns, and text pycld2 rejects (a control character). Deterministic per seed.
@@ -31,13 +31,13 @@ def japanese_lines() -> list[str]:
     return [line for line in lines if sum("\u3040" <= c <= "\u30ff" for c in line) >= 5]
 
 
-def magpie_records(n: int, seed: int = 0, rare_rate: float = 0.2) -> list[dict]:
+def magpie_records(n: int, seed: int = 0, rare_rate: float = 0.2, response_lines: tuple[int, int] = (4, 9)) -> list[dict]:
     rng = random.Random(seed)
     lines = japanese_lines()
     rows = []
     for i in range(n):
         instruction = "".join(rng.sample(lines, rng.randint(1, 2)))
-        response = "".join(rng.sample(lines, rng.randint(4, 9)))
+        response = "".join(rng.sample(lines, rng.randint(*response_lines)))
         if rng.random() < rare_rate:
             rare = chr(rng.randint(0x4E00, 0x9FFF))
             position = rng.randint(0, len(response))
@@ -77,8 +77,10 @@ def main() -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rare-rate", type=float, default=0.2)
+    parser.add_argument("--response-lines", type=int, nargs=2, default=(4, 9), metavar=("MIN", "MAX"),
+                        help="corpus lines per response (default 4 9: about 250 characters; 18 30: about 900)")
     args = parser.parse_args()
-    write_jsonl(magpie_records(args.records, args.seed, args.rare_rate), args.output)
+    write_jsonl(magpie_records(args.records, args.seed, args.rare_rate, tuple(args.response_lines)), args.output)
     return 0
 
 

@@ -174,14 +174,27 @@ class CharTable:
                 best_code[record] = (position_rank, code)
         return {r: (int(low), chr(best_code[r][1])) for r, low in zip(records[group_starts].tolist(), lowest.tolist(), strict=True)}
 
-    def records_with_any(self, chars) -> set[int]:
+    def records_holding(self, chars) -> dict:
+        """For each character: the sorted indices of the records that hold it (one pass for all)."""
         import numpy as np
 
+        wanted = sorted({ord(c) for c in chars})
+        if not wanted:
+            return {}
         mask = np.zeros(UNICODE, dtype=bool)
-        mask[[ord(c) for c in chars]] = True
+        mask[wanted] = True
         hits = mask[self.codes]
         hits[self.separators] = False
-        return set((np.searchsorted(self.starts, np.flatnonzero(hits), side="right") - 1).tolist())
+        positions = np.flatnonzero(hits)
+        empty = np.empty(0, dtype=np.int64)
+        if positions.size == 0:
+            return dict.fromkeys(chars, empty)
+        records = np.searchsorted(self.starts, positions, side="right") - 1
+        pairs = np.unique((self.codes[positions].astype(np.int64) << 32) | records)
+        codes, records = pairs >> 32, pairs & 0xFFFFFFFF
+        bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1], True])
+        found = {chr(int(codes[a])): records[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+        return {c: found.get(c, empty) for c in chars}
 
 
 def rank_array(strings: dict[str, int]):
@@ -207,6 +220,7 @@ class StringFinder:
         for index, string in enumerate(strings):
             self.first_index.setdefault(string, index)
         self.single = {s: i for s, i in self.first_index.items() if len(s) == 1}
+        self.single_set = frozenset(self.single)  # set & frozenset walks the smaller side; set & dict walks the dict
         self.by_trigger: dict[str, list[tuple[int, str]]] = {}
         for string, index in self.first_index.items():
             if len(string) > 1:
@@ -214,7 +228,7 @@ class StringFinder:
                 self.by_trigger.setdefault(trigger, []).append((index, string))
 
     def first_longer(self, chars: set[str], *texts: str, best=None) -> tuple[int, str] | None:
-        for trigger in chars.intersection(self.by_trigger):
+        for trigger in chars & self.by_trigger.keys():
             for index, string in self.by_trigger[trigger]:
                 if (best is None or index < best[0]) and any(string in text for text in texts):
                     best = (index, string)
@@ -222,24 +236,43 @@ class StringFinder:
 
     def first(self, chars: set[str], *texts: str) -> tuple[int, str] | None:
         best = None
-        for char in chars.intersection(self.single):
+        for char in chars & self.single_set:
             if best is None or self.single[char] < best[0]:
                 best = (self.single[char], char)
         return self.first_longer(chars, *texts, best=best)
 
 
-class Replacer:
-    """The seed's replacement loop, run only on texts that could contain one of the keys."""
+def replace_all(text: str, replace: dict) -> str:
+    """The seed's replacement loop: each key in dict order, on the text as the earlier keys left it."""
+    for key, value in replace.items():
+        if key in text:
+            text = text.replace(key, value)
+    return text
 
-    def __init__(self, replace: dict, counts: dict[str, int]):
-        self.replace = replace
-        self.triggers = frozenset(min(key, key=lambda c: (counts.get(c, 0), c)) for key in replace)
 
-    def __call__(self, text: str) -> str:
-        for key, value in self.replace.items():
-            if key in text:
-                text = text.replace(key, value)
-        return text
+class Candidates:
+    """The records that may hold a string: those holding its two rarest characters (a string can only
+    occur where each of its characters does). Exact checks then run on these records alone."""
+
+    def __init__(self, table: CharTable, strings, counts: dict[str, int]):
+        self.keys = {s: sorted(set(s), key=lambda c: (counts.get(c, 0), c))[:2] for s in strings}
+        self.by_char = table.records_holding({c for chars in self.keys.values() for c in chars})
+
+    def of(self, string: str) -> list[int]:
+        import numpy as np
+
+        arrays = [self.by_char[c] for c in self.keys[string]]
+        found = arrays[0] if len(arrays) == 1 else np.intersect1d(arrays[0], arrays[1], assume_unique=True)
+        return found.tolist()
+
+    def first_hits(self, strings: dict[str, int], fields) -> dict[int, tuple[int, str]]:
+        """Record -> (lowest index, string) over the strings found in one of `fields(record)`."""
+        hits: dict[int, tuple[int, str]] = {}
+        for string, index in strings.items():
+            for k in self.of(string):
+                if (k not in hits or index < hits[k][0]) and any(string in text for text in fields(k)):
+                    hits[k] = (index, string)
+        return hits
 
 
 def detect_language(text: str, config: FilterConfig) -> tuple[bool, list]:
@@ -321,39 +354,36 @@ def run_filter(items: Iterable[Pair | Unreadable], config: FilterConfig, progres
     ng_strings = list(config.ng_list) + [char for char, count in common if count <= config.pass1_max_count]
     finder = StringFinder(ng_strings, counts)
     instruct_finder = StringFinder(list(config.instruct_ng_list), counts)
-    replace = Replacer(config.replace, counts)
     single_hits = table.min_rank_per_record(rank_array(finder.single))
-    may_replace = table.records_with_any(replace.triggers)
-    may_hold_longer = table.records_with_any(set(finder.by_trigger) | set(instruct_finder.by_trigger)
-                                             | set(instruct_finder.single))
+    longer = {string: i for string, i in finder.first_index.items() if len(string) > 1}
+    candidates = Candidates(table, list(longer) + list(instruct_finder.first_index) + list(config.replace), counts)
+    both_fields = lambda k: (records[k].response, records[k].instruction)  # noqa: E731
+    longer_hits = candidates.first_hits(longer, both_fields)
+    instruct_hits = candidates.first_hits(instruct_finder.first_index, lambda k: (records[k].instruction,))
+    may_replace = set(candidates.first_hits(dict.fromkeys(config.replace, 0), both_fields))
 
-    candidates: list[tuple[Pair, Pair, int]] = []  # (replaced, original, record index)
+    passed: list[tuple[Pair, Pair]] = []  # (replaced, original)
     for k, pair in enumerate(records):
-        instruction, response = pair.instruction, pair.response
-        if k in may_replace:
-            instruction, response = replace(instruction), replace(response)
-        changed = instruction is not pair.instruction or response is not pair.response
-        hit = instruct_hit = None
-        if changed:  # the code-point table holds the text before replacement: check the new text here
+        if k in may_replace:  # the code-point table holds the text before replacement: check the new text here
+            instruction, response = replace_all(pair.instruction, config.replace), replace_all(pair.response, config.replace)
             hit = finder.first(set(instruction) | set(response), response, instruction)
             instruct_hit = instruct_finder.first(set(instruction), instruction)
+            replaced = Pair(pair.line, instruction, response, pair.id)
         else:
-            hit = single_hits.get(k)
-            if k in may_hold_longer:
-                hit = finder.first_longer(set(instruction) | set(response), response, instruction, best=hit)
-                instruct_hit = instruct_finder.first(set(instruction), instruction)
+            hit = min(filter(None, (single_hits.get(k), longer_hits.get(k))), default=None)
+            instruct_hit = instruct_hits.get(k)
+            replaced = pair
         if hit is not None:
             rule = "ng_string" if hit[0] < len(config.ng_list) else "rare_char_pass1"
             rejects.append(Reject(pair.line, rule, hit[1], pair))
         elif instruct_hit is not None:
             rejects.append(Reject(pair.line, "instruct_ng", instruct_hit[1], pair))
         else:
-            replaced = pair if not changed else Pair(pair.line, instruction, response, pair.id)
-            candidates.append((replaced, pair, k))
+            passed.append((replaced, pair))
 
-    verdicts = language_verdicts([c[0] for c in candidates], config, workers or default_workers(), progress)
+    verdicts = language_verdicts([replaced for replaced, _ in passed], config, workers or default_workers(), progress)
     language_kept = []
-    for (replaced, original, _), verdict in zip(candidates, verdicts, strict=True):
+    for (replaced, original), verdict in zip(passed, verdicts, strict=True):
         if verdict is None:
             language_kept.append((replaced, original))
         else:
