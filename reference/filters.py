@@ -138,10 +138,16 @@ class CharTable:
             parts += (pair.response, " ", pair.instruction)
             lengths.append(len(pair.response) + 1 + len(pair.instruction))
             response_lengths.append(len(pair.response))
-        self.codes = np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32)
+        self.text = "".join(parts)
+        self.codes = np.frombuffer(self.text.encode("utf-32-le"), dtype=np.uint32)
         self.lengths = np.array(lengths, dtype=np.int64)
         self.starts = np.cumsum(self.lengths) - self.lengths
         self.separators = self.starts + np.array(response_lengths, dtype=np.int64)
+
+    def record_of(self, positions):
+        import numpy as np
+
+        return np.searchsorted(self.starts, positions, side="right") - 1
 
     def most_common(self, keep_records=None) -> list[tuple[str, int]]:
         """collections.Counter(tot_text).most_common(): by count, ties in order of first appearance."""
@@ -149,9 +155,8 @@ class CharTable:
 
         codes = self.codes if keep_records is None else self.codes[np.repeat(keep_records, self.lengths)]
         counts = np.bincount(codes, minlength=UNICODE)
-        first = np.full(UNICODE, len(codes), dtype=np.int64)
-        np.minimum.at(first, codes, np.arange(len(codes), dtype=np.int64))
         present = np.flatnonzero(counts)
+        first = first_appearance(codes)
         order = present[np.lexsort((first[present], -counts[present]))]
         return [(chr(code), int(count)) for code, count in zip(order.tolist(), counts[order].tolist(), strict=True)]
 
@@ -159,25 +164,23 @@ class CharTable:
         """For each record holding a character with a finite rank: (lowest rank, that character)."""
         import numpy as np
 
-        ranks = rank[self.codes]
-        ranks[self.separators] = NONE  # the " " between fields belongs to no field
-        positions = np.flatnonzero(ranks < NONE)
+        hits = (rank < NONE)[self.codes]  # a byte per position; the ranks are looked up at the hits only
+        hits[self.separators] = False  # the " " between fields belongs to no field
+        positions = np.flatnonzero(hits)
         if positions.size == 0:
             return {}
-        records = np.searchsorted(self.starts, positions, side="right") - 1
-        group_starts = np.flatnonzero(np.r_[True, records[1:] != records[:-1]])
-        lowest = np.minimum.reduceat(ranks[positions], group_starts)
-        codes = self.codes[positions]
-        best_code = {}
-        for record, position_rank, code in zip(records.tolist(), ranks[positions].tolist(), codes.tolist(), strict=True):
-            if record not in best_code or position_rank < best_code[record][0]:
-                best_code[record] = (position_rank, code)
-        return {r: (int(low), chr(best_code[r][1])) for r, low in zip(records[group_starts].tolist(), lowest.tolist(), strict=True)}
+        records, hit_ranks = self.record_of(positions), rank[self.codes[positions]]
+        order = np.lexsort((hit_ranks, records))
+        records, hit_ranks, codes = records[order], hit_ranks[order], self.codes[positions[order]]
+        heads = np.flatnonzero(np.r_[True, records[1:] != records[:-1]])
+        return {r: (low, chr(code)) for r, low, code in
+                zip(records[heads].tolist(), hit_ranks[heads].tolist(), codes[heads].tolist(), strict=True)}
 
     def records_holding(self, chars) -> dict:
         """For each character: the sorted indices of the records that hold it (one pass for all)."""
         import numpy as np
 
+        empty = np.empty(0, dtype=np.int64)
         wanted = sorted({ord(c) for c in chars})
         if not wanted:
             return {}
@@ -186,15 +189,44 @@ class CharTable:
         hits = mask[self.codes]
         hits[self.separators] = False
         positions = np.flatnonzero(hits)
-        empty = np.empty(0, dtype=np.int64)
         if positions.size == 0:
             return dict.fromkeys(chars, empty)
-        records = np.searchsorted(self.starts, positions, side="right") - 1
-        pairs = np.unique((self.codes[positions].astype(np.int64) << 32) | records)
+        pairs = np.unique((self.codes[positions].astype(np.int64) << 32) | self.record_of(positions))
         codes, records = pairs >> 32, pairs & 0xFFFFFFFF
         bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1], True])
         found = {chr(int(codes[a])): records[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
         return {c: found.get(c, empty) for c in chars}
+
+    def records_containing(self, string: str) -> list[int]:
+        """Records whose text (fields and the separator between them) contains `string`, by str.find."""
+        import numpy as np
+
+        positions, at = [], self.text.find(string)
+        while at != -1:
+            positions.append(at)
+            at = self.text.find(string, at + 1)
+        return np.unique(self.record_of(np.array(positions, dtype=np.int64))).tolist() if positions else []
+
+
+def first_appearance(codes):
+    """Code point -> position of its first appearance in `codes` (only meaningful where it appears).
+
+    Blocks of growing size are scanned for characters not seen before, so the work after the first
+    blocks is one gather per position: new characters become rare quickly in real text."""
+    import numpy as np
+
+    first = np.zeros(UNICODE, dtype=np.int64)
+    seen = np.zeros(UNICODE, dtype=bool)
+    start, block = 0, 4096
+    while start < len(codes):
+        chunk = codes[start:start + block]
+        fresh = np.flatnonzero(~seen[chunk])
+        if fresh.size:
+            values, index = np.unique(chunk[fresh], return_index=True)
+            first[values] = start + fresh[index]
+            seen[values] = True
+        start, block = start + block, min(block * 2, 1 << 20)
+    return first
 
 
 def rank_array(strings: dict[str, int]):
@@ -251,16 +283,25 @@ def replace_all(text: str, replace: dict) -> str:
 
 
 class Candidates:
-    """The records that may hold a string: those holding its two rarest characters (a string can only
-    occur where each of its characters does). Exact checks then run on these records alone."""
+    """The records that may hold a string, for exact checks on those records alone.
+
+    A string can only occur where each of its characters does: the candidates are the records holding
+    its two rarest characters. When even its rarest character is common (a key written in hiragana),
+    the whole text is searched with str.find instead, which is cheaper than checking most records."""
+
+    COMMON = 20_000  # occurrences above which a character is no help in narrowing the records
 
     def __init__(self, table: CharTable, strings, counts: dict[str, int]):
+        self.table = table
         self.keys = {s: sorted(set(s), key=lambda c: (counts.get(c, 0), c))[:2] for s in strings}
-        self.by_char = table.records_holding({c for chars in self.keys.values() for c in chars})
+        self.by_find = {s for s, chars in self.keys.items() if counts.get(chars[0], 0) > self.COMMON}
+        self.by_char = table.records_holding({c for s, chars in self.keys.items() if s not in self.by_find for c in chars})
 
     def of(self, string: str) -> list[int]:
         import numpy as np
 
+        if string in self.by_find:
+            return self.table.records_containing(string)
         arrays = [self.by_char[c] for c in self.keys[string]]
         found = arrays[0] if len(arrays) == 1 else np.intersect1d(arrays[0], arrays[1], assume_unique=True)
         return found.tolist()
