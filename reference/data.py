@@ -17,7 +17,6 @@ The QA111 set maps input -> instruction and output -> response (C10).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,44 +57,48 @@ def pair_from_row(row: object, line: int) -> Pair:
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     if "conversations" in row:
-        conversations = row["conversations"]
-        if not isinstance(conversations, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
-            for t in conversations
-        ):
-            raise ValueError("'conversations' must be a list of {role, content} objects with text content")
-        instruction, response = magpie_pair(conversations)
+        try:
+            instruction, response = magpie_pair(row["conversations"])
+        except (TypeError, KeyError):
+            raise ValueError("'conversations' must be a list of {role, content} objects") from None
     elif "instruction" in row and "response" in row:
         instruction, response = row["instruction"], row["response"]
-        if not isinstance(instruction, str) or not isinstance(response, str):
-            raise ValueError("'instruction' and 'response' must be strings")
     else:
         raise ValueError("needs 'conversations' (magpie) or 'instruction' and 'response'")
-    return Pair(line=line, instruction=instruction, response=response, id=row.get("id"))
+    if type(instruction) is not str or type(response) is not str:
+        raise ValueError("the instruction and the response must be text")
+    return Pair(line, instruction, response, row.get("id"))
 
 
-def read_pairs(path: str | Path) -> Iterator[Pair | Unreadable]:
-    """Each line of a JSONL file as a Pair, or as Unreadable with its line number (blank lines skipped)."""
+def parse_jsonl(data: bytes, first_line: int = 1) -> list[Pair | Unreadable]:
+    """Each line of JSONL bytes as a Pair, or as Unreadable with its line number (blank lines skipped).
+
+    A line that is not UTF-8 or not JSON, or a row that is neither magpie nor instruction/response,
+    is Unreadable: reported, never skipped."""
+    items: list[Pair | Unreadable] = []
+    for number, raw in enumerate(data.split(b"\n"), start=first_line):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            items.append(Unreadable(line=number, error=f"not UTF-8 ({error.reason} at byte {error.start})",
+                                    text=raw.decode("utf-8", errors="replace")))
+            continue
+        try:
+            items.append(pair_from_row(json.loads(text), number))
+        except (json.JSONDecodeError, ValueError) as error:
+            items.append(Unreadable(line=number, error=str(error), text=text.rstrip("\r")))
+    return items
+
+
+def read_pairs(path: str | Path) -> list[Pair | Unreadable]:
+    """The lines of a JSONL file as Pairs and Unreadables (see parse_jsonl)."""
     try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
+        data = Path(path).read_bytes()
     except OSError as error:
         raise InputError(f"{path}: cannot open: {error.strerror}") from None
-    with handle:
-        line_number = 0
-        while True:
-            try:
-                text = handle.readline()
-            except UnicodeDecodeError as error:
-                raise InputError(f"{path}, line {line_number + 1}: not UTF-8 ({error.reason})") from None
-            if not text:
-                return
-            line_number += 1
-            if not text.strip():
-                continue
-            try:
-                yield pair_from_row(json.loads(text), line_number)
-            except (json.JSONDecodeError, ValueError) as error:
-                yield Unreadable(line=line_number, error=str(error), text=text.rstrip("\n"))
+    return parse_jsonl(data)
 
 
 def _format(path: Path) -> str:

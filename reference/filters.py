@@ -15,12 +15,14 @@ The seed's pipeline, in order, over instruction/response records:
    ``pass2_min_count`` (10) times are NG; drop the records containing them. Output keeps input order.
 
 Why it is fast where the seed is slow: the seed tests every NG string against every record (cost
-records x NG strings, and the NG list holds thousands of rare characters). Here each record's set of
-characters is built once; single-character NG strings are found by set intersection, and a longer
-string (or a replacement key) is searched for only when the record contains that string's rarest
-character. A record whose instruction already fails the language test is not sent to the detector
-a second time (the seed drops it either way). The kept records are the same, byte for byte; the
-spec tests compare with a literal transcription of the seed (benchmarks/seed_filter.py).
+records x NG strings, and the NG list holds thousands of rare characters). Here the records' text is
+one array of code points (reference/codepoints.py): counting is a bincount, single-character NG strings
+are a table lookup for all records at once, and a longer string (or a replacement key) is searched for
+only in the records holding its rarest characters. A record whose instruction already fails the
+language test is not sent to the detector again (the seed drops it either way). The input is cut into
+shards, one per core, that go through the stages side by side; between passes only per-character
+counts travel, and the shards' outputs are joined in input order. The kept records are the same, byte
+for byte: the spec tests compare with a literal transcription of the seed (benchmarks/seed_filter.py).
 
 Every dropped record is reported with the rule that dropped it: ``unreadable``, ``ng_string`` (one
 of the seed's strings), ``rare_char_pass1``, ``instruct_ng``, ``detector_error``, ``language`` or
@@ -29,11 +31,17 @@ of the seed's strings), ``rare_char_pass1``, ``instruct_ng``, ``detector_error``
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+import traceback
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from reference.data import Pair, Unreadable
+from reference.codepoints import Candidates, CharTable, Summary, merge, rank_array
+from reference.data import Pair, Unreadable, parse_jsonl
 from reference.errors import InputError
 
 RULES = ("unreadable", "ng_string", "rare_char_pass1", "instruct_ng", "detector_error", "language", "rare_char_pass2")
@@ -115,137 +123,12 @@ class FilterResult:
                 **{rule: found.get(rule, 0) for rule in RULES}}
 
 
-def output_row(pair: Pair) -> dict:
-    """A kept record as written to the output JSONL: id (when the input had one), instruction, response."""
-    row = {} if pair.id is None else {"id": pair.id}
-    row.update(instruction=pair.instruction, response=pair.response)
-    return row
-
-
-UNICODE = 0x110000
-NONE = 1 << 62  # rank of "not an NG string"
-
-
-class CharTable:
-    """The records' text as one array of code points, laid out as the seed's tot_text:
-    response, " ", instruction for each record in turn."""
-
-    def __init__(self, pairs: list[Pair]):
-        import numpy as np
-
-        parts, lengths, response_lengths = [], [], []
-        for pair in pairs:
-            parts += (pair.response, " ", pair.instruction)
-            lengths.append(len(pair.response) + 1 + len(pair.instruction))
-            response_lengths.append(len(pair.response))
-        self.text = "".join(parts)
-        self.codes = np.frombuffer(self.text.encode("utf-32-le"), dtype=np.uint32)
-        self.lengths = np.array(lengths, dtype=np.int64)
-        self.starts = np.cumsum(self.lengths) - self.lengths
-        self.separators = self.starts + np.array(response_lengths, dtype=np.int64)
-
-    def record_of(self, positions):
-        import numpy as np
-
-        return np.searchsorted(self.starts, positions, side="right") - 1
-
-    def most_common(self, keep_records=None) -> list[tuple[str, int]]:
-        """collections.Counter(tot_text).most_common(): by count, ties in order of first appearance."""
-        import numpy as np
-
-        codes = self.codes if keep_records is None else self.codes[np.repeat(keep_records, self.lengths)]
-        counts = np.bincount(codes, minlength=UNICODE)
-        present = np.flatnonzero(counts)
-        first = first_appearance(codes)
-        order = present[np.lexsort((first[present], -counts[present]))]
-        return [(chr(code), int(count)) for code, count in zip(order.tolist(), counts[order].tolist(), strict=True)]
-
-    def min_rank_per_record(self, rank) -> dict[int, tuple[int, str]]:
-        """For each record holding a character with a finite rank: (lowest rank, that character)."""
-        import numpy as np
-
-        hits = (rank < NONE)[self.codes]  # a byte per position; the ranks are looked up at the hits only
-        hits[self.separators] = False  # the " " between fields belongs to no field
-        positions = np.flatnonzero(hits)
-        if positions.size == 0:
-            return {}
-        records, hit_ranks = self.record_of(positions), rank[self.codes[positions]]
-        order = np.lexsort((hit_ranks, records))
-        records, hit_ranks, codes = records[order], hit_ranks[order], self.codes[positions[order]]
-        heads = np.flatnonzero(np.r_[True, records[1:] != records[:-1]])
-        return {r: (low, chr(code)) for r, low, code in
-                zip(records[heads].tolist(), hit_ranks[heads].tolist(), codes[heads].tolist(), strict=True)}
-
-    def records_holding(self, chars) -> dict:
-        """For each character: the sorted indices of the records that hold it (one pass for all)."""
-        import numpy as np
-
-        empty = np.empty(0, dtype=np.int64)
-        wanted = sorted({ord(c) for c in chars})
-        if not wanted:
-            return {}
-        mask = np.zeros(UNICODE, dtype=bool)
-        mask[wanted] = True
-        hits = mask[self.codes]
-        hits[self.separators] = False
-        positions = np.flatnonzero(hits)
-        if positions.size == 0:
-            return dict.fromkeys(chars, empty)
-        pairs = np.unique((self.codes[positions].astype(np.int64) << 32) | self.record_of(positions))
-        codes, records = pairs >> 32, pairs & 0xFFFFFFFF
-        bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1], True])
-        found = {chr(int(codes[a])): records[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
-        return {c: found.get(c, empty) for c in chars}
-
-    def records_containing(self, string: str) -> list[int]:
-        """Records whose text (fields and the separator between them) contains `string`, by str.find."""
-        import numpy as np
-
-        positions, at = [], self.text.find(string)
-        while at != -1:
-            positions.append(at)
-            at = self.text.find(string, at + 1)
-        return np.unique(self.record_of(np.array(positions, dtype=np.int64))).tolist() if positions else []
-
-
-def first_appearance(codes):
-    """Code point -> position of its first appearance in `codes` (only meaningful where it appears).
-
-    Blocks of growing size are scanned for characters not seen before, so the work after the first
-    blocks is one gather per position: new characters become rare quickly in real text."""
-    import numpy as np
-
-    first = np.zeros(UNICODE, dtype=np.int64)
-    seen = np.zeros(UNICODE, dtype=bool)
-    start, block = 0, 4096
-    while start < len(codes):
-        chunk = codes[start:start + block]
-        fresh = np.flatnonzero(~seen[chunk])
-        if fresh.size:
-            values, index = np.unique(chunk[fresh], return_index=True)
-            first[values] = start + fresh[index]
-            seen[values] = True
-        start, block = start + block, min(block * 2, 1 << 20)
-    return first
-
-
-def rank_array(strings: dict[str, int]):
-    """Code point -> rank of the single-character strings (NONE elsewhere)."""
-    import numpy as np
-
-    rank = np.full(UNICODE, NONE, dtype=np.int64)
-    for string, index in strings.items():
-        rank[ord(string)] = index
-    return rank
-
-
 class StringFinder:
-    """Which strings of an ordered list occur in a record: the first one in list order.
+    """Which strings of an ordered list occur in one record: the first in list order.
 
-    Single characters are looked up in a code-point table for all records at once (CharTable); a
-    longer string can only occur where its rarest character does, so it is searched for only in the
-    records holding that character.
-    """
+    Used for the few records whose text a replacement changed (the code-point table holds the text
+    before replacement): it works from the record's own set of characters, looking for a longer string
+    only when the record holds that string's rarest character."""
 
     def __init__(self, strings: list[str], counts: dict[str, int]):
         self.first_index: dict[str, int] = {}
@@ -274,55 +157,15 @@ class StringFinder:
         return self.first_longer(chars, *texts, best=best)
 
 
-def replace_all(text: str, replace: dict) -> str:
-    """The seed's replacement loop: each key in dict order, on the text as the earlier keys left it."""
-    for key, value in replace.items():
-        if key in text:
-            text = text.replace(key, value)
-    return text
-
-
-class Candidates:
-    """The records that may hold a string, for exact checks on those records alone.
-
-    A string can only occur where each of its characters does: the candidates are the records holding
-    its two rarest characters. When even its rarest character is common (a key written in hiragana),
-    the whole text is searched with str.find instead, which is cheaper than checking most records."""
-
-    COMMON = 20_000  # occurrences above which a character is no help in narrowing the records
-
-    def __init__(self, table: CharTable, strings, counts: dict[str, int]):
-        self.table = table
-        self.keys = {s: sorted(set(s), key=lambda c: (counts.get(c, 0), c))[:2] for s in strings}
-        self.by_find = {s for s, chars in self.keys.items() if counts.get(chars[0], 0) > self.COMMON}
-        self.by_char = table.records_holding({c for s, chars in self.keys.items() if s not in self.by_find for c in chars})
-
-    def of(self, string: str) -> list[int]:
-        import numpy as np
-
-        if string in self.by_find:
-            return self.table.records_containing(string)
-        arrays = [self.by_char[c] for c in self.keys[string]]
-        found = arrays[0] if len(arrays) == 1 else np.intersect1d(arrays[0], arrays[1], assume_unique=True)
-        return found.tolist()
-
-    def first_hits(self, strings: dict[str, int], fields) -> dict[int, tuple[int, str]]:
-        """Record -> (lowest index, string) over the strings found in one of `fields(record)`."""
-        hits: dict[int, tuple[int, str]] = {}
-        for string, index in strings.items():
-            for k in self.of(string):
-                if (k not in hits or index < hits[k][0]) and any(string in text for text in fields(k)):
-                    hits[k] = (index, string)
-        return hits
-
-
-def detect_language(text: str, config: FilterConfig) -> tuple[bool, list]:
-    """pycld2's verdict: (a whitelisted language at >= threshold percent?, the detector's details)."""
+def detect_language(text: str, config: FilterConfig) -> tuple[bool, list | None]:
+    """pycld2's verdict: (a whitelisted language at >= threshold percent?, the detector's figures when not)."""
     import pycld2
 
-    _, _, details = pycld2.detect(text)
-    ok = any(code in config.whitelist and percent >= config.threshold for _, code, percent, _ in details)
-    return ok, [[name, code, percent] for name, code, percent, _ in details]
+    details = pycld2.detect(text)[2]
+    for _, code, percent, _ in details:
+        if percent >= config.threshold and code in config.whitelist:
+            return True, None
+    return False, [[name, code, percent] for name, code, percent, _ in details]
 
 
 def language_verdict(instruction: str, response: str, config: FilterConfig) -> tuple[str, object] | None:
@@ -340,109 +183,283 @@ def language_verdict(instruction: str, response: str, config: FilterConfig) -> t
     return None
 
 
-_JOBS: tuple = ()  # (pairs, config) for forked workers, which inherit it instead of receiving copies
+# json.dumps(row, ensure_ascii=False) builds an encoder per call; one shared encoder writes the same text.
+_encode_row = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def _verdicts(bounds: tuple[int, int]) -> list:
-    pairs, config = _JOBS
-    return [language_verdict(p.instruction, p.response, config) for p in pairs[bounds[0]:bounds[1]]]
+def output_row(pair: Pair) -> dict:
+    """A kept record as written to the output JSONL: id (when the input had one), instruction, response."""
+    row = {} if pair.id is None else {"id": pair.id}
+    row.update(instruction=pair.instruction, response=pair.response)
+    return row
 
 
-def language_verdicts(pairs: list[Pair], config: FilterConfig, workers: int, progress=None) -> list:
-    """language_verdict for each pair; on several forked processes when there are many."""
-    global _JOBS
-    import multiprocessing
+def replace_all(text: str, replace: dict) -> str:
+    """The seed's replacement loop: each key in dict order, on the text as the earlier keys left it."""
+    for key, value in replace.items():
+        if key in text:
+            text = text.replace(key, value)
+    return text
 
-    if workers <= 1 or len(pairs) < 2000 or "fork" not in multiprocessing.get_all_start_methods():
-        _JOBS = (pairs, config)
-        result = _verdicts((0, len(pairs)))
-        if progress:
-            progress(len(pairs))
-        return result
-    chunk = max(500, len(pairs) // (workers * 8))
-    bounds = [(start, min(start + chunk, len(pairs))) for start in range(0, len(pairs), chunk)]
-    _JOBS = (pairs, config)
-    verdicts: list = []
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for part in pool.imap(_verdicts, bounds):
-            verdicts += part
-            if progress:
-                progress(len(part))
-    _JOBS = ()
-    return verdicts
+
+@dataclass
+class Plan:
+    """What pass 1 decided, sent to every shard: the NG list and the global character counts."""
+
+    ng_strings: list
+    static_count: int
+    counts: dict
+
+
+def make_plan(config: FilterConfig, common: list[tuple[str, int]]) -> Plan:
+    rare = [char for char, count in common if count <= config.pass1_max_count]
+    return Plan(ng_strings=list(config.ng_list) + rare, static_count=len(config.ng_list), counts=dict(common))
+
+
+class Shard:
+    """A contiguous run of the input, taken through the stages; one per process when run in parallel."""
+
+    def __init__(self, items: list):
+        self.records: list[Pair] = [item for item in items if isinstance(item, Pair)]
+        self.rejects: list[Reject] = [Reject(item.line, "unreadable", item.error, item)
+                                      for item in items if isinstance(item, Unreadable)]
+        self.kept: list[Pair] = []
+
+    def first_unreadable(self) -> tuple[int, str] | None:
+        return next(((r.line, r.detail) for r in self.rejects if r.rule == "unreadable"), None)
+
+    def pass1(self) -> Summary:
+        self.table = CharTable(self.records)
+        return self.table.summary()
+
+    def screen(self, plan: Plan, config: FilterConfig, progress=None) -> Summary:
+        """NG strings (after replacement) and language; returns the pass-2 counts of what is left."""
+        records, table = self.records, self.table
+        finder = StringFinder(plan.ng_strings, plan.counts)
+        instruct_finder = StringFinder(list(config.instruct_ng_list), plan.counts)
+        longer = {string: i for string, i in finder.first_index.items() if len(string) > 1}
+        candidates = Candidates(table, list(longer) + list(instruct_finder.first_index) + list(config.replace), plan.counts)
+        both_fields = lambda k: (records[k].response, records[k].instruction)  # noqa: E731
+        single_hits = table.min_rank_per_record(rank_array(finder.single))
+        longer_hits = candidates.first_hits(longer, both_fields)
+        instruct_hits = candidates.first_hits(instruct_finder.first_index, lambda k: (records[k].instruction,))
+        may_replace = set(candidates.first_hits(dict.fromkeys(config.replace, 0), both_fields))
+        del self.table, candidates
+
+        passed: list[tuple[Pair, Pair]] = []  # (replaced, original)
+        for k, pair in enumerate(records):
+            if k in may_replace:  # the table holds the text before replacement: check the new text here
+                instruction = replace_all(pair.instruction, config.replace)
+                response = replace_all(pair.response, config.replace)
+                hit = finder.first(set(instruction) | set(response), response, instruction)
+                instruct_hit = instruct_finder.first(set(instruction), instruction)
+                replaced = Pair(pair.line, instruction, response, pair.id)
+            else:
+                hit = min(filter(None, (single_hits.get(k), longer_hits.get(k))), default=None)
+                instruct_hit, replaced = instruct_hits.get(k), pair
+            if hit is not None:
+                rule = "ng_string" if hit[0] < plan.static_count else "rare_char_pass1"
+                self.rejects.append(Reject(pair.line, rule, hit[1], pair))
+            elif instruct_hit is not None:
+                self.rejects.append(Reject(pair.line, "instruct_ng", instruct_hit[1], pair))
+            else:
+                passed.append((replaced, pair))
+
+        self.language_kept = []
+        for done, (replaced, original) in enumerate(passed, start=1):
+            verdict = language_verdict(replaced.instruction, replaced.response, config)
+            if verdict is None:
+                self.language_kept.append((replaced, original))
+            else:
+                self.rejects.append(Reject(original.line, *verdict, original))
+            if progress is not None and done % 1000 == 0:
+                progress(1000)
+        if progress is not None:
+            progress(len(passed) % 1000)
+        self.table2 = CharTable([replaced for replaced, _ in self.language_kept])
+        return self.table2.summary()
+
+    def pass2(self, rank2: dict[str, int]) -> Summary:
+        """Drop the records holding a pass-2 rare character; returns the counts of the kept records."""
+        import numpy as np
+
+        doomed = self.table2.min_rank_per_record(rank_array(rank2))
+        for k, (replaced, original) in enumerate(self.language_kept):
+            if k in doomed:
+                self.rejects.append(Reject(original.line, "rare_char_pass2", doomed[k][1], original))
+            else:
+                self.kept.append(replaced)
+        self.rejects.sort(key=lambda r: r.line)
+        keep = np.array([k not in doomed for k in range(len(self.language_kept))], dtype=bool)
+        summary = self.table2.summary(keep)
+        del self.table2, self.language_kept
+        return summary
+
+    def write(self, output: str, rejects: str) -> dict[str, int]:
+        """Write this shard's kept rows and rejects (JSONL, UTF-8 unescaped); return its rule counts."""
+        with open(output, "w", encoding="utf-8") as out:
+            out.writelines(_encode_row(output_row(pair)) + "\n" for pair in self.kept)
+        with open(rejects, "w", encoding="utf-8") as out:
+            out.writelines(_encode_row(reject.to_row()) + "\n" for reject in self.rejects)
+        return dict(Counter(r.rule for r in self.rejects), kept=len(self.kept))
+
+
+def rare_ranks(common: list[tuple[str, int]], below: int) -> dict[str, int]:
+    """Pass 2's NG characters with their place in the seed's NG list (most_common order)."""
+    return {char: i for i, (char, count) in enumerate(common) if count < below}
+
+
+def run_filter(items, config: FilterConfig, shards: int = 1, progress=None) -> FilterResult:
+    """The whole pipeline in this process over `items` (Pairs and Unreadables), cut into `shards`."""
+    items = list(items)
+    size = -(-len(items) // max(shards, 1)) or 1
+    parts = [Shard(items[i:i + size]) for i in range(0, len(items), size)] or [Shard([])]
+    plan = make_plan(config, merge([part.pass1() for part in parts]))
+    rank2 = rare_ranks(merge([part.screen(plan, config, progress) for part in parts]), config.pass2_min_count)
+    table = merge([part.pass2(rank2) for part in parts])
+    return FilterResult(kept=[p for part in parts for p in part.kept], rejects=[r for part in parts for r in part.rejects],
+                        ng_list_size=len(plan.ng_strings), pass2_ng_size=len(rank2), char_table=table)
 
 
 def default_workers() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_filter(items: Iterable[Pair | Unreadable], config: FilterConfig, progress=None, workers: int | None = None) -> FilterResult:
-    """Apply the seed's pipeline. `progress(n)` is told as records pass the language stage."""
-    records: list[Pair] = []
-    rejects: list[Reject] = []
-    for item in items:
-        if isinstance(item, Unreadable):
-            rejects.append(Reject(item.line, "unreadable", item.error, item))
-        else:
-            records.append(item)
+def split_lines(data: bytes, parts: int) -> list[tuple[int, int, int]]:
+    """Cut the file's bytes at line ends into `parts` runs: (start, end, number of the first line)."""
+    cuts = [0]
+    for i in range(1, parts):
+        at = data.find(b"\n", max(cuts[-1], len(data) * i // parts))
+        cuts.append(len(data) if at == -1 else at + 1)
+    cuts.append(len(data))
+    runs, line = [], 1
+    for start, end in zip(cuts[:-1], cuts[1:], strict=True):
+        if end > start:
+            runs.append((start, end, line))
+            line += data.count(b"\n", start, end)
+    return runs
 
-    # Pass 1: rare characters over every record, before replacement.
-    table = CharTable(records)
-    common = table.most_common()
-    counts = dict(common)
-    ng_strings = list(config.ng_list) + [char for char, count in common if count <= config.pass1_max_count]
-    finder = StringFinder(ng_strings, counts)
-    instruct_finder = StringFinder(list(config.instruct_ng_list), counts)
-    single_hits = table.min_rank_per_record(rank_array(finder.single))
-    longer = {string: i for string, i in finder.first_index.items() if len(string) > 1}
-    candidates = Candidates(table, list(longer) + list(instruct_finder.first_index) + list(config.replace), counts)
-    both_fields = lambda k: (records[k].response, records[k].instruction)  # noqa: E731
-    longer_hits = candidates.first_hits(longer, both_fields)
-    instruct_hits = candidates.first_hits(instruct_finder.first_index, lambda k: (records[k].instruction,))
-    may_replace = set(candidates.first_hits(dict.fromkeys(config.replace, 0), both_fields))
 
-    passed: list[tuple[Pair, Pair]] = []  # (replaced, original)
-    for k, pair in enumerate(records):
-        if k in may_replace:  # the code-point table holds the text before replacement: check the new text here
-            instruction, response = replace_all(pair.instruction, config.replace), replace_all(pair.response, config.replace)
-            hit = finder.first(set(instruction) | set(response), response, instruction)
-            instruct_hit = instruct_finder.first(set(instruction), instruction)
-            replaced = Pair(pair.line, instruction, response, pair.id)
-        else:
-            hit = min(filter(None, (single_hits.get(k), longer_hits.get(k))), default=None)
-            instruct_hit = instruct_hits.get(k)
-            replaced = pair
-        if hit is not None:
-            rule = "ng_string" if hit[0] < len(config.ng_list) else "rare_char_pass1"
-            rejects.append(Reject(pair.line, rule, hit[1], pair))
-        elif instruct_hit is not None:
-            rejects.append(Reject(pair.line, "instruct_ng", instruct_hit[1], pair))
-        else:
-            passed.append((replaced, pair))
+def _serve(connection, data: bytes, start: int, end: int, first_line: int, config: FilterConfig) -> None:
+    """A worker process: parse its run of lines into a Shard, then do what the parent asks, stage by stage."""
+    try:
+        shard = Shard(parse_jsonl(data[start:end], first_line))
+        del data
+        while True:
+            stage, args = connection.recv()
+            if stage == "stop":
+                return
+            if stage == "screen":
+                result = shard.screen(*args, progress=lambda n: connection.send(("progress", n)))
+            else:
+                result = getattr(shard, stage)(*args)
+            connection.send(("done", result))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        connection.send(("error", traceback.format_exc()))
 
-    verdicts = language_verdicts([replaced for replaced, _ in passed], config, workers or default_workers(), progress)
-    language_kept = []
-    for (replaced, original), verdict in zip(passed, verdicts, strict=True):
-        if verdict is None:
-            language_kept.append((replaced, original))
-        else:
-            rejects.append(Reject(original.line, *verdict, original))
 
-    # Pass 2: rare characters over the kept records, after replacement.
-    table2 = CharTable([replaced for replaced, _ in language_kept])
-    rank2 = {char: i for i, (char, count) in enumerate(table2.most_common()) if count < config.pass2_min_count}
-    doomed = table2.min_rank_per_record(rank_array(rank2))
-    kept = []
-    for k, (replaced, original) in enumerate(language_kept):
-        if k in doomed:
-            rejects.append(Reject(original.line, "rare_char_pass2", doomed[k][1], original))
-        else:
-            kept.append(replaced)
-    import numpy as np
+class Workers:
+    """One forked process per run of the input; `ask` sends every shard a stage and gathers the answers."""
 
-    keep = np.array([k not in doomed for k in range(len(language_kept))], dtype=bool)
-    rejects.sort(key=lambda r: r.line)
-    return FilterResult(kept=kept, rejects=rejects, ng_list_size=len(ng_strings), pass2_ng_size=len(rank2),
-                        char_table=table2.most_common(keep) if len(language_kept) else [])
+    def __init__(self, data: bytes, runs, config: FilterConfig, progress=None):
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self.progress = progress
+        self.connections, self.processes = [], []
+        for start, end, first_line in runs:
+            parent, child = context.Pipe()
+            process = context.Process(target=_serve, args=(child, data, start, end, first_line, config), daemon=True)
+            process.start()
+            child.close()
+            self.connections.append(parent)
+            self.processes.append(process)
+
+    def ask(self, stage: str, args_per_shard) -> list:
+        for connection, args in zip(self.connections, args_per_shard, strict=True):
+            connection.send((stage, args))
+        answers = []
+        for connection in self.connections:
+            while True:
+                kind, value = connection.recv()
+                if kind == "progress":
+                    if self.progress:
+                        self.progress(value)
+                    continue
+                if kind == "error":
+                    raise RuntimeError(f"a filter worker failed:\n{value}")
+                answers.append(value)
+                break
+        return answers
+
+    def close(self) -> None:
+        for connection in self.connections:
+            try:
+                connection.send(("stop", ()))
+            except (BrokenPipeError, OSError):
+                pass
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+
+
+@dataclass
+class FileResult:
+    counts: dict
+    ng_list_size: int
+    pass2_ng_size: int
+    char_table: list = field(default_factory=list)
+
+
+def filter_file(source: str, output: str, rejects: str, config: FilterConfig, workers: int | None = None,
+                strict: bool = False, progress=None) -> FileResult:
+    """The filter over a JSONL file, written to `output` and `rejects`, on up to `workers` processes."""
+    try:
+        data = Path(source).read_bytes()
+    except OSError as error:
+        raise InputError(f"{source}: cannot open: {error.strerror}") from None
+    workers = workers or default_workers()
+    if workers <= 1 or len(data) < (1 << 20) or "fork" not in __import__("multiprocessing").get_all_start_methods():
+        runs = [(0, len(data), 1)]
+        shards = [Shard(parse_jsonl(data, 1))]
+        del data
+
+        def ask(stage, args_per_shard):
+            if stage == "screen":
+                return [shard.screen(*args, progress=progress) for shard, args in zip(shards, args_per_shard, strict=True)]
+            return [getattr(shard, stage)(*args) for shard, args in zip(shards, args_per_shard, strict=True)]
+        pool = None
+    else:
+        import numpy  # noqa: F401 - imported once here, inherited by the forked workers
+        import pycld2  # noqa: F401
+
+        runs = split_lines(data, workers)
+        pool = Workers(data, runs, config, progress)
+        del data
+        ask = pool.ask
+    try:
+        same = lambda *args: [args] * len(runs)  # noqa: E731
+        if strict:
+            bad = min(filter(None, ask("first_unreadable", same())), default=None)
+            if bad is not None:
+                raise InputError(f"{source}, line {bad[0]}: {bad[1]}")
+        plan = make_plan(config, merge(ask("pass1", same())))
+        rank2 = rare_ranks(merge(ask("screen", same(plan, config))), config.pass2_min_count)
+        table = merge(ask("pass2", same(rank2)))
+        with tempfile.TemporaryDirectory(dir=Path(output).resolve().parent) as tmp:
+            pieces = [(f"{tmp}/out{i}", f"{tmp}/rej{i}") for i in range(len(runs))]
+            counts = ask("write", pieces)
+            for target, index in ((output, 0), (rejects, 1)):
+                with open(target, "wb") as joined:
+                    for piece in pieces:
+                        with open(piece[index], "rb") as part:
+                            shutil.copyfileobj(part, joined)
+    finally:
+        if pool is not None:
+            pool.close()
+    total = Counter()
+    for shard_counts in counts:
+        total.update(shard_counts)
+    summary = {"input_rows": sum(total.values()), "kept": total["kept"], **{rule: total.get(rule, 0) for rule in RULES}}
+    return FileResult(counts=summary, ng_list_size=len(plan.ng_strings), pass2_ng_size=len(rank2), char_table=table)

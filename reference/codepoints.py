@@ -1,0 +1,199 @@
+"""Characters as code points: counting, ordering and locating them across many records with numpy.
+
+The LLM2024 filter asks, over hundreds of thousands of records, "how often does each character occur"
+and "which records hold this character or string". Asked record by record in Python, that is the cost
+the seed pays; asked of one array of code points (the records laid end to end, as the seed's tot_text)
+it is a handful of vectorised passes. Counts are exact, and `most_common` orders ties by first
+appearance exactly as `collections.Counter(text).most_common()` does.
+
+A table can be split into shards (contiguous runs of records, e.g. one per process): `Summary` carries
+a shard's counts and first appearances, and `merge` combines shard summaries into the whole text's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UNICODE = 0x110000
+NONE = 1 << 62  # rank of "not an NG string"
+
+
+class CharTable:
+    """The records' text as one array of code points, laid out as the seed's tot_text:
+    response, " ", instruction for each record in turn."""
+
+    def __init__(self, pairs: list):
+        import numpy as np
+
+        parts, lengths, response_lengths = [], [], []
+        for pair in pairs:
+            parts += (pair.response, " ", pair.instruction)
+            lengths.append(len(pair.response) + 1 + len(pair.instruction))
+            response_lengths.append(len(pair.response))
+        self.text = "".join(parts)
+        self.codes = np.frombuffer(self.text.encode("utf-32-le"), dtype=np.uint32)
+        self.lengths = np.array(lengths, dtype=np.int64)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+        self.separators = self.starts + np.array(response_lengths, dtype=np.int64)
+
+    def record_of(self, positions):
+        import numpy as np
+
+        return np.searchsorted(self.starts, positions, side="right") - 1
+
+    def summary(self, keep_records=None) -> Summary:
+        """Counts and first appearances over all records, or over those where keep_records is True."""
+        import numpy as np
+
+        return summarize(self.codes if keep_records is None else self.codes[np.repeat(keep_records, self.lengths)])
+
+    def most_common(self, keep_records=None) -> list[tuple[str, int]]:
+        """collections.Counter(tot_text).most_common(): by count, ties in order of first appearance."""
+        return merge([self.summary(keep_records)])
+
+    def min_rank_per_record(self, rank) -> dict[int, tuple[int, str]]:
+        """For each record holding a character with a finite rank: (lowest rank, that character)."""
+        import numpy as np
+
+        hits = (rank < NONE)[self.codes]  # a byte per position; the ranks are looked up at the hits only
+        hits[self.separators] = False  # the " " between fields belongs to no field
+        positions = np.flatnonzero(hits)
+        if positions.size == 0:
+            return {}
+        records, hit_ranks = self.record_of(positions), rank[self.codes[positions]]
+        order = np.lexsort((hit_ranks, records))
+        records, hit_ranks, codes = records[order], hit_ranks[order], self.codes[positions[order]]
+        heads = np.flatnonzero(np.r_[True, records[1:] != records[:-1]])
+        return {r: (low, chr(code)) for r, low, code in
+                zip(records[heads].tolist(), hit_ranks[heads].tolist(), codes[heads].tolist(), strict=True)}
+
+    def records_holding(self, chars) -> dict:
+        """For each character: the sorted indices of the records that hold it (one pass for all)."""
+        import numpy as np
+
+        empty = np.empty(0, dtype=np.int64)
+        wanted = sorted({ord(c) for c in chars})
+        if not wanted:
+            return {}
+        mask = np.zeros(UNICODE, dtype=bool)
+        mask[wanted] = True
+        hits = mask[self.codes]
+        hits[self.separators] = False
+        positions = np.flatnonzero(hits)
+        if positions.size == 0:
+            return dict.fromkeys(chars, empty)
+        pairs = np.unique((self.codes[positions].astype(np.int64) << 32) | self.record_of(positions))
+        codes, records = pairs >> 32, pairs & 0xFFFFFFFF
+        bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1], True])
+        found = {chr(int(codes[a])): records[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+        return {c: found.get(c, empty) for c in chars}
+
+    def records_containing(self, string: str) -> list[int]:
+        """Records whose text (fields and the separator between them) contains `string`, by str.find."""
+        import numpy as np
+
+        positions, at = [], self.text.find(string)
+        while at != -1:
+            positions.append(at)
+            at = self.text.find(string, at + 1)
+        return np.unique(self.record_of(np.array(positions, dtype=np.int64))).tolist() if positions else []
+
+
+def first_appearance(codes):
+    """Code point -> position of its first appearance in `codes` (only meaningful where it appears).
+
+    Blocks of growing size are scanned for characters not seen before, so the work after the first
+    blocks is one gather per position: new characters become rare quickly in real text."""
+    import numpy as np
+
+    first = np.zeros(UNICODE, dtype=np.int64)
+    seen = np.zeros(UNICODE, dtype=bool)
+    start, block = 0, 4096
+    while start < len(codes):
+        chunk = codes[start:start + block]
+        fresh = np.flatnonzero(~seen[chunk])
+        if fresh.size:
+            values, index = np.unique(chunk[fresh], return_index=True)
+            first[values] = start + fresh[index]
+            seen[values] = True
+        start, block = start + block, min(block * 2, 1 << 20)
+    return first
+
+
+def rank_array(strings: dict[str, int]):
+    """Code point -> rank of the single-character strings (NONE elsewhere)."""
+    import numpy as np
+
+    rank = np.full(UNICODE, NONE, dtype=np.int64)
+    for string, index in strings.items():
+        rank[ord(string)] = index
+    return rank
+
+
+@dataclass
+class Summary:
+    """Per-character counts and first appearances of a run of text (sparse: present characters only)."""
+
+    codes: object  # np.ndarray[uint32]
+    counts: object  # np.ndarray[int64]
+    first: object  # np.ndarray[int64], positions within this run
+    length: int
+
+
+def summarize(codes) -> Summary:
+    import numpy as np
+
+    counts = np.bincount(codes, minlength=UNICODE) if len(codes) else np.zeros(UNICODE, dtype=np.int64)
+    present = np.flatnonzero(counts)
+    return Summary(present.astype(np.uint32), counts[present], first_appearance(codes)[present], len(codes))
+
+
+def merge(summaries: list[Summary]) -> list[tuple[str, int]]:
+    """Counter(whole text).most_common() from the summaries of consecutive runs of it."""
+    import numpy as np
+
+    counts = np.zeros(UNICODE, dtype=np.int64)
+    first = np.full(UNICODE, np.iinfo(np.int64).max, dtype=np.int64)
+    offset = 0
+    for summary in summaries:
+        codes = summary.codes.astype(np.int64)
+        counts[codes] += summary.counts
+        np.minimum.at(first, codes, summary.first + offset)
+        offset += summary.length
+    present = np.flatnonzero(counts)
+    order = present[np.lexsort((first[present], -counts[present]))]
+    return [(chr(code), int(count)) for code, count in zip(order.tolist(), counts[order].tolist(), strict=True)]
+
+
+class Candidates:
+    """The records that may hold a string, for exact checks on those records alone.
+
+    A string can only occur where each of its characters does: the candidates are the records holding
+    its two rarest characters. When even its rarest character is common (a key written in hiragana),
+    the whole text is searched with str.find instead, which is cheaper than checking most records."""
+
+    COMMON = 20_000  # occurrences above which a character is no help in narrowing the records
+
+    def __init__(self, table: CharTable, strings, counts: dict[str, int]):
+        self.table = table
+        self.keys = {s: sorted(set(s), key=lambda c: (counts.get(c, 0), c))[:2] for s in strings}
+        self.by_find = {s for s, chars in self.keys.items() if counts.get(chars[0], 0) > self.COMMON}
+        self.by_char = table.records_holding({c for s, chars in self.keys.items() if s not in self.by_find for c in chars})
+
+    def of(self, string: str) -> list[int]:
+        import numpy as np
+
+        if string in self.by_find:
+            return self.table.records_containing(string)
+        arrays = [self.by_char[c] for c in self.keys[string]]
+        found = arrays[0] if len(arrays) == 1 else np.intersect1d(arrays[0], arrays[1], assume_unique=True)
+        return found.tolist()
+
+    def first_hits(self, strings: dict[str, int], fields) -> dict[int, tuple[int, str]]:
+        """Record -> (lowest index, string) over the strings found in one of `fields(record)`."""
+        hits: dict[int, tuple[int, str]] = {}
+        for string, index in strings.items():
+            for k in self.of(string):
+                if (k not in hits or index < hits[k][0]) and any(string in text for text in fields(k)):
+                    hits[k] = (index, string)
+        return hits
