@@ -36,6 +36,35 @@ class CharTable:
         self.starts = np.cumsum(self.lengths) - self.lengths
         self.separators = self.starts + np.array(response_lengths, dtype=np.int64)
 
+    @classmethod
+    def subset(cls, table: CharTable, rows: list[int], changed: dict) -> CharTable:
+        """The table of records `rows` of `table`, in that order; `changed` maps a row to its new Pair.
+
+        Unchanged records reuse their slice of code points; only changed ones are encoded again.
+        (The subset keeps no text, so records_containing is not available on it.)"""
+        import numpy as np
+
+        pieces, lengths, response_lengths = [], [], []
+        for k in rows:
+            pair = changed.get(k)
+            if pair is None:
+                start = int(table.starts[k])
+                pieces.append(table.codes[start:start + int(table.lengths[k])])
+                lengths.append(int(table.lengths[k]))
+                response_lengths.append(int(table.separators[k]) - start)
+            else:
+                text = pair.response + " " + pair.instruction
+                pieces.append(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32))
+                lengths.append(len(text))
+                response_lengths.append(len(pair.response))
+        subset = cls.__new__(cls)
+        subset.text = None
+        subset.codes = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint32)
+        subset.lengths = np.array(lengths, dtype=np.int64)
+        subset.starts = np.cumsum(subset.lengths) - subset.lengths
+        subset.separators = subset.starts + np.array(response_lengths, dtype=np.int64)
+        return subset
+
     def record_of(self, positions):
         import numpy as np
 

@@ -70,6 +70,21 @@ def pair_from_row(row: object, line: int) -> Pair:
     return Pair(line, instruction, response, row.get("id"))
 
 
+_scan = json.JSONDecoder().scan_once  # json.loads without its per-call Python wrapper
+
+
+def _loads(text: str):
+    """json.loads(text) for one JSONL line: the C scanner, then nothing but whitespace may follow."""
+    start = len(text) - len(text.lstrip(" \t\n\r"))  # JSON's whitespace only, as json.loads
+    try:
+        value, end = _scan(text, start)
+    except StopIteration as stop:
+        raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+    if text[end:].strip(" \t\n\r"):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
 def parse_jsonl(data: bytes, first_line: int = 1) -> list[Pair | Unreadable]:
     """Each line of JSONL bytes as a Pair, or as Unreadable with its line number (blank lines skipped).
 
@@ -86,7 +101,7 @@ def parse_jsonl(data: bytes, first_line: int = 1) -> list[Pair | Unreadable]:
                                     text=raw.decode("utf-8", errors="replace")))
             continue
         try:
-            items.append(pair_from_row(json.loads(text), number))
+            items.append(pair_from_row(_loads(text), number))
         except (json.JSONDecodeError, ValueError) as error:
             items.append(Unreadable(line=number, error=str(error), text=text.rstrip("\r")))
     return items

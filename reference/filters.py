@@ -244,9 +244,9 @@ class Shard:
         longer_hits = candidates.first_hits(longer, both_fields)
         instruct_hits = candidates.first_hits(instruct_finder.first_index, lambda k: (records[k].instruction,))
         may_replace = set(candidates.first_hits(dict.fromkeys(config.replace, 0), both_fields))
-        del self.table, candidates
+        del candidates
 
-        passed: list[tuple[Pair, Pair]] = []  # (replaced, original)
+        passed: list[tuple[Pair, Pair, int]] = []  # (replaced, original, row in the table)
         for k, pair in enumerate(records):
             if k in may_replace:  # the table holds the text before replacement: check the new text here
                 instruction = replace_all(pair.instruction, config.replace)
@@ -263,20 +263,23 @@ class Shard:
             elif instruct_hit is not None:
                 self.rejects.append(Reject(pair.line, "instruct_ng", instruct_hit[1], pair))
             else:
-                passed.append((replaced, pair))
+                passed.append((replaced, pair, k))
 
-        self.language_kept = []
-        for done, (replaced, original) in enumerate(passed, start=1):
+        self.language_kept, rows = [], []
+        for done, (replaced, original, k) in enumerate(passed, start=1):
             verdict = language_verdict(replaced.instruction, replaced.response, config)
             if verdict is None:
                 self.language_kept.append((replaced, original))
+                rows.append(k)
             else:
                 self.rejects.append(Reject(original.line, *verdict, original))
             if progress is not None and done % 1000 == 0:
                 progress(1000)
         if progress is not None:
             progress(len(passed) % 1000)
-        self.table2 = CharTable([replaced for replaced, _ in self.language_kept])
+        changed = {k: replaced for (replaced, original), k in zip(self.language_kept, rows, strict=True) if replaced is not original}
+        self.table2 = CharTable.subset(self.table, rows, changed)
+        del self.table
         return self.table2.summary()
 
     def pass2(self, rank2: dict[str, int]) -> Summary:
