@@ -2,9 +2,9 @@
 
 A dataset is structured data: one row is one record, a record has columns. Two ways in:
 
-* `read_pairs` streams instruction/response pairs out of a JSONL file with nothing but `json` — the
-  filter's path, which must start fast and must not lose a row: an unreadable line comes back as an
-  `Unreadable` item carrying its line number, never silently skipped.
+* `parse_jsonl` / `read_pairs` turn JSONL bytes into instruction/response pairs with nothing but `json`
+  — the filter's path, which must start fast and must not lose a row: a line that is not UTF-8, not
+  JSON or not a record comes back as an `Unreadable` item with its line number, never skipped.
 * `load_records` builds a `datasets.Dataset` from JSONL, JSON, CSV, Parquet or a saved dataset folder
   and maps named columns to instruction/response; a missing file or column, or a row whose value is
   not text, is an `InputError` naming the file, the row number and the column.

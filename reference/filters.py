@@ -422,8 +422,10 @@ def filter_file(source: str, output: str, rejects: str, config: FilterConfig, wo
         data = Path(source).read_bytes()
     except OSError as error:
         raise InputError(f"{source}: cannot open: {error.strerror}") from None
+    import multiprocessing
+
     workers = workers or default_workers()
-    if workers <= 1 or len(data) < (1 << 20) or "fork" not in __import__("multiprocessing").get_all_start_methods():
+    if workers <= 1 or len(data) < (1 << 20) or "fork" not in multiprocessing.get_all_start_methods():
         runs = [(0, len(data), 1)]
         shards = [Shard(parse_jsonl(data, 1))]
         del data

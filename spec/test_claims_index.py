@@ -22,5 +22,10 @@ def test_every_claim_marker_names_a_claim_of_the_specification():
 
 
 def test_the_committed_claims_index_is_current():
+    sys.path.insert(0, str(SPEC))
+    import claims
+
+    if not claims.SPEC_MD.is_file():
+        pytest.skip("../shared/SPEC.md is not beside this checkout: the index's claim texts come from it")
     result = subprocess.run([sys.executable, str(SPEC / "claims.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
