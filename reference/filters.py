@@ -118,9 +118,12 @@ class FilterResult:
     char_table: list[tuple[str, int]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        found = Counter(r.rule for r in self.rejects)
-        return {"input_rows": len(self.kept) + len(self.rejects), "kept": len(self.kept),
-                **{rule: found.get(rule, 0) for rule in RULES}}
+        return rule_counts(Counter(r.rule for r in self.rejects), kept=len(self.kept))
+
+
+def rule_counts(rejected: Counter, kept: int) -> dict[str, int]:
+    """Rows in, rows kept, and rows dropped by each rule (every rule listed, zeros included)."""
+    return {"input_rows": kept + sum(rejected.values()), "kept": kept, **{rule: rejected.get(rule, 0) for rule in RULES}}
 
 
 class StringFinder:
@@ -312,14 +315,36 @@ def rare_ranks(common: list[tuple[str, int]], below: int) -> dict[str, int]:
     return {char: i for i, (char, count) in enumerate(common) if count < below}
 
 
+class LocalShards:
+    """Shards in this process, asked stage by stage exactly as Workers asks forked ones."""
+
+    def __init__(self, shards: list[Shard], progress=None):
+        self.shards, self.progress = shards, progress
+
+    def ask(self, stage: str, args_per_shard) -> list:
+        extra = {"progress": self.progress} if stage == "screen" else {}
+        return [getattr(shard, stage)(*args, **extra) for shard, args in zip(self.shards, args_per_shard, strict=True)]
+
+    def close(self) -> None:
+        pass
+
+
+def filter_stages(pool, shards: int, config: FilterConfig) -> tuple[Plan, dict[str, int], list[tuple[str, int]]]:
+    """Pass 1, screening and pass 2 over every shard; between them only character counts are merged.
+    Returns the plan (pass-1 NG list), pass 2's rare characters and the kept records' character table."""
+    same = [()] * shards
+    plan = make_plan(config, merge(pool.ask("pass1", same)))
+    rank2 = rare_ranks(merge(pool.ask("screen", [(plan, config)] * shards)), config.pass2_min_count)
+    table = merge(pool.ask("pass2", [(rank2,)] * shards))
+    return plan, rank2, table
+
+
 def run_filter(items, config: FilterConfig, shards: int = 1, progress=None) -> FilterResult:
     """The whole pipeline in this process over `items` (Pairs and Unreadables), cut into `shards`."""
     items = list(items)
     size = -(-len(items) // max(shards, 1)) or 1
     parts = [Shard(items[i:i + size]) for i in range(0, len(items), size)] or [Shard([])]
-    plan = make_plan(config, merge([part.pass1() for part in parts]))
-    rank2 = rare_ranks(merge([part.screen(plan, config, progress) for part in parts]), config.pass2_min_count)
-    table = merge([part.pass2(rank2) for part in parts])
+    plan, rank2, table = filter_stages(LocalShards(parts, progress), len(parts), config)
     return FilterResult(kept=[p for part in parts for p in part.kept], rejects=[r for part in parts for r in part.rejects],
                         ng_list_size=len(plan.ng_strings), pass2_ng_size=len(rank2), char_table=table)
 
@@ -343,7 +368,7 @@ def split_lines(data: bytes, parts: int) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _serve(connection, data: bytes, start: int, end: int, first_line: int, config: FilterConfig) -> None:
+def _serve(connection, data: bytes, start: int, end: int, first_line: int) -> None:
     """A worker process: parse its run of lines into a Shard, then do what the parent asks, stage by stage."""
     try:
         shard = Shard(parse_jsonl(data[start:end], first_line))
@@ -364,7 +389,7 @@ def _serve(connection, data: bytes, start: int, end: int, first_line: int, confi
 class Workers:
     """One forked process per run of the input; `ask` sends every shard a stage and gathers the answers."""
 
-    def __init__(self, data: bytes, runs, config: FilterConfig, progress=None):
+    def __init__(self, data: bytes, runs, progress=None):
         import multiprocessing
 
         context = multiprocessing.get_context("fork")
@@ -372,7 +397,7 @@ class Workers:
         self.connections, self.processes = [], []
         for start, end, first_line in runs:
             parent, child = context.Pipe()
-            process = context.Process(target=_serve, args=(child, data, start, end, first_line, config), daemon=True)
+            process = context.Process(target=_serve, args=(child, data, start, end, first_line), daemon=True)
             process.start()
             child.close()
             self.connections.append(parent)
@@ -427,44 +452,33 @@ def filter_file(source: str, output: str, rejects: str, config: FilterConfig, wo
     workers = workers or default_workers()
     if workers <= 1 or len(data) < (1 << 20) or "fork" not in multiprocessing.get_all_start_methods():
         runs = [(0, len(data), 1)]
-        shards = [Shard(parse_jsonl(data, 1))]
-        del data
-
-        def ask(stage, args_per_shard):
-            if stage == "screen":
-                return [shard.screen(*args, progress=progress) for shard, args in zip(shards, args_per_shard, strict=True)]
-            return [getattr(shard, stage)(*args) for shard, args in zip(shards, args_per_shard, strict=True)]
-        pool = None
+        pool = LocalShards([Shard(parse_jsonl(data, 1))], progress)
     else:
         import numpy  # noqa: F401 - imported once here, inherited by the forked workers
         import pycld2  # noqa: F401
 
         runs = split_lines(data, workers)
-        pool = Workers(data, runs, config, progress)
-        del data
-        ask = pool.ask
+        pool = Workers(data, runs, progress)
+    del data
     try:
-        same = lambda *args: [args] * len(runs)  # noqa: E731
         if strict:
-            bad = min(filter(None, ask("first_unreadable", same())), default=None)
+            bad = min(filter(None, pool.ask("first_unreadable", [()] * len(runs))), default=None)
             if bad is not None:
                 raise InputError(f"{source}, line {bad[0]}: {bad[1]}")
-        plan = make_plan(config, merge(ask("pass1", same())))
-        rank2 = rare_ranks(merge(ask("screen", same(plan, config))), config.pass2_min_count)
-        table = merge(ask("pass2", same(rank2)))
+        plan, rank2, table = filter_stages(pool, len(runs), config)
         with tempfile.TemporaryDirectory(dir=Path(output).resolve().parent) as tmp:
             pieces = [(f"{tmp}/out{i}", f"{tmp}/rej{i}") for i in range(len(runs))]
-            counts = ask("write", pieces)
+            counts = pool.ask("write", pieces)
             for target, index in ((output, 0), (rejects, 1)):
                 with open(target, "wb") as joined:
                     for piece in pieces:
                         with open(piece[index], "rb") as part:
                             shutil.copyfileobj(part, joined)
     finally:
-        if pool is not None:
-            pool.close()
-    total = Counter()
+        pool.close()
+    rejected = Counter()
     for shard_counts in counts:
-        total.update(shard_counts)
-    summary = {"input_rows": sum(total.values()), "kept": total["kept"], **{rule: total.get(rule, 0) for rule in RULES}}
-    return FileResult(counts=summary, ng_list_size=len(plan.ng_strings), pass2_ng_size=len(rank2), char_table=table)
+        rejected.update(shard_counts)
+    kept = rejected.pop("kept")
+    return FileResult(counts=rule_counts(rejected, kept), ng_list_size=len(plan.ng_strings),
+                      pass2_ng_size=len(rank2), char_table=table)
