@@ -142,6 +142,9 @@ def cmd_filter(args: argparse.Namespace) -> int:
         raise InputError(f"--output/--rejects must not overwrite --input {args.input}")
     _writable(args.output, "--output")
     _writable(args.rejects, "--rejects")
+    if Path(args.output).resolve() == Path(args.rejects).resolve():
+        raise InputError(f"--output and --rejects are the same file: {args.output}")
+    filters.keep_freed_memory()
     bar = _progress(source.stat().st_size // 800, "filter: language check")  # about 800 bytes a record
     result = filters.filter_file(args.input, args.output, args.rejects, config, workers=args.workers,
                                  strict=args.strict, progress=bar.update if bar else None)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 UNICODE = 0x110000
 NONE = 1 << 62  # rank of "not an NG string"
+CHUNK = 1 << 20
 
 
 class CharTable:
@@ -30,8 +31,7 @@ class CharTable:
             parts += (pair.response, " ", pair.instruction)
             lengths.append(len(pair.response) + 1 + len(pair.instruction))
             response_lengths.append(len(pair.response))
-        self.text = "".join(parts)
-        self.codes = np.frombuffer(self.text.encode("utf-32-le"), dtype=np.uint32)
+        self.codes = np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32)
         self.lengths = np.array(lengths, dtype=np.int64)
         self.starts = np.cumsum(self.lengths) - self.lengths
         self.separators = self.starts + np.array(response_lengths, dtype=np.int64)
@@ -40,8 +40,7 @@ class CharTable:
     def subset(cls, table: CharTable, rows: list[int], changed: dict) -> CharTable:
         """The table of records `rows` of `table`, in that order; `changed` maps a row to its new Pair.
 
-        Unchanged records reuse their slice of code points; only changed ones are encoded again.
-        (The subset keeps no text, so records_containing is not available on it.)"""
+        Unchanged records reuse their slice of code points; only changed ones are encoded again."""
         import numpy as np
 
         pieces, lengths, response_lengths = [], [], []
@@ -58,7 +57,6 @@ class CharTable:
                 lengths.append(len(text))
                 response_lengths.append(len(pair.response))
         subset = cls.__new__(cls)
-        subset.text = None
         subset.codes = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint32)
         subset.lengths = np.array(lengths, dtype=np.int64)
         subset.starts = np.cumsum(subset.lengths) - subset.lengths
@@ -96,36 +94,52 @@ class CharTable:
         return {r: (low, chr(code)) for r, low, code in
                 zip(records[heads].tolist(), hit_ranks[heads].tolist(), codes[heads].tolist(), strict=True)}
 
-    def records_holding(self, chars) -> dict:
-        """For each character: the sorted indices of the records that hold it (one pass for all)."""
+    def first_hits(self, strings: dict[str, int], counts: dict[str, int], instruction_only: bool = False) -> dict[int, tuple[int, str]]:
+        """Record -> (lowest index, string) over the strings of `strings` (string -> index) that occur
+        inside one field of the record (the instruction alone when `instruction_only`).
+
+        Each string is anchored on its rarest character: the positions of all anchors are gathered in
+        one pass over the code points, and at each anchor position the string's other code points are
+        compared in place. A match may not cross the " " between the fields or the end of a record."""
         import numpy as np
 
-        empty = np.empty(0, dtype=np.int64)
-        wanted = sorted({ord(c) for c in chars})
-        if not wanted:
+        anchors = {}
+        for string in strings:
+            char = min(string, key=lambda c: (counts.get(c, 0), c))
+            anchors[string] = (string.index(char), ord(char))
+        if not anchors or self.codes.size == 0:
             return {}
-        mask = np.zeros(UNICODE, dtype=bool)
-        mask[wanted] = True
-        hits = mask[self.codes]
-        hits[self.separators] = False
-        positions = np.flatnonzero(hits)
-        if positions.size == 0:
-            return dict.fromkeys(chars, empty)
-        pairs = np.unique((self.codes[positions].astype(np.int64) << 32) | self.record_of(positions))
-        codes, records = pairs >> 32, pairs & 0xFFFFFFFF
-        bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1], True])
-        found = {chr(int(codes[a])): records[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
-        return {c: found.get(c, empty) for c in chars}
-
-    def records_containing(self, string: str) -> list[int]:
-        """Records whose text (fields and the separator between them) contains `string`, by str.find."""
-        import numpy as np
-
-        positions, at = [], self.text.find(string)
-        while at != -1:
-            positions.append(at)
-            at = self.text.find(string, at + 1)
-        return np.unique(self.record_of(np.array(positions, dtype=np.int64))).tolist() if positions else []
+        wanted = np.zeros(UNICODE, dtype=bool)
+        wanted[[code for _, code in anchors.values()]] = True
+        positions = np.flatnonzero(wanted[self.codes])
+        anchor_codes = self.codes[positions]
+        order = np.argsort(anchor_codes, kind="stable")
+        positions, anchor_codes = positions[order], anchor_codes[order]
+        found_records, found_index = [], []
+        for string, (offset, code) in anchors.items():
+            at = positions[np.searchsorted(anchor_codes, code):np.searchsorted(anchor_codes, code, side="right")]
+            starts = at - offset
+            starts = starts[(starts >= 0) & (starts + len(string) <= self.codes.size)]
+            for i, char in enumerate(string):
+                if i != offset and starts.size:
+                    starts = starts[self.codes[starts + i] == ord(char)]
+            if starts.size == 0:
+                continue
+            records = self.record_of(starts)
+            ends, separators = starts + len(string), self.separators[records]
+            in_instruction = (starts > separators) & (ends <= self.starts[records] + self.lengths[records])
+            inside = in_instruction if instruction_only else in_instruction | (ends <= separators)
+            records = np.unique(records[inside])
+            found_records.append(records)
+            found_index.append(np.full(records.size, strings[string], dtype=np.int64))
+        if not found_records:
+            return {}
+        records, index = np.concatenate(found_records), np.concatenate(found_index)
+        order = np.lexsort((index, records))
+        records, index = records[order], index[order]
+        heads = np.flatnonzero(np.r_[True, records[1:] != records[:-1]])
+        by_index = {i: s for s, i in reversed(strings.items())}
+        return {r: (i, by_index[i]) for r, i in zip(records[heads].tolist(), index[heads].tolist(), strict=True)}
 
 
 def first_appearance(codes):
@@ -172,7 +186,9 @@ class Summary:
 def summarize(codes) -> Summary:
     import numpy as np
 
-    counts = np.bincount(codes, minlength=UNICODE) if len(codes) else np.zeros(UNICODE, dtype=np.int64)
+    counts = np.zeros(UNICODE, dtype=np.int64)
+    for start in range(0, len(codes), CHUNK):  # bincount copies its input to int64: a chunk at a time, not all of it
+        counts += np.bincount(codes[start:start + CHUNK], minlength=UNICODE)
     present = np.flatnonzero(counts)
     return Summary(present.astype(np.uint32), counts[present], first_appearance(codes)[present], len(codes))
 
@@ -192,37 +208,3 @@ def merge(summaries: list[Summary]) -> list[tuple[str, int]]:
     present = np.flatnonzero(counts)
     order = present[np.lexsort((first[present], -counts[present]))]
     return [(chr(code), int(count)) for code, count in zip(order.tolist(), counts[order].tolist(), strict=True)]
-
-
-class Candidates:
-    """The records that may hold a string, for exact checks on those records alone.
-
-    A string can only occur where each of its characters does: the candidates are the records holding
-    its two rarest characters. When even its rarest character is common (a key written in hiragana),
-    the whole text is searched with str.find instead, which is cheaper than checking most records."""
-
-    COMMON = 20_000  # occurrences above which a character is no help in narrowing the records
-
-    def __init__(self, table: CharTable, strings, counts: dict[str, int]):
-        self.table = table
-        self.keys = {s: sorted(set(s), key=lambda c: (counts.get(c, 0), c))[:2] for s in strings}
-        self.by_find = {s for s, chars in self.keys.items() if counts.get(chars[0], 0) > self.COMMON}
-        self.by_char = table.records_holding({c for s, chars in self.keys.items() if s not in self.by_find for c in chars})
-
-    def of(self, string: str) -> list[int]:
-        import numpy as np
-
-        if string in self.by_find:
-            return self.table.records_containing(string)
-        arrays = [self.by_char[c] for c in self.keys[string]]
-        found = arrays[0] if len(arrays) == 1 else np.intersect1d(arrays[0], arrays[1], assume_unique=True)
-        return found.tolist()
-
-    def first_hits(self, strings: dict[str, int], fields) -> dict[int, tuple[int, str]]:
-        """Record -> (lowest index, string) over the strings found in one of `fields(record)`."""
-        hits: dict[int, tuple[int, str]] = {}
-        for string, index in strings.items():
-            for k in self.of(string):
-                if (k not in hits or index < hits[k][0]) and any(string in text for text in fields(k)):
-                    hits[k] = (index, string)
-        return hits

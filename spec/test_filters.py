@@ -221,6 +221,13 @@ def test_filter_refuses_a_missing_input_with_exit_2(tmp_path):
     assert result.returncode == 2 and "nope.jsonl" in result.stderr
 
 
+def test_filter_refuses_one_file_for_both_output_and_rejects_with_exit_2(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"instruction": "日本", "response": "東京"}\n', encoding="utf-8")
+    result = run_cli("--input", str(source), "--output", str(tmp_path / "o"), "--rejects", str(tmp_path / "o"))
+    assert result.returncode == 2 and "same file" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_filter_command_imports_neither_torch_nor_transformers(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"instruction": "日本", "response": "東京"}\n', encoding="utf-8")
@@ -291,3 +298,36 @@ def test_forked_workers_write_the_same_bytes_as_one_process(tmp_path):
     strict = run_cli("--input", str(source), "--output", str(tmp_path / "s"), "--rejects", str(tmp_path / "t"),
                      "--workers", "3", "--strict")
     assert strict.returncode == 2 and f"{source}, line 3001: not UTF-8" in strict.stderr
+
+
+@pytest.mark.claim("C6")
+def test_a_string_split_across_fields_or_records_is_not_an_ng_hit(config):
+    """The seed checks each field on its own; the fast path searches one array of code points in which a
+    record is laid out as response + " " + instruction and records follow each other with no gap.
+
+    "AI assistant" (a seed NG string) spans line 61's response "...AI" and instruction "assistant...";
+    "翻訳" spans line 62's instruction "...翻" and line 63's response "訳...". Neither field holds
+    either string, so by hand all three records pass the NG rule; line 64 holds "翻訳" whole and fails.
+    Lines 41-60 make these characters common (20 records each), so pass 1 does not drop them."""
+    filler = [(INSTRUCTION, f"{RESPONSE}訳す。翻す。AIとassistant")] * 20
+    pairs = with_extra(*filler, (f"assistant{INSTRUCTION}", f"{RESPONSE}AI"), (f"{INSTRUCTION}翻", RESPONSE),
+                       (INSTRUCTION, f"訳{RESPONSE}"), (INSTRUCTION, f"{RESPONSE}翻訳"))
+    relaxed = FilterConfig(**{**config.__dict__, "threshold": 0})  # keep the English bits past the language rule
+    result = run_filter(pairs, relaxed)
+    assert [rule_of(result, line) for line in (61, 62, 63)] == [None, None, None]
+    assert rule_of(result, 64) == "ng_string"
+
+
+@pytest.mark.claim("C9")
+def test_rows_are_written_as_json_dumps_would_write_them():
+    """The writers build each line without a dict; json.dumps(row, ensure_ascii=False) is the reference."""
+    from reference.filters import Reject, output_line
+
+    odd = 'quote " backslash \\ tab \t newline \n control \x01 ' + "日本 \u2028 😢"
+    pairs = [Pair(1, odd, odd), Pair(2, "a", "b", id=7), Pair(3, "a", "b", id={"k": [1, "x\""]}), Pair(4, "", "", id="r1")]
+    for pair in pairs:
+        assert output_line(pair) == json.dumps(output_row(pair), ensure_ascii=False) + "\n"
+    rejects = [Reject(2, "language", {"field": "response", "detected": [["JAPANESE", "ja", 59]]}, pairs[1]),
+               Reject(1, "ng_string", odd, pairs[0]), Reject(9, "unreadable", "not UTF-8", Unreadable(9, "e", odd))]
+    for reject in rejects:
+        assert reject.to_line() == json.dumps(reject.to_row(), ensure_ascii=False) + "\n"
