@@ -31,7 +31,8 @@ class CharTable:
             parts += (pair.response, " ", pair.instruction)
             lengths.append(len(pair.response) + 1 + len(pair.instruction))
             response_lengths.append(len(pair.response))
-        self.codes = np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32)
+        # Kept as intp: numpy casts any other index type to intp on every gather and bincount.
+        self.codes = np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32).astype(np.intp)
         self.lengths = np.array(lengths, dtype=np.int64)
         self.starts = np.cumsum(self.lengths) - self.lengths
         self.separators = self.starts + np.array(response_lengths, dtype=np.int64)
@@ -53,11 +54,11 @@ class CharTable:
                 response_lengths.append(int(table.separators[k]) - start)
             else:
                 text = pair.response + " " + pair.instruction
-                pieces.append(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32))
+                pieces.append(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.intp))
                 lengths.append(len(text))
                 response_lengths.append(len(pair.response))
         subset = cls.__new__(cls)
-        subset.codes = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint32)
+        subset.codes = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.intp)
         subset.lengths = np.array(lengths, dtype=np.int64)
         subset.starts = np.cumsum(subset.lengths) - subset.lengths
         subset.separators = subset.starts + np.array(response_lengths, dtype=np.int64)

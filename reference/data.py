@@ -85,25 +85,38 @@ def _loads(text: str):
     return value
 
 
-def parse_jsonl(data: bytes, first_line: int = 1) -> list[Pair | Unreadable]:
-    """Each line of JSONL bytes as a Pair, or as Unreadable with its line number (blank lines skipped).
+_BLANK = " \t\n\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank
+
+
+def parse_jsonl(data, first_line: int = 1, start: int = 0, end: int | None = None) -> list[Pair | Unreadable]:
+    """Each line of JSONL bytes (bytes or an mmap; data[start:end]) as a Pair, or as Unreadable with its
+    line number (blank lines skipped).
 
     A line that is not UTF-8 or not JSON, or a row that is neither magpie nor instruction/response,
-    is Unreadable: reported, never skipped."""
+    is Unreadable: reported, never skipped. Lines are decoded straight from `data`, never copied first."""
+    end = len(data) if end is None else end
     items: list[Pair | Unreadable] = []
-    for number, raw in enumerate(data.split(b"\n"), start=first_line):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            items.append(Unreadable(line=number, error=f"not UTF-8 ({error.reason} at byte {error.start})",
-                                    text=raw.decode("utf-8", errors="replace")))
-            continue
-        try:
-            items.append(pair_from_row(_loads(text), number))
-        except (json.JSONDecodeError, ValueError) as error:
-            items.append(Unreadable(line=number, error=str(error), text=text.rstrip("\r")))
+    view, number, at = memoryview(data), first_line, start
+    try:
+        while at < end:
+            stop = data.find(b"\n", at, end)
+            stop = end if stop == -1 else stop
+            try:
+                text = str(view[at:stop], "utf-8")
+            except UnicodeDecodeError as error:
+                raw = bytes(view[at:stop])
+                if raw.strip():
+                    items.append(Unreadable(line=number, error=f"not UTF-8 ({error.reason} at byte {error.start})",
+                                            text=raw.decode("utf-8", errors="replace")))
+            else:
+                if text.strip(_BLANK):
+                    try:
+                        items.append(pair_from_row(_loads(text), number))
+                    except (json.JSONDecodeError, ValueError) as error:
+                        items.append(Unreadable(line=number, error=str(error), text=text.rstrip("\r")))
+            at, number = stop + 1, number + 1
+    finally:
+        view.release()
     return items
 
 

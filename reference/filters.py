@@ -414,8 +414,11 @@ def lines_before(data, end: int, block: int = 1 << 23) -> int:
 def _serve(connection, data, start: int, end: int) -> None:
     """A worker process: read and parse its run of lines into a Shard (numbering its lines itself, so
     that the parent reads nothing), then do what the parent asks, stage by stage."""
+    import gc
+
+    gc.disable()  # records and their strings hold no cycles: the collector's passes over them are wasted
     try:
-        shard = Shard(parse_jsonl(data[start:end], 1 + lines_before(data, start)))
+        shard = Shard(parse_jsonl(data, 1 + lines_before(data, start), start, end))
         del data
         while True:
             stage, args = connection.recv()
@@ -501,6 +504,7 @@ def filter_file(source: str, output: str, rejects: str, config: FilterConfig, wo
             runs = [(0, size)]
             pool = LocalShards([Shard(parse_jsonl(file.read(), 1))], progress)
         else:
+            os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no idle BLAS threads per process
             import numpy  # noqa: F401 - imported once here, inherited by the forked workers
             import pycld2  # noqa: F401
 

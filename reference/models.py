@@ -1,42 +1,163 @@
-"""Loading models from local directories (safetensors only, no remote code).
+"""Loading models from local directories: full precision, 8-bit or 4-bit NF4; quantise once and save.
 
-Issue 4 extends this module with 8-bit/4-bit loading, quantise-and-save and the model's identity record.
+Follows seed 001 §2.1.1: the base is loaded with bitsandbytes NF4, double quantisation and bf16
+compute, saved once with `save_pretrained`, and the saved 4-bit directory is what later runs load (no
+re-quantisation: the packed 4-bit weights and their scales are read back as they were written).
+
+Every load records the model's identity (resolved directory and a SHA-256 of its weight files), so a
+silent substitution, such as the pre-quantised model unsloth swaps in, shows in the run record.
+
+Only local directories are read: weights from safetensors, never pickles, and no remote code unless
+asked for. A hub name fails at once with how to download it (with `HF_TOKEN` or `token=` for a gated
+model); nothing here contacts a hub, so nothing can hang on one, and a token is never printed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from reference.errors import InputError
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "8bit", "nf4")
 
 
 def require_model_dir(path: str | Path) -> Path:
-    """A local model directory with a config.json, or a clear error naming it."""
+    """A local model directory with a config.json, or a clear error naming it and how to get it."""
     directory = Path(path)
     if not directory.is_dir():
-        raise InputError(f"model {path!s}: not a local directory (no model hub is used; download the model first)")
+        token = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
+        raise InputError(
+            f"model {path!s}: not a local directory. Models are read from local directories only; download it "
+            f"first, e.g. `hf download {path!s} --local-dir DIR`. A gated or private model needs an access "
+            f"token: set HF_TOKEN or pass token=... to the download (`use_auth_token` is deprecated); "
+            f"{token}.")
     if not (directory / "config.json").is_file():
         raise InputError(f"model {path!s}: no config.json in the directory")
     return directory
 
 
-def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
-    """AutoModelForCausalLM from a local directory, weights from safetensors only."""
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What was loaded: enough to notice that a different model stood behind the same name."""
+
+    path: str
+    """The directory, resolved (symlinks followed)."""
+    weights_sha256: str
+    """SHA-256 over the weight files' names and contents, in name order."""
+    files: dict
+    """Weight file name -> its own SHA-256."""
+    quantization: str
+    """none, 8bit or nf4 as loaded (a saved 4-bit directory reads as nf4)."""
+
+
+def weight_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"model {directory}: no *.safetensors weight files (pickled weights are not loaded)")
+    return files
+
+
+def identity(path: str | Path, quantization: str = "none") -> ModelIdentity:
+    directory = require_model_dir(path).resolve()
+    total, files = hashlib.sha256(), {}
+    for file in weight_files(directory):
+        with open(file, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        files[file.name] = digest
+        total.update(f"{file.name}\0{digest}\n".encode())
+    return ModelIdentity(str(directory), total.hexdigest(), files, quantization)
+
+
+def saved_quantization(directory: Path) -> str | None:
+    """The quantisation a saved directory already carries (its config's quantization_config), if any."""
+    import json
+
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    settings = config.get("quantization_config")
+    if not settings:
+        return None
+    return "nf4" if settings.get("load_in_4bit") else "8bit" if settings.get("load_in_8bit") else settings.get("quant_method")
+
+
+def bnb_config(quantization: str, section: dict | None = None):
+    """BitsAndBytesConfig: nf4 with the recipe's [quantization] (seed: double quant, bf16 compute), or 8-bit."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    section = dict(section or {})
+    compute = section.pop("bnb_4bit_compute_dtype", "bfloat16")
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, **section}
+    return BitsAndBytesConfig(**settings, bnb_4bit_compute_dtype=getattr(torch, compute))
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", quantization: str = "none", quantization_section=None,
+                   trust_remote_code: bool = False, model_class=None):
+    """A model from a local directory, weights from safetensors only; returns (model, identity).
+
+    `quantization` is none, 8bit or nf4; a directory saved already quantised loads as saved."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if quantization not in QUANTIZATIONS:
+        raise InputError(f"quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     directory = require_model_dir(path)
+    saved = saved_quantization(directory)
+    extra = {}
+    if saved is None and quantization != "none":
+        extra["quantization_config"] = bnb_config(quantization, quantization_section)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(directory),
-            dtype=getattr(torch, dtype),
-            local_files_only=True,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        )
+        model = (model_class or AutoModelForCausalLM).from_pretrained(
+            str(directory), dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True,
+            trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as error:
         raise InputError(f"model {path!s}: cannot be loaded: {error}") from None
+    return model, identity(directory, saved or quantization)
+
+
+def quantize_and_save(path: str | Path, output: str | Path, quantization: str = "nf4", quantization_section=None) -> ModelIdentity:
+    """Load once with bitsandbytes, save the quantised weights (safetensors) and the tokenizer beside them."""
+    from transformers import AutoTokenizer
+
+    if quantization == "none":
+        raise InputError("quantize: choose --bits 4 (nf4) or 8")
+    directory = require_model_dir(path)
+    if saved_quantization(directory):
+        raise InputError(f"model {path!s} is already quantised ({saved_quantization(directory)}); nothing to do")
+    model, _ = load_causal_lm(directory, dtype="bfloat16", quantization=quantization, quantization_section=quantization_section)
+    target = Path(output)
+    model.save_pretrained(target, safe_serialization=True)
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(str(directory), local_files_only=True).save_pretrained(target)
+    return identity(target, quantization)
+
+
+def weight_bytes(model) -> int:
+    """Bytes the model's weights take as loaded: parameters and buffers at their stored size, plus the
+    quantisation constants bitsandbytes keeps beside packed weights (NF4 absmax, nested or not; int8 SCB)."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(tensor) -> None:
+        nonlocal total
+        if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        add(tensor)
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:  # NF4: absmax (quantised again under double quantisation) and its own state
+            add(state.absmax)
+            add(getattr(state, "offset", None))
+            state = getattr(state, "state2", None)
+        add(getattr(tensor, "SCB", None))
+    return total

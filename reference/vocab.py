@@ -102,7 +102,7 @@ def add_special_tokens(model_dir: str, tokens: list[str], output_dir: str) -> di
         if not token or token != token.strip():
             raise InputError(f"--tokens: {token!r} is empty or has surrounding whitespace")
     tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir)
+    model, _ = load_causal_lm(model_dir)
     report = register_tokens(tokenizer, model, tokens)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
