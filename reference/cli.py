@@ -176,6 +176,28 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from reference import recipes, train
+
+    recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
+    record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns))
+    last = record.steps[-1] if record.steps else {}
+    print(json.dumps({"output": record.output, "manifest": str(Path(record.output) / train.MANIFEST),
+                      "steps": len(record.steps), "first_loss": record.steps[0]["loss"] if record.steps else None,
+                      "last_loss": last.get("loss"), "steady_tokens_per_second": record.steady_tokens_per_second,
+                      "trainable_parameters": record.trainable_parameters}, indent=2))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from reference import models
+
+    identity = models.quantize_and_save(args.model, args.output, {4: "nf4", 8: "8bit"}[args.bits])
+    print(json.dumps({"output": identity.path, "quantization": identity.quantization,
+                      "weights_sha256": identity.weights_sha256}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftref", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -222,6 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes to use (default: one per available core)")
     p.add_argument("--json", action="store_true", help="print counts and the character table as JSON")
     p.set_defaults(func=cmd_filter)
+
+    p = sub.add_parser("train", help="LoRA/QLoRA supervised fine-tuning with a recipe (claims P1, P3, C11-C16, L2)")
+    p.add_argument("--recipe", required=True, help="recipe name (primer, llm2024) or a TOML file")
+    p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
+    p.add_argument("--data", required=True, help="records: JSONL/JSON/CSV/Parquet or a saved dataset folder")
+    p.add_argument("--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json")
+    p.add_argument("--columns", default=None, help="column map, e.g. instruction=input,response=output (default: "
+                                                   "magpie conversations or instruction/response)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides: a TrainingArguments name, or section.key (lora.r=16, sft.max_seq_length=512)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quantize", help="quantise a local model once and save it (claim C1)")
+    p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
+    p.add_argument("--output", required=True, help="directory for the quantised model and tokenizer")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4: NF4 with double quantisation, bf16 compute "
+                                                                        "(seed 001); 8: LLM.int8 (default 4)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("recipe", help="show a named recipe, or its fully resolved settings (claims P7, P12, C13, C17, C22)")
     p.add_argument("name", help="recipe name (primer, llm2024) or a TOML file")

@@ -140,8 +140,9 @@ def quantize_and_save(path: str | Path, output: str | Path, quantization: str = 
 
 
 def weight_bytes(model) -> int:
-    """Bytes the model's weights take as loaded: parameters and buffers at their stored size, plus the
-    quantisation constants bitsandbytes keeps beside packed weights (NF4 absmax, nested or not; int8 SCB)."""
+    """Bytes the model's weights take as loaded: parameters at their stored size plus the quantisation
+    constants bitsandbytes keeps beside packed weights (NF4 absmax, nested or not; int8 SCB). Buffers
+    (rotary frequencies, Gemma's embedding normaliser) are not weights and are left out."""
     import torch
 
     seen, total = set(), 0
@@ -152,7 +153,7 @@ def weight_bytes(model) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
 
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in model.parameters():
         add(tensor)
         state = getattr(tensor, "quant_state", None)
         while state is not None:  # NF4: absmax (quantised again under double quantisation) and its own state

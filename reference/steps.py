@@ -214,3 +214,16 @@ def format_table(s: StepSettings, p: StepPlan) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def settings_from_training_arguments(args, records: int, batch_size: int | None = None) -> StepSettings:
+    """The StepSettings a real TrainingArguments implies (batch_size: the one actually used, e.g. after
+    auto_find_batch_size halved it)."""
+    strategy = lambda value: getattr(value, "value", value)  # noqa: E731 - IntervalStrategy or str
+    return StepSettings(
+        records=records, batch_size=batch_size or args.per_device_train_batch_size,
+        grad_accum=args.gradient_accumulation_steps, epochs=args.num_train_epochs, max_steps=args.max_steps,
+        world_size=args.world_size, warmup=args.warmup_steps,
+        save_strategy=strategy(args.save_strategy), save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        logging_strategy=strategy(args.logging_strategy), logging_steps=args.logging_steps,
+        logging_first_step=args.logging_first_step, drop_last=args.dataloader_drop_last)

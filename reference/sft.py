@@ -1,0 +1,93 @@
+"""Supervised fine-tuning data: records to token ids and labels, padding, and what NEFTune adds.
+
+Follows seed 001 §2.2.2 (alpaca_prompt_jp, EOS after a non-empty response, max_seq_length 2048, no
+packing) and the primer's base/instruct distinction (seed 004):
+
+* ``loss_on="response"`` (instruction tuning): every token of the prompt carries label -100, so the
+  loss is the cross-entropy over the response tokens alone:  L = -(1/|R|) sum_{t in R} log p(x_t | x_<t).
+* ``loss_on="all"`` (base-model training, and what the seed's SFTTrainer with a text field does):
+  every token after the first is a target.
+
+The text is tokenized once, whole, exactly as it is trained on (so no merge differs from the seed's);
+which tokens belong to the prompt is read off the tokenizer's character offsets: a token is a target
+when it starts at or after the response's first character. Exactly one BOS starts every sequence
+(reference.formats.encode_prompt); sequences longer than max_seq_length are cut at the end.
+
+NEFTune (C14) is the Trainer's own `neftune_noise_alpha`: in training mode it adds uniform noise
+U(-1, 1) x alpha / sqrt(L x d) to the input embeddings (L tokens, d hidden size); evaluation and
+generation see the embeddings unchanged. `neftune_bound` states that magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+
+from reference.errors import InputError
+from reference.formats import ALPACA_PROMPT_JP, FORMATS, render
+
+IGNORE_INDEX = -100
+LOSS_ON = ("response", "all")
+
+
+def prompt_and_text(fmt: str, instruction: str, response: str, eos_token: str | None, bos_token: str | None = None) -> tuple[str, str]:
+    """(the prompt alone, the whole training text) in the record's format.
+
+    alpaca-ja: the seed's text, EOS appended only after a non-empty response. Chat formats: the
+    template's user turn plus the generation prompt, then the assistant turn as the template ends it
+    (its end-of-turn token closes the response)."""
+    if fmt == "alpaca-ja":
+        prompt = ALPACA_PROMPT_JP.format(instruction, "")
+        return prompt, render(fmt, [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
+                              eos_token=eos_token)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    user = [{"role": "user", "content": instruction}]
+    prompt = render(fmt, user, add_generation_prompt=True, bos_token=bos_token)
+    return prompt, render(fmt, user + [{"role": "assistant", "content": response}], bos_token=bos_token)
+
+
+def encode_record(tokenizer, fmt: str, instruction: str, response: str, max_seq_length: int,
+                  loss_on: str = "response") -> dict[str, list[int]]:
+    """input_ids, attention_mask and labels of one record (see the module docstring)."""
+    if loss_on not in LOSS_ON:
+        raise InputError(f"loss_on {loss_on!r}: choose one of {', '.join(LOSS_ON)}")
+    prompt, text = prompt_and_text(fmt, instruction, response, tokenizer.eos_token, tokenizer.bos_token)
+    if not text.startswith(prompt):
+        raise InputError(f"format {fmt}: the prompt is not a prefix of the training text")
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):  # one BOS, as reference.formats.encode_prompt
+        ids, offsets = [bos, *ids], [(0, 0), *offsets]
+    if loss_on == "all":
+        labels = list(ids)
+        labels[0] = IGNORE_INDEX  # nothing predicts the first token
+    else:
+        labels = [token if start >= len(prompt) and end > start else IGNORE_INDEX
+                  for token, (start, end) in zip(ids, offsets, strict=True)]
+    ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+class Collator:
+    """Right-pads a list of encoded records into tensors; padding is masked out and never a target."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            pad = width - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def neftune_bound(alpha: float, length: int, hidden: int) -> float:
+    """The largest change NEFTune makes to one embedding value: alpha / sqrt(L x d)."""
+    return alpha / math.sqrt(length * hidden)

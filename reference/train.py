@@ -1,0 +1,235 @@
+"""One supervised fine-tuning run: a recipe, a local model and a data file in; adapter, tokenizer and a
+run record out. The pieces are the real ones: a `transformers.Trainer`, peft LoRA on a bf16, 8-bit or
+NF4 base (bitsandbytes), the recipe's optimizer (`adamw_8bit` runs on the CPU too) and schedule.
+
+What a run does, in order (seed 001 §2.2.2 for the llm2024 recipe):
+1. resolve the recipe (overrides applied, arguments mapped onto the installed transformers: P12);
+2. read the records and encode them (reference.sft: the recipe's format, labels, max_seq_length);
+3. load the base (quantised as the recipe says), attach a fresh LoRA adapter (none: full fine-tuning);
+4. train with `use_cache` off (gradient checkpointing), then turn it back on for generation (C15);
+5. save adapter and tokenizer to the output directory, which reloads (C16), and `manifest.json`:
+   resolved settings, versions, data and model hashes, the step plan, per-step loss and tokens/s (X2).
+
+Progress is one line per optimizer step with tokens/s; the first step (allocation, warm-up) is reported
+apart and left out of the steady rate (L2). With `auto_find_batch_size` the Trainer shrinks the batch
+after an out-of-memory error and starts again (accelerate 1.x multiplies it by 0.9, rounding down; the
+accelerate of the seed's day halved it); the run logs each retry and recomputes the step plan (C13).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from reference.errors import InputError
+
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+
+
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file, or of a folder's files (names and contents, in name order)."""
+    source = Path(path)
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    total = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        total.update(f"{file.relative_to(source) if source.is_dir() else file.name}\0{digest}\n".encode())
+    return total.hexdigest()
+
+
+def quantization_of(recipe) -> str:
+    q = recipe.quantization
+    return "nf4" if q.get("load_in_4bit") else "8bit" if q.get("load_in_8bit") else "none"
+
+
+def parse_columns(text: str | None) -> dict | None:
+    """`instruction=input,response=output` -> {"instruction": "input", "response": "output"}."""
+    if not text:
+        return None
+    pairs = [item.partition("=") for item in text.split(",")]
+    columns = {k.strip(): v.strip() for k, sep, v in pairs if sep}
+    if set(columns) != {"instruction", "response"} or len(pairs) != 2:
+        raise InputError(f"--columns {text!r}: expected instruction=COLUMN,response=COLUMN")
+    return columns
+
+
+@dataclass
+class StepRecord:
+    step: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+
+
+@dataclass
+class RunRecord:
+    """What `manifest.json` holds (see the module docstring)."""
+
+    settings: dict
+    data: dict
+    model: dict
+    trainable_parameters: int
+    all_parameters: int
+    weight_bytes: int
+    step_plan: dict
+    batch_size_attempts: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    warmup_step_seconds: float | None = None
+    steady_tokens_per_second: float | None = None
+    train_seconds: float | None = None
+    use_cache: dict = field(default_factory=dict)
+    output: str = ""
+
+
+def _trainer_classes():
+    """A Trainer that keeps each optimizer step's loss and token count, and the callback that reports them."""
+    from transformers import Trainer, TrainerCallback
+
+    class RecordingTrainer(Trainer):
+        window_loss = 0.0
+        window_tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.window_loss += float(loss)  # already scaled by the accumulation window: the sum is the step's loss
+            self.window_tokens += int(inputs["attention_mask"].sum())
+            return loss
+
+    class Reporter(TrainerCallback):
+        def __init__(self, run: RunRecord, records: int, say):
+            self.run, self.records, self.say = run, records, say
+            self.trainer = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from reference import steps
+
+            batch = state.train_batch_size or args.per_device_train_batch_size
+            attempts = self.run.batch_size_attempts
+            if attempts and attempts[-1] != batch:
+                self.say(f"out of memory at batch size {attempts[-1]}: auto_find_batch_size retries with {batch}")
+            attempts.append(batch)
+            plan = steps.plan(steps.settings_from_training_arguments(args, self.records, batch))
+            self.run.step_plan = plan.to_dict()
+            self.run.steps.clear()
+            self.say(f"step plan: batch {batch} x accumulation {args.gradient_accumulation_steps} x {args.world_size} "
+                     f"process(es) = {plan.effective_batch_size} records per step; {plan.total_optimizer_steps} steps "
+                     f"over {plan.epochs_run} epoch(s), warmup {plan.warmup_steps}")
+            self.run.use_cache["during_training"] = getattr(model.config, "use_cache", None) if model is not None else None
+            self.started = self.last = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.learning_rate = self.trainer.lr_scheduler.get_last_lr()[0]  # the rate this step's update uses
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            trainer = self.trainer
+            seconds, tokens = now - self.last, trainer.window_tokens
+            record = StepRecord(step=state.global_step, epoch=round(state.epoch or 0.0, 4), loss=trainer.window_loss,
+                                learning_rate=self.learning_rate, tokens=tokens, seconds=seconds,
+                                tokens_per_second=tokens / seconds if seconds > 0 else 0.0)
+            trainer.window_loss, trainer.window_tokens, self.last = 0.0, 0, now
+            self.run.steps.append(asdict(record))
+            total = self.run.step_plan["total_optimizer_steps"]
+            epochs = self.run.step_plan["epochs_run"]
+            where = f"epoch {min(int(state.epoch - 1e-9) + 1, epochs)}/{epochs} step {state.global_step}/{total}"
+            if state.global_step == 1:
+                self.run.warmup_step_seconds = seconds
+                self.say(f"{where} loss {record.loss:.4f} - first step {seconds:.2f} s (warm-up, not in the steady rate)")
+            else:
+                steady = self.run.steps[1:]
+                rate = sum(s["tokens"] for s in steady) / max(sum(s["seconds"] for s in steady), 1e-9)
+                self.run.steady_tokens_per_second = rate
+                self.say(f"{where} loss {record.loss:.4f} lr {record.learning_rate:.3g} "
+                         f"{record.tokens_per_second:,.0f} tok/s (steady {rate:,.0f} tok/s)")
+
+    return RecordingTrainer, Reporter
+
+
+def stderr_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict | None = None, say=stderr_line,
+        callbacks=(), before_train=None) -> RunRecord:
+    """Train as the recipe says and save; returns the run record also written to output/manifest.json.
+
+    `before_train(trainer)` is called once the Trainer is built (tests use it to observe the run)."""
+    from reference import data, lora, models, recipes, sft
+
+    directory = models.require_model_dir(model_dir)  # first: a wrong model fails before any work
+    mapping = recipes.map_training_arguments(recipe, str(Path(output_dir) / CHECKPOINTS))
+    settings = recipes.resolved_settings(recipe, str(Path(output_dir) / CHECKPOINTS))
+    loss_on = recipe.sft.get("loss_on", "response")
+    max_seq_length = int(recipe.sft.get("max_seq_length", 2048))
+    table = data.load_records(data_path, columns)
+    if len(table) == 0:
+        raise InputError(f"{data_path}: no records to train on")
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = [sft.encode_record(tokenizer, recipe.format, row["instruction"], row["response"], max_seq_length, loss_on)
+               for row in table]
+
+    kwargs = mapping.kwargs
+    checkpointing = bool(recipe.sft.get("gradient_checkpointing") or kwargs.get("activation_checkpointing"))
+    dtype = "bfloat16" if kwargs.get("bf16") else "float32"
+    quantization = quantization_of(recipe)
+    model, identity = models.load_causal_lm(directory, dtype=dtype, quantization=quantization,
+                                            quantization_section={k: v for k, v in recipe.quantization.items()
+                                                                  if k.startswith("bnb_4bit")})
+    weight_bytes = models.weight_bytes(model)
+    if recipe.lora:
+        model = lora.attach(model, recipe.lora, gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.activation_checkpointing_enable()
+    model.config.use_cache = False  # C15: the cache is useless (and wasteful) while checkpointing a training pass
+    trainable, total = lora.count_trainable(model)
+
+    record = RunRecord(
+        settings=settings, model=asdict(identity), trainable_parameters=trainable, all_parameters=total,
+        weight_bytes=weight_bytes, step_plan={},
+        data={"path": str(Path(data_path).resolve()), "sha256": sha256_of(data_path), "records": len(table),
+              "tokens": sum(len(e["input_ids"]) for e in encoded), "loss_on": loss_on,
+              "max_seq_length": max_seq_length, "format": recipe.format},
+        output=str(Path(output_dir).resolve()))
+    RecordingTrainer, Reporter = _trainer_classes()
+    reporter = Reporter(record, len(encoded), say)
+    from transformers import PrinterCallback, TrainingArguments
+
+    args = TrainingArguments(**{**kwargs, "remove_unused_columns": False, "activation_checkpointing": checkpointing,
+                                "disable_tqdm": True})  # one line per step instead (Reporter)
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=encoded, data_collator=sft.Collator(tokenizer.pad_token_id),
+                               callbacks=[reporter, *callbacks])
+    reporter.trainer = trainer
+    trainer.remove_callback(PrinterCallback)  # our per-step lines replace its dict dumps
+    if before_train is not None:
+        before_train(trainer)
+    say(f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
+        f"base {quantization} ({identity.path})")
+    started = time.perf_counter()
+    trainer.train()
+    record.train_seconds = time.perf_counter() - started
+    if checkpointing:
+        model.activation_checkpointing_disable()  # generation cannot use a cache while checkpointing
+    model.eval()
+    model.config.use_cache = True  # C15: on again for generation
+    record.use_cache["after_training"] = model.config.use_cache
+
+    out = Path(output_dir)
+    trainer.model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / MANIFEST).write_text(json.dumps(asdict(record), ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
+    say(f"saved {'adapter' if recipe.lora else 'model'}, tokenizer and {MANIFEST} to {out}")
+    return record
