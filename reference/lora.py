@@ -60,9 +60,10 @@ def attach(model, section: dict, gradient_checkpointing: bool = False):
     with warnings.catch_warnings():  # peft still calls transformers' deprecated *gradient_checkpointing* names
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
         elif gradient_checkpointing:
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable({"use_reentrant": False})
             model.enable_input_require_grads()
         if "random_state" in section:
             torch.manual_seed(section["random_state"])
