@@ -186,9 +186,17 @@ def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict |
     checkpointing = bool(recipe.sft.get("gradient_checkpointing") or kwargs.get("activation_checkpointing"))
     dtype = "bfloat16" if kwargs.get("bf16") else "float32"
     quantization = quantization_of(recipe)
+    from transformers import PrinterCallback, TrainingArguments
+
+    try:
+        args = TrainingArguments(**{**kwargs, "remove_unused_columns": False, "activation_checkpointing": checkpointing,
+                                    "disable_tqdm": True})  # one line per step instead (Reporter)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"recipe {recipe.name!r}: TrainingArguments rejected the settings: {error}") from None
     model, identity = models.load_causal_lm(directory, dtype=dtype, quantization=quantization,
                                             quantization_section={k: v for k, v in recipe.quantization.items()
-                                                                  if k.startswith("bnb_4bit")})
+                                                                  if k.startswith("bnb_4bit")},
+                                            device=str(args.device))  # packed where it trains (a 4-bit model cannot move)
     weight_bytes = models.weight_bytes(model)
     if recipe.lora:
         model = lora.attach(model, recipe.lora, gradient_checkpointing=checkpointing)
@@ -206,10 +214,6 @@ def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict |
         output=str(Path(output_dir).resolve()))
     RecordingTrainer, Reporter = _trainer_classes()
     reporter = Reporter(record, len(encoded), say)
-    from transformers import PrinterCallback, TrainingArguments
-
-    args = TrainingArguments(**{**kwargs, "remove_unused_columns": False, "activation_checkpointing": checkpointing,
-                                "disable_tqdm": True})  # one line per step instead (Reporter)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=encoded, data_collator=sft.Collator(tokenizer.pad_token_id),
                                callbacks=[reporter, *callbacks])
     reporter.trainer = trainer

@@ -153,6 +153,7 @@ def test_the_manifest_holds_settings_versions_hashes_the_step_plan_and_per_step_
     logged = [h["loss"] for h in observed.trainer.state.log_history if "loss" in h]
     assert [round(s["loss"], 4) for s in manifest["steps"]] == [round(x, 4) for x in logged]  # the Trainer's own figures
     assert sorted(p.name for p in (output / train.CHECKPOINTS).iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert (output / train.CHECKPOINTS / "checkpoint-2" / "adapter_model.safetensors").is_file()  # weights as safetensors
 
 
 @pytest.mark.claim("C13")
@@ -200,6 +201,20 @@ def test_lora_trains_on_a_bf16_and_an_int8_base_too(tmp_path, fixtures_dir, quan
     from reference import memory
 
     assert record.weight_bytes == memory.weight_memory(memory.parameters(config), "int8" if quantization else "bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.claim("D1", "C15", "C16")
+def test_qlora_training_on_cuda_packs_the_base_on_the_gpu_and_trains_the_adapter(tmp_path, fixtures_dir):
+    observed = Observed()
+    recipe = apply_overrides(load_recipe("llm2024"), SHORT)
+    record = run_recipe(recipe, fixtures_dir / "models" / "tiny-gemma2", fixtures_dir / "data" / "qa111_sample.jsonl",
+                        tmp_path, observed)
+    assert_trained(record, observed)
+    layer = observed.trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert layer.weight.device.type == "cuda" and layer.weight.dtype == torch.uint8
+    assert record.use_cache == {"during_training": False, "after_training": True}
+    assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
