@@ -180,13 +180,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     from reference import recipes, train
 
     recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
-    record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns))
+    record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns),
+                       resume=args.resume)
+    _print_run(record)
+    return 0
+
+
+def cmd_continue(args: argparse.Namespace) -> int:
+    """Seed 000's two routes: keep training the saved adapter, or merge it and train a new one on top."""
+    from reference import lora, recipes, train
+
+    recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
+    if args.mode == "adapter":
+        record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns),
+                           adapter=args.adapter, resume=args.resume)
+    else:
+        merged = Path(args.output) / "merged-base"
+        lora.merge(args.model, args.adapter, merged, quantization=train.quantization_of(recipe))
+        print(f"merged {args.adapter} into {args.model} -> {merged}; training a new adapter on it", file=sys.stderr)
+        record = train.run(recipe, str(merged), args.data, args.output, columns=train.parse_columns(args.columns),
+                           resume=args.resume)
+    _print_run(record)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from reference import lora
+
+    print(json.dumps(lora.merge(args.model, args.adapter, args.output, quantization=args.quantization), indent=2))
+    return 0
+
+
+def _print_run(record) -> None:
+    from reference import train
+
     last = record.steps[-1] if record.steps else {}
     print(json.dumps({"output": record.output, "manifest": str(Path(record.output) / train.MANIFEST),
                       "steps": len(record.steps), "first_loss": record.steps[0]["loss"] if record.steps else None,
                       "last_loss": last.get("loss"), "steady_tokens_per_second": record.steady_tokens_per_second,
-                      "trainable_parameters": record.trainable_parameters}, indent=2))
-    return 0
+                      "trainable_parameters": record.trainable_parameters, "adapter": record.adapter,
+                      "resumed_from": record.resumed_from}, indent=2))
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -196,6 +229,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(json.dumps({"output": identity.path, "quantization": identity.quantization,
                       "weights_sha256": identity.weights_sha256}, indent=2))
     return 0
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    """What every training command takes besides its model: data, output, columns, resume, overrides."""
+    p.add_argument("--data", required=True, help="records: JSONL/JSON/CSV/Parquet or a saved dataset folder")
+    p.add_argument("--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json")
+    p.add_argument("--columns", default=None, help="column map, e.g. instruction=input,response=output (default: "
+                                                   "magpie conversations or instruction/response)")
+    p.add_argument("--resume", action="store_true", help="carry on from the newest complete checkpoint in OUTPUT/checkpoints")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides: a TrainingArguments name, or section.key (lora.r=16, sft.max_seq_length=512)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,13 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA/QLoRA supervised fine-tuning with a recipe (claims P1, P3, C11-C16, L2)")
     p.add_argument("--recipe", required=True, help="recipe name (primer, llm2024) or a TOML file")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
-    p.add_argument("--data", required=True, help="records: JSONL/JSON/CSV/Parquet or a saved dataset folder")
-    p.add_argument("--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json")
-    p.add_argument("--columns", default=None, help="column map, e.g. instruction=input,response=output (default: "
-                                                   "magpie conversations or instruction/response)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="recipe overrides: a TrainingArguments name, or section.key (lora.r=16, sft.max_seq_length=512)")
+    _run_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("continue", help="train further from a saved LoRA adapter (claims A1-A3)")
+    p.add_argument("--recipe", default="llm2024", help="recipe name or TOML file (default llm2024)")
+    p.add_argument("--model", required=True, help="the base model directory the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="the saved adapter directory")
+    p.add_argument("--mode", choices=["adapter", "merge"], default="adapter",
+                   help="adapter: keep training the same adapter (trainable); merge: fold it into the base, then "
+                        "train a fresh adapter (default adapter)")
+    _run_arguments(p)
+    p.set_defaults(func=cmd_continue)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base and save the merged model (claim A3)")
+    p.add_argument("--model", required=True, help="the base model directory")
+    p.add_argument("--adapter", required=True, help="the saved adapter directory")
+    p.add_argument("--output", required=True, help="directory for the merged bf16 model and tokenizer")
+    p.add_argument("--quantization", choices=["none", "nf4"], default="none",
+                   help="how the base was loaded when the adapter was trained; nf4 dequantises that base before "
+                        "merging (default none; a base saved 4-bit is always dequantised)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("quantize", help="quantise a local model once and save it (claim C1)")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 from reference.shapes import projection_shapes
 
@@ -60,8 +61,7 @@ def attach(model, section: dict, gradient_checkpointing: bool = False):
     with warnings.catch_warnings():  # peft still calls transformers' deprecated *gradient_checkpointing* names
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = prepare_quantized(model, gradient_checkpointing)
         elif gradient_checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
             model.enable_input_require_grads()
@@ -70,7 +70,94 @@ def attach(model, section: dict, gradient_checkpointing: bool = False):
         return peft.get_peft_model(model, lora_config(section))
 
 
+def prepare_quantized(model, gradient_checkpointing: bool):
+    """peft's preparation of a k-bit base for training: norms and embeddings in fp32, input gradients on."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+        return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def require_trainable(model) -> int:
+    """The number of trainable weights, or an error when there are none: a saved adapter loaded with
+    peft's default is_trainable=False is frozen, and "training" it changes nothing (seed 000's trap)."""
+    from reference.errors import InputError
+
+    trainable, _ = count_trainable(model)
+    if trainable == 0:
+        raise InputError("no weight is trainable: an adapter loaded with peft's default is_trainable=False is frozen, "
+                         "and training it changes nothing (load it with is_trainable=True)")
+    return trainable
+
+
 def count_trainable(model) -> tuple[int, int]:
     """(trainable, all) parameters as the model holds them (packed 4-bit weights count as stored)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
+    """A saved adapter on `model`, its weights trainable (peft's default, is_trainable=False, freezes them:
+    the mistake behind "it only learned the new data", seed 000). A mismatch is an error naming both."""
+    import peft
+
+    from reference.errors import InputError
+
+    directory = Path(adapter_dir)
+    if not (directory / "adapter_config.json").is_file():
+        raise InputError(f"adapter {adapter_dir}: no adapter_config.json (not a saved peft adapter)")
+    check_recorded_base(directory, model.config.to_dict())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+            warnings.filterwarnings("error", message=".*missing adapter keys.*")
+            return peft.PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError, UserWarning) as error:
+        base = getattr(model.config, "_name_or_path", "the base model")
+        raise InputError(f"adapter {adapter_dir} does not fit {base}: {str(error).splitlines()[0]}") from None
+
+
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def check_recorded_base(adapter_dir: Path, config: dict) -> None:
+    """peft can only see shapes; two architectures of the same sizes take each other's adapters
+    silently. So the base the adapter records (adapter_config's base_model_name_or_path), when that
+    directory is at hand, must be the same kind of model as the one it is loaded onto."""
+    import json
+
+    from reference.errors import InputError
+
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not recorded or not (Path(recorded) / "config.json").is_file():
+        return
+    theirs = json.loads((Path(recorded) / "config.json").read_text())
+    differ = [f"{k} {theirs.get(k)!r} vs {config.get(k)!r}" for k in SHAPE_KEYS if theirs.get(k) != config.get(k)]
+    if differ:
+        raise InputError(f"adapter {adapter_dir} does not fit this base: it was made for {recorded} ({'; '.join(differ)})")
+
+
+def merge(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path, quantization: str = "none") -> dict:
+    """Fold a trained adapter into its base and save the result: W = W0 + s B A, in bf16.
+
+    With `quantization="nf4"` (or a base saved 4-bit) the base is loaded as the adapter was trained on
+    it, in NF4, and dequantised to bf16 before the merge: the merged weights are then the very weights
+    the adapter saw, plus its update. Returns what was merged, for the run record."""
+    from transformers import AutoTokenizer
+
+    from reference import models
+
+    model, identity = models.load_causal_lm(base_dir, dtype="bfloat16", quantization=quantization)
+    if identity.quantization != "none":
+        model = model.dequantize()
+        model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
+    merged = load_adapter(model, adapter_dir, trainable=False).merge_and_unload()
+    target = Path(output_dir)
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer_dir = Path(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() else Path(base_dir)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(target)
+    return {"base": identity.path, "base_quantization": identity.quantization, "adapter": str(Path(adapter_dir).resolve()),
+            "merged": str(target.resolve())}

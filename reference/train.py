@@ -87,6 +87,10 @@ class RunRecord:
     steady_tokens_per_second: float | None = None
     train_seconds: float | None = None
     use_cache: dict = field(default_factory=dict)
+    adapter: dict = field(default_factory=dict)
+    """created (fresh), loaded (continued from a saved adapter) or none (full fine-tuning)."""
+    resumed_from: str | None = None
+    """The checkpoint the run carried on from, if any."""
     output: str = ""
 
 
@@ -158,82 +162,117 @@ def stderr_line(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict | None = None, say=stderr_line,
-        callbacks=(), before_train=None) -> RunRecord:
-    """Train as the recipe says and save; returns the run record also written to output/manifest.json.
+def encode_data(recipe, tokenizer, data_path: str, columns: dict | None) -> tuple[list[dict], dict]:
+    """The records encoded as the recipe says, and what the run record says about them."""
+    from reference import data, sft
 
-    `before_train(trainer)` is called once the Trainer is built (tests use it to observe the run)."""
-    from reference import data, lora, models, recipes, sft
-
-    directory = models.require_model_dir(model_dir)  # first: a wrong model fails before any work
-    mapping = recipes.map_training_arguments(recipe, str(Path(output_dir) / CHECKPOINTS))
-    settings = recipes.resolved_settings(recipe, str(Path(output_dir) / CHECKPOINTS))
     loss_on = recipe.sft.get("loss_on", "response")
     max_seq_length = int(recipe.sft.get("max_seq_length", 2048))
     table = data.load_records(data_path, columns)
     if len(table) == 0:
         raise InputError(f"{data_path}: no records to train on")
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     encoded = [sft.encode_record(tokenizer, recipe.format, row["instruction"], row["response"], max_seq_length, loss_on)
                for row in table]
+    return encoded, {"path": str(Path(data_path).resolve()), "sha256": sha256_of(data_path), "records": len(encoded),
+                     "tokens": sum(len(e["input_ids"]) for e in encoded), "loss_on": loss_on,
+                     "max_seq_length": max_seq_length, "format": recipe.format}
+
+
+def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dtype: str, adapter: str | None, say):
+    """The base as the recipe quantises it, with a fresh adapter, a saved one to continue (trainable),
+    or none (full fine-tuning). Returns (model, identity, weight bytes, what the adapter is)."""
+    from reference import lora, models
+
+    quantization = quantization_of(recipe)
+    model, identity = models.load_causal_lm(directory, dtype=dtype, quantization=quantization,
+                                            quantization_section={k: v for k, v in recipe.quantization.items()
+                                                                  if k.startswith("bnb_4bit")},
+                                            device=device)  # packed where it trains (a 4-bit model cannot move)
+    weight_bytes = models.weight_bytes(model)
+    if adapter is not None:
+        if quantization != "none":
+            model = lora.prepare_quantized(model, checkpointing)
+        elif checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = lora.load_adapter(model, adapter, trainable=True)
+        adapter_info = {"mode": "loaded", "path": str(Path(adapter).resolve()), "sha256": sha256_of(adapter)}
+        say(f"adapter loaded from {adapter} (trainable), not created")
+    elif recipe.lora:
+        model = lora.attach(model, recipe.lora, gradient_checkpointing=checkpointing)
+        adapter_info = {"mode": "created", "r": recipe.lora.get("r"), "lora_alpha": recipe.lora.get("lora_alpha")}
+    else:
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        adapter_info = {"mode": "none (full fine-tuning)"}
+    lora.require_trainable(model)
+    return model, identity, weight_bytes, adapter_info
+
+
+def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict | None = None, say=stderr_line,
+        callbacks=(), before_train=None, adapter: str | None = None, resume: bool = False) -> RunRecord:
+    """Train as the recipe says and save; returns the run record also written to output/manifest.json.
+
+    `adapter`: continue training that saved adapter (a new schedule from step 0). `resume`: carry on
+    from the newest complete checkpoint in output/checkpoints (optimizer, scheduler, RNG state and
+    step restored). `before_train(trainer)` is called once the Trainer is built (tests observe the run)."""
+    from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
+
+    from reference import checkpoints, lora, models, recipes, sft
+
+    directory = models.require_model_dir(model_dir)  # first: a wrong model fails before any work
+    checkpoint_dir = Path(output_dir) / CHECKPOINTS
+    resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
+    mapping = recipes.map_training_arguments(recipe, str(checkpoint_dir))
+    settings = recipes.resolved_settings(recipe, str(checkpoint_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file()
+                                                  else directory), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded, data_info = encode_data(recipe, tokenizer, data_path, columns)
 
     kwargs = mapping.kwargs
     checkpointing = bool(recipe.sft.get("gradient_checkpointing") or kwargs.get("activation_checkpointing"))
-    dtype = "bfloat16" if kwargs.get("bf16") else "float32"
-    quantization = quantization_of(recipe)
-    from transformers import PrinterCallback, TrainingArguments
-
     try:
         args = TrainingArguments(**{**kwargs, "remove_unused_columns": False, "activation_checkpointing": checkpointing,
                                     "disable_tqdm": True})  # one line per step instead (Reporter)
     except (ValueError, TypeError) as error:
         raise InputError(f"recipe {recipe.name!r}: TrainingArguments rejected the settings: {error}") from None
-    model, identity = models.load_causal_lm(directory, dtype=dtype, quantization=quantization,
-                                            quantization_section={k: v for k, v in recipe.quantization.items()
-                                                                  if k.startswith("bnb_4bit")},
-                                            device=str(args.device))  # packed where it trains (a 4-bit model cannot move)
-    weight_bytes = models.weight_bytes(model)
-    if recipe.lora:
-        model = lora.attach(model, recipe.lora, gradient_checkpointing=checkpointing)
-    elif checkpointing:
-        model.activation_checkpointing_enable()
+    model, identity, weight_bytes, adapter_info = prepare_model(
+        recipe, directory, str(args.device), checkpointing, "bfloat16" if kwargs.get("bf16") else "float32", adapter, say)
     model.config.use_cache = False  # C15: the cache is useless (and wasteful) while checkpointing a training pass
     trainable, total = lora.count_trainable(model)
 
-    record = RunRecord(
-        settings=settings, model=asdict(identity), trainable_parameters=trainable, all_parameters=total,
-        weight_bytes=weight_bytes, step_plan={},
-        data={"path": str(Path(data_path).resolve()), "sha256": sha256_of(data_path), "records": len(table),
-              "tokens": sum(len(e["input_ids"]) for e in encoded), "loss_on": loss_on,
-              "max_seq_length": max_seq_length, "format": recipe.format},
-        output=str(Path(output_dir).resolve()))
+    record = RunRecord(settings=settings, model=asdict(identity), trainable_parameters=trainable, all_parameters=total,
+                       weight_bytes=weight_bytes, step_plan={}, data=data_info, adapter=adapter_info,
+                       resumed_from=str(resume_from) if resume_from else None, output=str(Path(output_dir).resolve()))
     RecordingTrainer, Reporter = _trainer_classes()
     reporter = Reporter(record, len(encoded), say)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=encoded, data_collator=sft.Collator(tokenizer.pad_token_id),
-                               callbacks=[reporter, *callbacks])
+                               callbacks=[reporter, checkpoints.marker_callback(), *callbacks])
     reporter.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # our per-step lines replace its dict dumps
     if before_train is not None:
         before_train(trainer)
     say(f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
-        f"base {quantization} ({identity.path})")
+        f"base {identity.quantization} ({identity.path})" + (f", resuming from {resume_from.name}" if resume_from else ""))
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     record.train_seconds = time.perf_counter() - started
     if checkpointing:
         model.activation_checkpointing_disable()  # generation cannot use a cache while checkpointing
     model.eval()
     model.config.use_cache = True  # C15: on again for generation
     record.use_cache["after_training"] = model.config.use_cache
+    save(trainer, tokenizer, record, Path(output_dir), say)
+    return record
 
-    out = Path(output_dir)
+
+def save(trainer, tokenizer, record: RunRecord, out: Path, say) -> None:
+    """Adapter (or model) and tokenizer, reloadable (C16), and the run record; on the main process only."""
+    if not trainer.args.should_save:
+        return
     trainer.model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / MANIFEST).write_text(json.dumps(asdict(record), ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
-    say(f"saved {'adapter' if recipe.lora else 'model'}, tokenizer and {MANIFEST} to {out}")
-    return record
+    say(f"saved {'adapter' if record.adapter.get('mode') != 'none (full fine-tuning)' else 'model'}, tokenizer and {MANIFEST} to {out}")

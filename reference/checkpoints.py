@@ -1,0 +1,94 @@
+"""Checkpoints that are known to be whole: a run killed while writing one never resumes from it.
+
+The Trainer writes a checkpoint file by file (adapter, optimizer, scheduler, RNG states, trainer
+state) and nothing marks the end. So after the Trainer has written checkpoint-N, `CompletionMarker`
+writes `complete.json` into it: the SHA-256 of every file, put in place with an atomic rename. A
+checkpoint is complete when that marker exists and every file still has its hash; resuming takes the
+newest complete checkpoint and says which incomplete ones it skipped and why.
+
+Not handled: with `save_total_limit`, the Trainer deletes old checkpoints before this marker is written,
+so a kill in that instant can leave no complete checkpoint (keep at least two).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from reference.errors import InputError
+
+MARKER = "complete.json"
+PREFIX = "checkpoint-"
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    hashes = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")):
+        with open(path, "rb") as handle:
+            hashes[str(path.relative_to(directory))] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return hashes
+
+
+def mark_complete(directory: str | Path) -> None:
+    """Write the marker (hashes of every file) with an atomic rename, after the checkpoint is written."""
+    directory = Path(directory)
+    temporary = directory / (MARKER + ".tmp")
+    temporary.write_text(json.dumps({"files": file_hashes(directory)}, indent=1))
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, directory / MARKER)
+
+
+def why_incomplete(directory: str | Path) -> str | None:
+    """None when the checkpoint is whole; otherwise what is wrong with it."""
+    directory = Path(directory)
+    marker = directory / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} (the run stopped while writing it)"
+    try:
+        expected = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"{MARKER} is unreadable"
+    actual = file_hashes(directory)
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+        return f"missing {', '.join(missing)}"
+    changed = sorted(name for name in expected if actual[name] != expected[name])
+    return f"changed since written: {', '.join(changed)}" if changed else None
+
+
+def step_of(directory: Path) -> int:
+    try:
+        return int(directory.name[len(PREFIX):])
+    except ValueError:
+        return -1
+
+
+def last_complete(checkpoints: str | Path, say=print) -> Path:
+    """The newest complete checkpoint under `checkpoints`; incomplete newer ones are reported and skipped."""
+    folder = Path(checkpoints)
+    candidates = sorted((p for p in folder.glob(PREFIX + "*") if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True)
+    for candidate in candidates:
+        problem = why_incomplete(candidate)
+        if problem is None:
+            return candidate
+        say(f"skipping {candidate.name}: {problem}")
+    raise InputError(f"{folder}: no complete checkpoint to resume from")
+
+
+def marker_callback():
+    """A TrainerCallback that marks each checkpoint complete once the Trainer has written it."""
+    from transformers import TrainerCallback
+
+    class CompletionMarker(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every process has written its part (each saves its own RNG state)
+            if state.is_world_process_zero:
+                mark_complete(Path(args.output_dir) / f"{PREFIX}{state.global_step}")
+
+    return CompletionMarker()
