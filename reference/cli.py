@@ -212,8 +212,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _print_run(record) -> None:
+    import os
+
     from reference import train
 
+    if os.environ.get("RANK", "0") != "0":  # torchrun: one summary, from the main process
+        return
     last = record.steps[-1] if record.steps else {}
     print(json.dumps({"output": record.output, "manifest": str(Path(record.output) / train.MANIFEST),
                       "steps": len(record.steps), "first_loss": record.steps[0]["loss"] if record.steps else None,

@@ -91,6 +91,8 @@ class RunRecord:
     """created (fresh), loaded (continued from a saved adapter) or none (full fine-tuning)."""
     resumed_from: str | None = None
     """The checkpoint the run carried on from, if any."""
+    trainable_sha256_per_process: list = field(default_factory=list)
+    """Digest of the trained weights on each process (torchrun): all equal when data parallelism kept them in step."""
     output: str = ""
 
 
@@ -238,6 +240,8 @@ def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict |
                                     "disable_tqdm": True})  # one line per step instead (Reporter)
     except (ValueError, TypeError) as error:
         raise InputError(f"recipe {recipe.name!r}: TrainingArguments rejected the settings: {error}") from None
+    if args.process_index != 0:  # under torchrun the main process reports for all
+        say = lambda text: None  # noqa: E731
     model, identity, weight_bytes, adapter_info = prepare_model(
         recipe, directory, str(args.device), checkpointing, "bfloat16" if kwargs.get("bf16") else "float32", adapter, say)
     model.config.use_cache = False  # C15: the cache is useless (and wasteful) while checkpointing a training pass
@@ -264,8 +268,30 @@ def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict |
     model.eval()
     model.config.use_cache = True  # C15: on again for generation
     record.use_cache["after_training"] = model.config.use_cache
+    record.trainable_sha256_per_process = per_process(trainable_digest(model))
     save(trainer, tokenizer, record, Path(output_dir), say)
     return record
+
+
+def trainable_digest(model) -> str:
+    """SHA-256 over the trainable weights' names and bytes: equal digests mean equal weights."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def per_process(value) -> list:
+    """The value from every process of a torchrun job, in rank order ([value] when there is one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def save(trainer, tokenizer, record: RunRecord, out: Path, say) -> None:

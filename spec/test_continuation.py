@@ -200,3 +200,40 @@ def test_a_checkpoint_changed_after_it_was_written_is_not_complete(tmp_path):
     assert "changed" in checkpoints.why_incomplete(tmp_path)
     (tmp_path / "a.bin").unlink()
     assert "missing" in checkpoints.why_incomplete(tmp_path)
+
+
+@pytest.mark.claim("X3")
+def test_torchrun_with_two_processes_follows_the_world_size_step_plan_and_keeps_both_in_step(tmp_path, fixtures_dir):
+    """`torchrun --nproc_per_node 2` (DDP over gloo on the CPU) with the llm2024 recipe. By hand: 24 records,
+    batch 2 on each of 2 processes = 6 micro-batches per process, accumulation 2 -> 3 optimizer steps in the
+    epoch (a single process would take 6). Both processes end with the same adapter weights."""
+    from reference import steps
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "reference", "train", "--recipe", "llm2024",
+         "--model", str(fixtures_dir / "models" / "tiny-gemma2"), "--data", str(fixtures_dir / "data" / "qa111_sample.jsonl"),
+         "--columns", "instruction=input,response=output", "--output", str(tmp_path),
+         "num_train_epochs=1", "per_device_train_batch_size=2", "gradient_accumulation_steps=2", "warmup_steps=0",
+         "save_steps=100", "learning_rate=2e-3", "sft.max_seq_length=40"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / train.MANIFEST).read_text())
+    assert manifest["step_plan"]["world_size"] == 2 and manifest["step_plan"]["micro_batches_per_epoch"] == 6
+    assert manifest["step_plan"]["total_optimizer_steps"] == 3 == len(manifest["steps"])
+    assert steps.plan(steps.StepSettings(records=24, batch_size=2, grad_accum=2, epochs=1, world_size=2)).total_optimizer_steps == 3
+    digests = manifest["trainable_sha256_per_process"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert manifest["steps"][-1]["loss"] < manifest["steps"][0]["loss"]
+    assert result.stdout.count('"manifest"') == 1  # one summary, from the main process
+
+
+@pytest.mark.gpu
+@pytest.mark.claim("A6", "A1")
+def test_continuing_an_adapter_on_cuda_with_a_4bit_base(first_adapter, tmp_path, fixtures_dir):
+    """The continuation spec on the GPU: the NF4 base packed on CUDA, the saved adapter loaded trainable."""
+    observed = Observed()
+    record = run_recipe(apply_overrides(load_recipe("llm2024"), SHORT), fixtures_dir / "models" / "tiny-gemma2",
+                        fixtures_dir / "data" / "qa111_sample.jsonl", tmp_path, observed, adapter=str(first_adapter))
+    assert record.adapter["mode"] == "loaded" and record.model["quantization"] == "nf4"
+    layer = observed.trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert layer.weight.device.type == "cuda" and layer.weight.dtype == torch.uint8
+    assert_trained(record, observed)
