@@ -237,3 +237,21 @@ def test_continuing_an_adapter_on_cuda_with_a_4bit_base(first_adapter, tmp_path,
     layer = observed.trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert layer.weight.device.type == "cuda" and layer.weight.dtype == torch.uint8
     assert_trained(record, observed)
+
+
+@pytest.mark.claim("A3", "A1")
+def test_merge_and_continue_commands_work_and_name_a_missing_adapter(first_adapter, tmp_path, fixtures_dir):
+    model = str(fixtures_dir / "models" / "tiny-gemma2")
+    merged = subprocess.run([sys.executable, "-m", "reference", "merge", "--model", model, "--adapter", str(first_adapter),
+                             "--output", str(tmp_path / "merged"), "--quantization", "nf4"], capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads(merged.stdout)["base_quantization"] == "nf4" and (tmp_path / "merged" / "model.safetensors").is_file()
+    continued = subprocess.run([sys.executable, "-m", "reference", "continue", "--model", model, "--adapter", str(first_adapter),
+                                "--data", str(fixtures_dir / "data" / "qa111_sample.jsonl"), "--columns", "instruction=input,response=output",
+                                "--output", str(tmp_path / "more"), *SHORT], capture_output=True, text=True, timeout=300)
+    assert continued.returncode == 0, continued.stderr
+    assert json.loads(continued.stdout)["adapter"]["mode"] == "loaded"
+    missing = subprocess.run([sys.executable, "-m", "reference", "continue", "--model", model, "--adapter", str(tmp_path / "no-adapter"),
+                              "--data", str(fixtures_dir / "data" / "qa111_sample.jsonl"), "--columns", "instruction=input,response=output",
+                              "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "no-adapter" in missing.stderr and "Traceback" not in missing.stderr
