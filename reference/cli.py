@@ -211,6 +211,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from transformers import AutoTokenizer
+
+    from reference import dpo, lora, models
+    from reference.shapes import PROJECTIONS
+
+    pairs = dpo.read_pairs(args.data)
+    model, identity = models.load_causal_lm(args.model)
+    if args.adapter:
+        policy = lora.load_adapter(model, args.adapter, trainable=True)
+    else:
+        policy = lora.attach(model, {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": list(PROJECTIONS)})
+    tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model, local_files_only=True)
+    settings = dpo.DPOSettings(beta=args.beta, learning_rate=args.lr, steps=args.steps)
+    record = dpo.train(policy, tokenizer, pairs, settings, say=lambda text: print(text, file=sys.stderr))
+    out = Path(args.output)
+    policy.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    result = {**asdict(record), "model": asdict(identity), "pairs": len(pairs)}
+    (out / "dpo.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({"output": str(out), "losses": record.losses, "margins": record.margins}, indent=2))
+    return 0
+
+
 def _print_run(record) -> None:
     import os
 
@@ -317,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the base was loaded when the adapter was trained; nf4 dequantises that base before "
                         "merging (default none; a base saved 4-bit is always dequantised)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("dpo", help="DPO with a LoRA policy and the base as reference (claim D3)")
+    p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
+    p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected}")
+    p.add_argument("--output", required=True, help="directory for the adapter, tokenizer and dpo.json")
+    p.add_argument("--adapter", default=None, help="start from this saved adapter (e.g. the SFT one), loaded trainable")
+    p.add_argument("--beta", type=float, default=0.1, help="KL strength beta (default 0.1)")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps over all pairs (default 10)")
+    p.add_argument("--r", type=int, default=8, help="rank of a fresh adapter, alpha = 2r (default 8)")
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("quantize", help="quantise a local model once and save it (claim C1)")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")

@@ -1,0 +1,29 @@
+"""The FLOPs model behind the benchmarks' MFU (reference/flops.py), derived by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from reference import flops, lora
+from reference.shapes import PROJECTIONS, load_config
+
+
+@pytest.mark.claim("X4")
+def test_lora_training_flops_per_token_for_gemma_2_9b_at_2048_tokens():
+    """gemma-2-9b: hidden 3584, 42 layers, 16 heads of 256, 8 KV heads, MLP 14336, vocab 256000.
+    Per layer the projections hold 3584*4096 (q) + 2*3584*2048 (k, v) + 4096*3584 (o) + 3*3584*14336 (MLP)
+    = 14,680,064 * 3 + 154,140,672 = 198,180,864 weights; 42 layers = 8,323,596,288; plus the (tied) LM
+    head 256000*3584 = 917,504,000 -> N_matmul = 9,241,100,288. LoRA r=64 on all seven:
+    64 * (3584+4096 + 2*(3584+2048) + 4096+3584 + 3*(3584+14336)) * 42 = 216,072,192.
+    FLOPs/token = 4 N + 12 * 42 * 16 * 256 * 2048 + 6 N_lora = 36,964,401,152 + 4,227,858,432 + 1,296,433,152."""
+    config = load_config("gemma-2-9b")
+    n_lora = lora.trainable_parameters(config, 64, PROJECTIONS)
+    assert n_lora == 216_072_192
+    assert flops.matmul_parameters(config) == 9_241_100_288
+    assert flops.lora_training_flops_per_token(config, 2048, n_lora) == 36_964_401_152 + 4_227_858_432 + 1_296_433_152
+
+
+@pytest.mark.claim("X4")
+def test_the_peak_is_the_datasheet_for_known_gpus_and_measured_elsewhere():
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and flops.peak_flops("some CPU") is None
+    assert flops.measured_matmul_flops("cpu", "float32", 256, repeats=3) > 1e8  # a real product was timed
