@@ -211,6 +211,58 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_jsonl(path: str, needed: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file that each hold the `needed` text fields; a bad row is named."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read: {error}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise InputError(f"{path}, line {number}: not JSON ({error})") from None
+        missing = [k for k in needed if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if missing:
+            raise InputError(f"{path}, line {number}: needs text in {', '.join(missing)}")
+        rows.append(row)
+    return rows
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Seed 001 §2.3: retrieved few-shot prompts, then generation with the seed's settings."""
+    from reference import generation, lora, models, retrieval
+
+    tasks = _read_jsonl(args.tasks, ("input",))
+    shots = _read_jsonl(args.shots, ("input", "output"))
+    model, _ = models.load_causal_lm(args.model, dtype=args.dtype)
+    if args.adapter:
+        model = lora.load_adapter(model, args.adapter, trainable=False)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model, local_files_only=True)
+    pool = retrieval.ShotPool([(s["input"], s["output"]) for s in shots], retrieval.load_embedder(args.embedder))
+    prompts = []
+    for number, task in enumerate(tasks):
+        fitted = retrieval.fit(pool.top(task["input"], args.k), task["input"], tokenizer, args.window)
+        if fitted.dropped:
+            print(f"task {number}: prompt over {args.window} tokens; dropped the {fitted.dropped} least similar shots",
+                  file=sys.stderr)
+        prompts.append(fitted.prompt)
+    settings = generation.GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    bar = _progress(len(prompts), "generate")
+    outputs = generation.generate(model, tokenizer, prompts, settings, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    generation.write_outputs(args.output, outputs, [t.get("task_id", i) for i, t in enumerate(tasks)])
+    print(json.dumps({"output": args.output, "tasks": len(tasks), "settings": generation.settings_record(settings)},
+                     ensure_ascii=False, indent=2))
+    return 0
+
+
 def cmd_dpo(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -343,6 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the base was loaded when the adapter was trained; nf4 dequantises that base before "
                         "merging (default none; a base saved 4-bit is always dequantised)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="retrieved few-shot prompts and generation with the seed's settings (C18-C21)")
+    p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
+    p.add_argument("--adapter", default=None, help="a saved LoRA adapter to generate with")
+    p.add_argument("--tasks", required=True, help="JSONL with 'input' (and optionally 'task_id') per task")
+    p.add_argument("--shots", required=True, help="JSONL shot pool with 'input' and 'output' (Japanese-QA111 style)")
+    p.add_argument("--embedder", default=str(Path(__file__).resolve().parent.parent / "fixtures" / "models" / "tiny-embedder"),
+                   help="local sentence-transformers directory (default: the fixture embedder)")
+    p.add_argument("--k", type=int, default=20, help="shots retrieved per task (default 20, the seed's)")
+    p.add_argument("--window", type=int, default=4096, help="prompt tokens at most; least similar shots are dropped (default 4096)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="default 1024 (the seed's)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call, left-padded (default 1)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype (default float32)")
+    p.add_argument("--output", required=True, help="JSONL of {task_id, output}")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("dpo", help="DPO with a LoRA policy and the base as reference (claim D3)")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
