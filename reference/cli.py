@@ -211,33 +211,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_jsonl(path: str, needed: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file that each hold the `needed` text fields; a bad row is named."""
-    rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read: {error}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise InputError(f"{path}, line {number}: not JSON ({error})") from None
-        missing = [k for k in needed if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-        if missing:
-            raise InputError(f"{path}, line {number}: needs text in {', '.join(missing)}")
-        rows.append(row)
-    return rows
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Seed 001 §2.3: retrieved few-shot prompts, then generation with the seed's settings."""
     from reference import generation, lora, models, retrieval
+    from reference.data import read_text_rows
 
-    tasks = _read_jsonl(args.tasks, ("input",))
-    shots = _read_jsonl(args.shots, ("input", "output"))
+    tasks = read_text_rows(args.tasks, ("input",))
+    shots = read_text_rows(args.shots, ("input", "output"))
     model, _ = models.load_causal_lm(args.model, dtype=args.dtype)
     if args.adapter:
         model = lora.load_adapter(model, args.adapter, trainable=False)

@@ -188,3 +188,27 @@ def training_set(filtered_path: str | Path, qa_path: str | Path):
     magpie = load_records(filtered_path)
     qa = load_records(qa_path, QA111_COLUMNS)
     return datasets.concatenate_datasets([magpie.select_columns(["instruction", "response"]), qa])
+
+
+def read_text_rows(path: str | Path, needed: tuple[str, ...]) -> list[dict]:
+    """The rows of a small JSONL file, each an object with non-empty text in every `needed` field;
+    the first row that is not is an error naming the file, the line and the fields."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read: {error}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise InputError(f"{path}, line {number}: not JSON ({error})") from None
+        missing = [k for k in needed if not isinstance(row, dict) or not isinstance(row.get(k), str) or not row[k]]
+        if missing:
+            raise InputError(f"{path}, line {number}: needs non-empty text in {', '.join(missing)}")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows

@@ -17,7 +17,6 @@ Not handled here: the IPO/hinge variants, label smoothing, and reference log-pro
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,25 +73,9 @@ class PreferencePair:
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """JSONL rows with prompt, chosen and rejected text; a bad row is an error naming file and line."""
-    pairs = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read: {error}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pair = PreferencePair(*(row[k] for k in ("prompt", "chosen", "rejected")))
-        except (ValueError, KeyError, TypeError) as error:
-            raise InputError(f"{path}, line {number}: expected an object with prompt, chosen, rejected ({error})") from None
-        if not all(isinstance(v, str) and v for v in asdict(pair).values()):
-            raise InputError(f"{path}, line {number}: prompt, chosen and rejected must be non-empty text")
-        pairs.append(pair)
-    if not pairs:
-        raise InputError(f"{path}: no preference pairs")
-    return pairs
+    from reference.data import read_text_rows
+
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in read_text_rows(path, ("prompt", "chosen", "rejected"))]
 
 
 @dataclass

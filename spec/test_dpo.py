@@ -57,7 +57,7 @@ def test_a_few_dpo_steps_on_a_lora_policy_raise_the_reward_margin(fixtures_dir, 
 def test_preference_pairs_with_a_missing_field_are_named(tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', encoding="utf-8")
-    with pytest.raises(InputError, match=r"pairs.jsonl, line 2"):
+    with pytest.raises(InputError, match=r"pairs.jsonl, line 2: needs non-empty text in rejected"):
         dpo.read_pairs(bad)
 
 
