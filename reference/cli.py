@@ -243,6 +243,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preference(args: argparse.Namespace) -> int:
+    from reference import preference
+
+    config = preference.PreferenceConfig(max_length=args.max_length, batch_size=args.batch_size,
+                                         spread_max_length=args.spread_max_length, tta=getattr(args, "tta", False))
+    if args.action == "train":
+        result = preference.train(args.model, args.data, args.output, config, epochs=args.epochs, learning_rate=args.lr,
+                                  say=lambda text: print(text, file=sys.stderr))
+        print(json.dumps(result, indent=2))
+        return 0
+    from reference import lora
+
+    model, tokenizer = preference.load_classifier(args.model)
+    if args.adapter:
+        model = lora.load_adapter(model, args.adapter, trainable=False)
+    rows = preference.read_rows(args.data, need_labels=False)
+    probabilities = preference.predict(model, tokenizer, rows, config).tolist()
+    with open(args.output, "w", encoding="utf-8") as f:
+        for row in probabilities:
+            f.write(json.dumps(dict(zip(preference.LABELS, row, strict=True))) + "\n")
+    print(json.dumps({"output": args.output, "rows": len(rows), "config": config.__dict__}, indent=2))
+    return 0
+
+
 def cmd_dpo(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -390,6 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype (default float32)")
     p.add_argument("--output", required=True, help="JSONL of {task_id, output}")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("preference", help="the LMSYS 3-class preference classifier (claims L1, A5)")
+    p.add_argument("action", choices=["train", "predict"])
+    p.add_argument("--model", required=True, help="local causal-LM directory (the backbone)")
+    p.add_argument("--data", required=True, help="competition-format JSONL: prompt, response_a, response_b (+ winner_* to train)")
+    p.add_argument("--output", required=True, help="train: directory for adapter + preference.json; predict: JSONL of probabilities")
+    p.add_argument("--adapter", default=None, help="predict: a trained classifier adapter")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per input (default 2048, the thread's)")
+    p.add_argument("--batch-size", type=int, default=4, help="default 4 (the thread's)")
+    p.add_argument("--spread-max-length", action="store_true", help="cut each part to max_length // 3 instead of the joined input")
+    p.add_argument("--tta", action="store_true", help="predict: average with a and b swapped")
+    p.add_argument("--epochs", type=float, default=3.0, help="train: epochs (default 3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="train: learning rate (default 1e-3)")
+    p.set_defaults(func=cmd_preference)
 
     p = sub.add_parser("dpo", help="DPO with a LoRA policy and the base as reference (claim D3)")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")

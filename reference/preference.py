@@ -1,0 +1,229 @@
+"""The LMSYS preference classifier (seeds 000 and 002): which of two responses a person preferred.
+
+Three classes, in the competition's column order: winner_model_a (0), winner_model_b (1),
+winner_tie (2); a row's label is the index of its one-hot column. The backbone is a causal LM loaded
+as `AutoModelForSequenceClassification(num_labels=3)` in bf16: a linear head on the hidden state of
+the last non-pad token, which is why a pad token must be set (the model finds the last token that is
+not padding, so left and right padding give the same logits). Training attaches LoRA to the
+projections and trains the new head fully; the metric is the competition's log-loss on a held-out split.
+
+Inputs follow the thread's Config: the text is "<prompt>: " + prompt, "\\n\\n<response_a>: " + a,
+"\\n\\n<response_b>: " + b (the markers of the public notebook the thread refers to).
+`spread_max_length=False` cuts the joined text to `max_length` tokens, so a long prompt can leave no
+room for the responses; True cuts each of the three parts to `max_length // 3` and joins them.
+`tta` also scores each row with a and b swapped and averages, after swapping that prediction's
+p(a) and p(b) back.
+
+Competition rows hold prompt and responses as JSON lists of turns; they are joined with newlines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from reference.errors import InputError
+
+LABELS = ("winner_model_a", "winner_model_b", "winner_tie")
+COLUMNS = ("prompt", "response_a", "response_b", *LABELS)
+
+
+@dataclass
+class PreferenceConfig:
+    """The thread's Config (seed 000), the fields that shape inputs and predictions."""
+
+    max_length: int = 2048
+    """Tokens per input at most."""
+    batch_size: int = 4
+    """Rows per forward pass."""
+    spread_max_length: bool = False
+    """False: cut the joined input to max_length; True: cut each part to max_length // 3."""
+    tta: bool = False
+    """Also score with a and b swapped and average (test-time augmentation)."""
+
+
+def as_text(value) -> str:
+    """A competition field (a JSON list of turns as text) or plain text, as one string."""
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        if isinstance(parsed, list):
+            return "\n".join("" if turn is None else str(turn) for turn in parsed)
+        return value
+    raise TypeError(f"expected text, got {type(value).__name__}")
+
+
+def read_rows(path: str | Path, need_labels: bool = True) -> list[dict]:
+    """Competition-format JSONL rows; a missing column or a label row that is not one-hot is named."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read: {error}") from None
+    needed = COLUMNS if need_labels else COLUMNS[:3]
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            missing = [c for c in needed if c not in row]
+            if missing:
+                raise InputError(f"{path}, line {number}: no column {missing[0]!r}")
+            parts = {c: as_text(row[c]) for c in COLUMNS[:3]}
+        except (ValueError, TypeError) as error:
+            raise InputError(f"{path}, line {number}: {error}") from None
+        if need_labels:
+            onehot = [row[c] for c in LABELS]
+            if sorted(onehot) != [0, 0, 1]:
+                raise InputError(f"{path}, line {number}: {', '.join(LABELS)} must be one-hot, got {onehot}")
+            parts["label"] = onehot.index(1)
+        rows.append(parts)
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows
+
+
+def encode(tokenizer, prompt: str, response_a: str, response_b: str, config: PreferenceConfig) -> list[int]:
+    """Token ids of one row under the Config's truncation rule (BOS first, as the tokenizer adds it)."""
+    parts = ["<prompt>: " + prompt, "\n\n<response_a>: " + response_a, "\n\n<response_b>: " + response_b]
+    if config.spread_max_length:
+        pieces = [tokenizer(p, max_length=config.max_length // 3, truncation=True)["input_ids"] for p in parts]
+        return [token for piece in pieces for token in piece]
+    return tokenizer("".join(parts), max_length=config.max_length, truncation=True)["input_ids"]
+
+
+def load_classifier(path: str | Path, dtype: str = "bfloat16"):
+    """(model, tokenizer): the causal LM with a 3-way head; the pad token set (EOS when it has none)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from reference import models
+
+    model, _ = models.load_causal_lm(path, dtype=dtype, model_class=_num_labels(AutoModelForSequenceClassification))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _num_labels(auto_class):
+    class ThreeWay:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return auto_class.from_pretrained(*args, num_labels=3, **kwargs)
+
+    return ThreeWay
+
+
+def pad_batch(rows: list[list[int]], pad_token_id: int, side: str = "right"):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids, mask = [], []
+    for r in rows:
+        pad = [pad_token_id] * (width - len(r))
+        ids.append(r + pad if side == "right" else pad + r)
+        mask.append([1] * len(r) + [0] * len(pad) if side == "right" else [0] * len(pad) + [1] * len(r))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def predict(model, tokenizer, rows: list[dict], config: PreferenceConfig):
+    """Class probabilities per row (n x 3); with tta, averaged with the swapped scoring."""
+    import torch
+
+    def probabilities(swap: bool):
+        out = []
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start:start + config.batch_size]
+            encoded = [encode(tokenizer, r["prompt"], *((r["response_b"], r["response_a"]) if swap else
+                                                          (r["response_a"], r["response_b"])), config) for r in chunk]
+            ids, mask = pad_batch(encoded, tokenizer.pad_token_id)
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            out.append(torch.softmax(logits, dim=-1).cpu())
+        return torch.cat(out)
+
+    model.eval()
+    p = probabilities(False)
+    if config.tta:
+        swapped = probabilities(True)[:, [1, 0, 2]]  # the swapped run's p(a) is p(b) of the row, and back
+        p = (p + swapped) / 2
+    return p
+
+
+def log_loss(probabilities, labels: list[int]) -> float:
+    """The competition's metric: -mean log p(true class), probabilities clipped to [1e-15, 1 - 1e-15]."""
+    total = 0.0
+    for row, label in zip(probabilities.tolist(), labels, strict=True):
+        total -= math.log(min(max(row[label] / sum(row), 1e-15), 1 - 1e-15))
+    return total / len(labels)
+
+
+def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceConfig, epochs: float = 3.0,
+          learning_rate: float = 1e-3, eval_fraction: float = 0.25, r: int = 8, seed: int = 0, say=print) -> dict:
+    """LoRA on the projections plus a fully trained head, with a real Trainer; log-loss before and after
+    on a held-out split (the last `eval_fraction` of the rows after a seeded shuffle)."""
+    import random
+
+    import peft
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from reference.sft import Collator
+    from reference.shapes import PROJECTIONS
+
+    rows = read_rows(data_path)
+    random.Random(seed).shuffle(rows)
+    held = max(1, int(len(rows) * eval_fraction))
+    train_rows, eval_rows = rows[:-held], rows[-held:]
+    if not train_rows:
+        raise InputError(f"{data_path}: {len(rows)} rows leave nothing to train on after holding out {held}")
+    model, tokenizer = load_classifier(model_dir)
+    labels = [r["label"] for r in eval_rows]
+    before = log_loss(predict(model, tokenizer, eval_rows, config), labels)
+    lora_config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=list(PROJECTIONS))
+    model = peft.get_peft_model(model, lora_config)
+    features = [{"input_ids": encode(tokenizer, x["prompt"], x["response_a"], x["response_b"], config), "labels": x["label"]}
+                for x in train_rows]
+    args = TrainingArguments(output_dir=str(Path(output_dir) / "checkpoints"), per_device_train_batch_size=config.batch_size,
+                             num_train_epochs=epochs, learning_rate=learning_rate, bf16=True, use_cpu=_no_cuda(),
+                             save_strategy="no", report_to="none", logging_steps=1, seed=seed, disable_tqdm=True,
+                             remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=_ClassCollator(Collator(tokenizer.pad_token_id)))
+    trainer.remove_callback(PrinterCallback)  # stdout carries the JSON result only
+    trainer.train()
+    after = log_loss(predict(model, tokenizer, eval_rows, config), labels)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out = Path(output_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    result = {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "log_loss_before": before, "log_loss_after": after,
+              "uniform_log_loss": math.log(3), "train_loss_first": losses[0], "train_loss_last": losses[-1],
+              "config": config.__dict__, "epochs": epochs, "learning_rate": learning_rate}
+    (out / "preference.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    say(f"held-out log-loss {before:.4f} -> {after:.4f} (uniform guess: {math.log(3):.4f})")
+    return result
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class _ClassCollator:
+    """Pads like the SFT collator, but the label is one class per row."""
+
+    def __init__(self, pad):
+        self.pad = pad
+
+    def __call__(self, features):
+        import torch
+
+        batch = self.pad([{"input_ids": f["input_ids"], "labels": f["input_ids"]} for f in features])
+        batch["labels"] = torch.tensor([f["labels"] for f in features])
+        return batch
