@@ -3,7 +3,7 @@
     python benchmarks/bench_filter.py [--records 30000] [--repeats 3] [--response-lines 4 9] [--json FILE]
     pytest benchmarks/bench_filter.py --benchmark-only      # a small CI-sized run of the same comparison
 
-Both commands read the same generated magpie-style corpus (benchmarks/corpus.py) and must write
+Both commands read the same generated magpie-style corpus (reference/synthetic.py) and must write
 byte-identical output; each is timed as a separate process (`python -m reference filter` against
 `python benchmarks/seed_filter.py`), median of the repeats after one warm-up run of ours (the seed's
 algorithm is slow enough that its first run is its steady state). The ratio is seed / ours.
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.corpus import magpie_records, write_jsonl  # noqa: E402
+from reference.synthetic import magpie_records, write_jsonl  # noqa: E402
 
 
 def timed(command: list[str]) -> float:

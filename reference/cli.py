@@ -267,6 +267,27 @@ def cmd_preference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from reference import manifest
+
+    verdict = manifest.compare(manifest.load(args.run_a), manifest.load(args.run_b), rtol=args.rtol)
+    print(manifest.report(verdict, args.run_a, args.run_b))
+    return 0 if verdict.reproduces else 1
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from reference import reproduce
+
+    pipeline = reproduce.Pipeline()
+    for name in ("model", "magpie", "qa", "tasks", "embedder", "recipe"):
+        if getattr(args, name):
+            setattr(pipeline, name, getattr(args, name))
+    pipeline.overrides += args.set
+    summary = reproduce.run(pipeline, args.output, say=lambda text: print(text, file=sys.stderr))
+    print(json.dumps({k: summary[k] for k in ("filter", "training_records", "output")}, ensure_ascii=False, indent=2))
+    return 0
+
+
 def cmd_dpo(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -428,6 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=3.0, help="train: epochs (default 3)")
     p.add_argument("--lr", type=float, default=1e-3, help="train: learning rate (default 1e-3)")
     p.set_defaults(func=cmd_preference)
+
+    p = sub.add_parser("verify", help="does run B reproduce run A? compares two manifests (claim X2)")
+    p.add_argument("run_a", help="a run directory (or its manifest.json)")
+    p.add_argument("run_b", help="another run directory (or its manifest.json)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance on per-step losses (default 1e-5)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("reproduce", help="the LLM2024 pipeline end to end: filter, QLoRA SFT, continue, few-shot generation")
+    p.add_argument("--output", default="runs/reproduce", help="directory for every stage's files and report.md")
+    for name, what in (("model", "base model"), ("magpie", "magpie JSONL to filter"), ("qa", "QA111 JSONL (input/output)"),
+                       ("tasks", "tasks JSONL (input)"), ("embedder", "sentence-transformers directory"), ("recipe", "recipe")):
+        p.add_argument(f"--{name}", default=None, help=f"{what} (default: the fixture's)")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", help="more recipe overrides (repeatable)")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("dpo", help="DPO with a LoRA policy and the base as reference (claim D3)")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")

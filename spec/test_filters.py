@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from benchmarks.corpus import magpie_records, write_jsonl
 from benchmarks.seed_filter import seed_filter
 from reference.data import Pair, Unreadable, read_pairs
 from reference.filters import FilterConfig, output_row, run_filter
 from reference.recipes import load_recipe
+from reference.synthetic import magpie_records, write_jsonl
 
 INSTRUCTION = "日本の四季について簡単に説明してください。"
 RESPONSE = "日本には春夏秋冬の四つの季節があり、それぞれに美しい景色と行事があります。桜の花や紅葉を楽しむ人も多いです。"

@@ -1,6 +1,6 @@
 """Magpie-style corpora with realistic character diversity, for the filter's benchmark and spec tests.
 
-    python benchmarks/corpus.py --records 30000 --output /tmp/magpie.jsonl [--seed 0]
+    python -m reference.synthetic --records 30000 --output /tmp/magpie.jsonl [--seed 0]
 
 Records are built from the Japanese lines of fixtures/corpus.txt (instruction: 1-2 lines, response:
 4-9 lines by default, about 250 characters; magpie-sft responses run longer, see --response-lines). About one record in five carries a random CJK ideograph from the whole unified block, so
