@@ -12,7 +12,6 @@ algorithm is slow enough that its first run is its steady state). The ratio is s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import report  # noqa: E402
 from reference.synthetic import magpie_records, write_jsonl  # noqa: E402
 
 
@@ -81,11 +81,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="append the result to this JSON file (a list)")
     args = parser.parse_args()
     result = {**compare(args.records, args.repeats, args.response_lines), **machine()}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        path = Path(args.json)
-        runs = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(runs + [result], indent=2) + "\n")
+    report(result, args.json)
     return 0 if result["identical_output"] else 1
 
 

@@ -15,7 +15,6 @@ the same device with a large copy. Medians of the repeats after a warm-up run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import device_info, random_model_dir, shape_config, sync  # noqa: E402
+from benchmarks.record import report  # noqa: E402
 
 
 def measured_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> float:
@@ -124,11 +124,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="append the result to this JSON file (a list)")
     args = parser.parse_args()
     result = compare(args.shape, args.prompt, args.new, args.batch, args.repeats, args.device)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        path = Path(args.json)
-        runs = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(runs + [result], indent=2) + "\n")
+    report(result, args.json)
     return 0
 
 

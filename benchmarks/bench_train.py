@@ -16,7 +16,6 @@ for a known GPU, else a measured large matrix product in bf16 on the same device
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.record import report  # noqa: E402
 
 LORA = {"r": 64, "lora_alpha": 64, "lora_dropout": 0.0, "bias": "none", "random_state": 3407,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -160,11 +161,7 @@ def main() -> int:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first is warm-up)")
     result = compare(args.shape, args.seq, args.batch, args.steps, args.device, args.r)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        path = Path(args.json)
-        runs = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(runs + [result], indent=2) + "\n")
+    report(result, args.json)
     return 0
 
 

@@ -190,9 +190,10 @@ def training_set(filtered_path: str | Path, qa_path: str | Path):
     return datasets.concatenate_datasets([magpie.select_columns(["instruction", "response"]), qa])
 
 
-def read_text_rows(path: str | Path, needed: tuple[str, ...]) -> list[dict]:
+def read_text_rows(path: str | Path, needed: tuple[str, ...], with_lines: bool = False) -> list:
     """The rows of a small JSONL file, each an object with non-empty text in every `needed` field;
-    the first row that is not is an error naming the file, the line and the fields."""
+    the first row that is not is an error naming the file, the line and the fields. With
+    `with_lines`, (line number, row) pairs, for callers that check more and must name the line."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -208,7 +209,7 @@ def read_text_rows(path: str | Path, needed: tuple[str, ...]) -> list[dict]:
         missing = [k for k in needed if not isinstance(row, dict) or not isinstance(row.get(k), str) or not row[k]]
         if missing:
             raise InputError(f"{path}, line {number}: needs non-empty text in {', '.join(missing)}")
-        rows.append(row)
+        rows.append((number, row) if with_lines else row)
     if not rows:
         raise InputError(f"{path}: no rows")
     return rows

@@ -58,26 +58,28 @@ def attach(model, section: dict, gradient_checkpointing: bool = False):
     import peft
     import torch
 
+    model = prepare_base(model, gradient_checkpointing)
+    if "random_state" in section:
+        torch.manual_seed(section["random_state"])
     with warnings.catch_warnings():  # peft still calls transformers' deprecated *gradient_checkpointing* names
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            model = prepare_quantized(model, gradient_checkpointing)
-        elif gradient_checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-            model.enable_input_require_grads()
-        if "random_state" in section:
-            torch.manual_seed(section["random_state"])
         return peft.get_peft_model(model, lora_config(section))
 
 
-def prepare_quantized(model, gradient_checkpointing: bool):
-    """peft's preparation of a k-bit base for training: norms and embeddings in fp32, input gradients on."""
+def prepare_base(model, gradient_checkpointing: bool):
+    """Ready a frozen base for adapter training: a k-bit base gets peft's preparation (norms and
+    embeddings in fp32, input gradients on); any base gets non-reentrant gradient checkpointing if asked."""
     import peft
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-        return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            model.enable_input_require_grads()
+    return model
 
 
 def require_trainable(model) -> int:

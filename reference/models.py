@@ -97,11 +97,12 @@ def bnb_config(quantization: str, section: dict | None = None):
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", quantization: str = "none", quantization_section=None,
-                   trust_remote_code: bool = False, model_class=None, device: str | None = None):
+                   trust_remote_code: bool = False, model_class=None, device: str | None = None, **model_kwargs):
     """A model from a local directory, weights from safetensors only; returns (model, identity).
 
     `quantization` is none, 8bit or nf4; a directory saved already quantised loads as saved. `device`
-    (e.g. "cuda:0") places the weights there as they load; quantised layers are packed on it."""
+    (e.g. "cuda:0") places the weights there as they load; quantised layers are packed on it.
+    `model_class` (default AutoModelForCausalLM) and `model_kwargs` (e.g. num_labels=3) go to from_pretrained."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +118,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", quantization: str =
     try:
         model = (model_class or AutoModelForCausalLM).from_pretrained(
             str(directory), dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True,
-            trust_remote_code=trust_remote_code, **({"device_map": {"": device}} if device else {}), **extra)
+            trust_remote_code=trust_remote_code, **({"device_map": {"": device}} if device else {}), **extra, **model_kwargs)
     except (OSError, ValueError) as error:
         raise InputError(f"model {path!s}: cannot be loaded: {error}") from None
     return model, identity(directory, saved or quantization)

@@ -59,31 +59,17 @@ def as_text(value) -> str:
 
 def read_rows(path: str | Path, need_labels: bool = True) -> list[dict]:
     """Competition-format JSONL rows; a missing column or a label row that is not one-hot is named."""
+    from reference.data import read_text_rows
+
     rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read: {error}") from None
-    needed = COLUMNS if need_labels else COLUMNS[:3]
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            missing = [c for c in needed if c not in row]
-            if missing:
-                raise InputError(f"{path}, line {number}: no column {missing[0]!r}")
-            parts = {c: as_text(row[c]) for c in COLUMNS[:3]}
-        except (ValueError, TypeError) as error:
-            raise InputError(f"{path}, line {number}: {error}") from None
+    for number, row in read_text_rows(path, COLUMNS[:3], with_lines=True):
+        parts = {c: as_text(row[c]) for c in COLUMNS[:3]}
         if need_labels:
-            onehot = [row[c] for c in LABELS]
-            if sorted(onehot) != [0, 0, 1]:
+            onehot = [row.get(c) for c in LABELS]
+            if sorted(onehot, key=str) != [0, 0, 1]:
                 raise InputError(f"{path}, line {number}: {', '.join(LABELS)} must be one-hot, got {onehot}")
             parts["label"] = onehot.index(1)
         rows.append(parts)
-    if not rows:
-        raise InputError(f"{path}: no rows")
     return rows
 
 
@@ -102,21 +88,12 @@ def load_classifier(path: str | Path, dtype: str = "bfloat16"):
 
     from reference import models
 
-    model, _ = models.load_causal_lm(path, dtype=dtype, model_class=_num_labels(AutoModelForSequenceClassification))
+    model, _ = models.load_causal_lm(path, dtype=dtype, model_class=AutoModelForSequenceClassification, num_labels=3)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def _num_labels(auto_class):
-    class ThreeWay:
-        @staticmethod
-        def from_pretrained(*args, **kwargs):
-            return auto_class.from_pretrained(*args, num_labels=3, **kwargs)
-
-    return ThreeWay
 
 
 def pad_batch(rows: list[list[int]], pad_token_id: int, side: str = "right"):

@@ -192,12 +192,7 @@ def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dty
                                             device=device)  # packed where it trains (a 4-bit model cannot move)
     weight_bytes = models.weight_bytes(model)
     if adapter is not None:
-        if quantization != "none":
-            model = lora.prepare_quantized(model, checkpointing)
-        elif checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = lora.load_adapter(model, adapter, trainable=True)
+        model = lora.load_adapter(lora.prepare_base(model, checkpointing), adapter, trainable=True)
         adapter_info = {"mode": "loaded", "path": str(Path(adapter).resolve()), "sha256": sha256_of(adapter)}
         say(f"adapter loaded from {adapter} (trainable), not created")
     elif recipe.lora:
