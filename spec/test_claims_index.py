@@ -1,4 +1,5 @@
-"""The claims index (spec/CLAIMS.md) is generated from the tests' claim markers and kept current."""
+"""The specification lives in the repository (spec/SPEC.md), covers every claim the project was asked to
+make, and its index (spec/CLAIMS.md) is generated from it and from the tests' claim markers."""
 
 from __future__ import annotations
 
@@ -9,23 +10,25 @@ from pathlib import Path
 import pytest
 
 SPEC = Path(__file__).resolve().parent
+sys.path.insert(0, str(SPEC))
+import claims  # noqa: E402
 
 
 def test_every_claim_marker_names_a_claim_of_the_specification():
-    sys.path.insert(0, str(SPEC))
-    import claims
+    assert set(claims.tests_by_claim()) <= set(claims.claims_in_spec())
 
-    spec_ids = set(claims.claims_in_spec())
-    if not spec_ids:
-        pytest.skip("../shared/SPEC.md is not beside this checkout")
-    assert set(claims.tests_by_claim()) <= spec_ids
+
+def test_every_claim_is_a_whole_sentence_or_paragraph():
+    for claim, text in claims.claims_in_spec().items():
+        assert len(text) > 40 and text.endswith((".", ")")), f"{claim}: {text!r}"
+
+
+def test_the_specification_covers_every_claim_of_the_shared_one():
+    if not claims.SHARED_SPEC_MD.is_file():
+        pytest.skip("../shared/SPEC.md is not beside this checkout (a user's clone has only spec/SPEC.md)")
+    assert set(claims.claims_in(claims.SHARED_SPEC_MD)) == set(claims.claims_in_spec())
 
 
 def test_the_committed_claims_index_is_current():
-    sys.path.insert(0, str(SPEC))
-    import claims
-
-    if not claims.SPEC_MD.is_file():
-        pytest.skip("../shared/SPEC.md is not beside this checkout: the index's claim texts come from it")
     result = subprocess.run([sys.executable, str(SPEC / "claims.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
