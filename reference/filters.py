@@ -165,14 +165,19 @@ class StringFinder:
         return self.first_longer(chars, *texts, best=best)
 
 
+def language_ok(details, whitelist, threshold: int) -> bool:
+    """The seed's test over pycld2's details (name, code, percent, score): does any entry, not only the
+    first, report a whitelisted code at `threshold` percent or more?"""
+    return any(code in whitelist and percent >= threshold for _, code, percent, _ in details)
+
+
 def detect_language(text: str, config: FilterConfig) -> tuple[bool, list | None]:
     """pycld2's verdict: (a whitelisted language at >= threshold percent?, the detector's figures when not)."""
     import pycld2
 
     details = pycld2.detect(text)[2]
-    for _, code, percent, _ in details:
-        if percent >= config.threshold and code in config.whitelist:
-            return True, None
+    if language_ok(details, config.whitelist, config.threshold):
+        return True, None
     return False, [[name, code, percent] for name, code, percent, _ in details]
 
 
