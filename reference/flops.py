@@ -11,7 +11,9 @@ with N_matmul the weights of every matrix product (projections and the LM head),
 Q head dimension, T the sequence length. The frozen base gets no weight gradients, hence 4 N rather
 than the 6 N of full fine-tuning. MFU = achieved FLOP/s / peak FLOP/s.
 
-Decoding one token at batch 1 reads every weight once, so tokens/s <= bandwidth / weight bytes.
+Decoding reads every weight once per step, and a step writes one token for each of the batch's B
+sequences, so tokens/s <= B x bandwidth / weight bytes; the fraction of that bound is the weight bytes
+read per second (tokens/s / B x weight bytes) over the bandwidth.
 """
 
 from __future__ import annotations
@@ -61,3 +63,21 @@ def measured_matmul_flops(device: str = "cpu", dtype: str = "bfloat16", size: in
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times)
+
+
+def model_flops_utilisation(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) -> float:
+    """MFU: the model FLOP/s achieved (tokens/s x FLOPs per token) as a fraction of the peak FLOP/s."""
+    return tokens_per_s * flops_per_token / peak_flops_per_s
+
+
+def decode_bandwidth_bound(bandwidth_bytes_per_s: float, weight_bytes: float, batch: int = 1) -> float:
+    """Tokens/s at most when decoding: each step reads every weight once and writes one token per sequence."""
+    return bandwidth_bytes_per_s / weight_bytes * batch
+
+
+def fraction_of_bandwidth_bound(tokens_per_s: float, bandwidth_bytes_per_s: float, weight_bytes: float,
+                                batch: int = 1) -> float:
+    """Decoding's weight bytes read per second (steps/s x weight bytes, steps/s = tokens/s / batch) over the
+    bandwidth: how close decoding comes to the memory-bandwidth bound."""
+    bytes_per_s = tokens_per_s / batch * weight_bytes
+    return bytes_per_s / bandwidth_bytes_per_s

@@ -144,11 +144,12 @@ def log_loss(probabilities, labels: list[int]) -> float:
 def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceConfig, epochs: float = 3.0,
           learning_rate: float = 1e-3, eval_fraction: float = 0.25, r: int = 8, seed: int = 0, say=print) -> dict:
     """LoRA on the projections plus a fully trained head, with a real Trainer; log-loss before and after
-    on a held-out split (the last `eval_fraction` of the rows after a seeded shuffle)."""
+    on a held-out split (the last `eval_fraction` of the rows after a seeded shuffle). The seed also
+    draws the new head's first weights, so repeated runs start from the same head."""
     import random
 
     import peft
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from reference.sft import Collator
     from reference.shapes import PROJECTIONS
@@ -159,18 +160,21 @@ def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceCon
     train_rows, eval_rows = rows[:-held], rows[-held:]
     if not train_rows:
         raise InputError(f"{data_path}: {len(rows)} rows leave nothing to train on after holding out {held}")
+    set_seed(seed)
     model, tokenizer = load_classifier(model_dir)
     labels = [r["label"] for r in eval_rows]
     before = log_loss(predict(model, tokenizer, eval_rows, config), labels)
     lora_config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=list(PROJECTIONS))
     model = peft.get_peft_model(model, lora_config)
-    features = [{"input_ids": encode(tokenizer, x["prompt"], x["response_a"], x["response_b"], config), "labels": x["label"]}
-                for x in train_rows]
-    args = TrainingArguments(output_dir=str(Path(output_dir) / "checkpoints"), per_device_train_batch_size=config.batch_size,
+    features = [{"input_ids": encode(tokenizer, x["prompt"], x["response_a"], x["response_b"], config),
+                 "labels": x["label"]} for x in train_rows]
+    args = TrainingArguments(output_dir=str(Path(output_dir) / "checkpoints"),
+                             per_device_train_batch_size=config.batch_size,
                              num_train_epochs=epochs, learning_rate=learning_rate, bf16=True, use_cpu=_no_cuda(),
                              save_strategy="no", report_to="none", logging_steps=1, seed=seed, disable_tqdm=True,
                              remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=_ClassCollator(Collator(tokenizer.pad_token_id)))
+    trainer = Trainer(model=model, args=args, train_dataset=features,
+                      data_collator=_ClassCollator(Collator(tokenizer.pad_token_id)))
     trainer.remove_callback(PrinterCallback)  # stdout carries the JSON result only
     trainer.train()
     after = log_loss(predict(model, tokenizer, eval_rows, config), labels)
@@ -178,7 +182,8 @@ def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceCon
     out = Path(output_dir)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    result = {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "log_loss_before": before, "log_loss_after": after,
+    result = {"train_rows": len(train_rows), "eval_rows": len(eval_rows),
+              "log_loss_before": before, "log_loss_after": after,
               "uniform_log_loss": math.log(3), "train_loss_first": losses[0], "train_loss_last": losses[-1],
               "config": config.__dict__, "epochs": epochs, "learning_rate": learning_rate}
     (out / "preference.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

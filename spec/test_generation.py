@@ -13,6 +13,37 @@ from reference.generation import GenerationSettings
 PROMPTS = ["### 質問:\n日本の首都はどこですか。\n\n### 回答:\n", "### 質問:\n富士山について教えて。\n\n### 回答:\n",
            "こんにちは"]
 
+LEANINGS = {"#": 1100.0, "\n": 1000.0, "答": 950.0, "<|start_header_id|>": 940.0, "え": 880.0}
+"""Biases added to the tiny Llama's next-token logits (its own logits stay under 1 in size)."""
+
+
+@pytest.fixture(scope="module")
+def leaning_llama():
+    """The tiny Llama (no logit soft-capping, unlike Gemma-2) with a bias on its LM head that makes it lean
+    to five tokens: the banned '#', a newline, '答', the special token <|start_header_id|> and 'え'.
+    A real model with real weights: only its preferences are known in advance."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spec.conftest import FIXTURES
+
+    directory = FIXTURES / "models" / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory))
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        for token, bias in LEANINGS.items():
+            special = token.startswith("<|")
+            head.bias[tokenizer.convert_tokens_to_ids(token) if special else token_id(tokenizer, token)] = bias
+    model.lm_head = head
+    return model.eval(), tokenizer
+
+
+def token_id(tokenizer, text: str) -> int:
+    (only,) = tokenizer.encode(text, add_special_tokens=False)
+    return only
+
 
 @pytest.mark.claim("C20")
 @pytest.mark.parametrize("penalty", [1.1, 1.2])
@@ -32,7 +63,8 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
 @pytest.mark.claim("C19")
 def test_the_defaults_are_the_seeds_generation_settings(gemma_tokenizer):
     settings = GenerationSettings()
-    assert (settings.max_new_tokens, settings.repetition_penalty, settings.use_cache, settings.do_sample) == (1024, 1.1, True, False)
+    assert (settings.max_new_tokens, settings.repetition_penalty) == (1024, 1.1)
+    assert (settings.use_cache, settings.do_sample) == (True, False)
     assert settings.bad_words == ("質問", "###", "#", "##", "---", "<h3>", "filepath", "> ")
     ids = generation.bad_words_ids(gemma_tokenizer)
     assert ids == [gemma_tokenizer.encode(w, add_special_tokens=False) for w in settings.bad_words]
@@ -52,9 +84,11 @@ def test_a_banned_word_is_never_generated(gemma_tokenizer, tiny_gemma2):
     assert gemma_tokenizer.encode(word, add_special_tokens=False) == [first]
     again = gemma_tokenizer(PROMPTS[0], return_tensors="pt")
     with torch.no_grad():
-        out = tiny_gemma2.generate(**again, max_new_tokens=1, do_sample=False, repetition_penalty=1.1, bad_words_ids=[[first]])
+        out = tiny_gemma2.generate(**again, max_new_tokens=1, do_sample=False, repetition_penalty=1.1,
+                                   bad_words_ids=[[first]])
     assert out[0, -1].item() != first
-    assert generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS[:1], banned)[0] == gemma_tokenizer.decode(out[0, -1:], skip_special_tokens=True).strip()
+    expected = gemma_tokenizer.decode(out[0, -1:], skip_special_tokens=True).strip()
+    assert generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS[:1], banned)[0] == expected
 
 
 @pytest.mark.claim("C19")
@@ -71,7 +105,8 @@ def test_only_the_new_tokens_are_decoded_and_stripped(gemma_tokenizer, tiny_gemm
 @pytest.mark.claim("C19")
 def test_batched_left_padded_generation_equals_one_by_one(gemma_tokenizer, tiny_gemma2):
     one = generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS, GenerationSettings(max_new_tokens=8))
-    batched = generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS, GenerationSettings(max_new_tokens=8, batch_size=3))
+    batched = generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS,
+                                  GenerationSettings(max_new_tokens=8, batch_size=3))
     assert batched == one
 
 
@@ -81,3 +116,47 @@ def test_outputs_are_written_as_utf8_jsonl_with_task_ids(tmp_path):
     text = (tmp_path / "output.jsonl").read_text(encoding="utf-8")
     assert text == '{"task_id": 0, "output": "東京です。"}\n{"task_id": 1, "output": "富士山"}\n'
     assert [json.loads(line)["task_id"] for line in text.splitlines()] == [0, 1]
+
+
+@pytest.mark.claim("C19", "C20")
+def test_the_seeds_settings_turn_the_leaning_models_logits_into_the_hand_derived_answer(leaning_llama):
+    """Greedy, six new tokens, the defaults otherwise. The banned '#' (1100) never comes. A seen token's
+    positive logit is divided by the penalty p once, however often it was seen. With p = 1.1 the leanings
+    become newline 1000 -> 909.1, 答 950 -> 863.6, special 940 -> 854.5, え 880 -> 800:
+      step 1: newline 1000 beats 答 950                   -> newline
+      step 2: 答 950 beats special 940 and newline 909.1    -> 答
+      step 3: special 940 beats newline 909.1 and え 880    -> special
+      step 4 on: newline 909.1 beats え 880                 -> newline, newline, newline
+    Decoded without special tokens "\n答\n\n\n", stripped "答". With p = 1.2 (newline 833.3, 答 791.7,
+    special 783.3) step 4 picks え 880 instead ("答え"); with p = 1.0 every step is a newline ("").
+    The prompt "こんにちは" holds none of these tokens (the penalty counts the prompt's tokens as seen)."""
+    model, tokenizer = leaning_llama
+    newline, answer, special, e = (token_id(tokenizer, "\n"), token_id(tokenizer, "答"),
+                                   tokenizer.convert_tokens_to_ids("<|start_header_id|>"), token_id(tokenizer, "え"))
+    inputs = tokenizer(PROMPTS[2], return_tensors="pt")
+    assert not {newline, answer, special, e} & set(inputs["input_ids"][0].tolist())
+    by_penalty = {}
+    for penalty in (1.0, 1.1, 1.2):  # the library on this model: the derivation holds and the penalty matters
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, repetition_penalty=penalty,
+                                 bad_words_ids=[[token_id(tokenizer, "#")]], pad_token_id=tokenizer.eos_token_id)
+        by_penalty[penalty] = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert by_penalty == {1.0: [newline] * 6, 1.1: [newline, answer, special, newline, newline, newline],
+                          1.2: [newline, answer, special, e, newline, newline]}
+    assert generation.generate(model, tokenizer, PROMPTS[2:], GenerationSettings(max_new_tokens=6)) == ["答"]
+
+
+@pytest.mark.claim("C19")
+def test_the_kv_cache_is_on_so_each_step_after_the_prompt_feeds_one_token(leaning_llama):
+    """With the cache the model sees the prompt once, then only the newest token per step; without it,
+    the whole sequence again at every step."""
+    model, tokenizer = leaning_llama
+    fed = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        generation.generate(model, tokenizer, PROMPTS[1:2], GenerationSettings(max_new_tokens=4))
+    finally:
+        hook.remove()
+    prompt_length = len(tokenizer(PROMPTS[1])["input_ids"])
+    assert fed == [prompt_length, 1, 1, 1]
