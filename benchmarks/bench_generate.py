@@ -80,7 +80,7 @@ def time_generation(model, batch: int, prompt: int, new: int, repeats: int, devi
 
 
 def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device: str) -> dict:
-    from reference import models
+    from reference import flops, models
 
     info = device_info(device)
     bandwidth = measured_bandwidth(device, 256 if device == "cpu" else 4096)
@@ -92,10 +92,10 @@ def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device:
             model.eval()
             weight_bytes = models.weight_bytes(model)
             runs = [time_generation(model, b, prompt, new, repeats, device) for b in sorted({1, batch})]
-            bound = bandwidth / weight_bytes
             for run in runs:
-                run["bandwidth_bound_tokens_per_s"] = bound * run["batch"]
-                run["fraction_of_bound"] = run["decode_tokens_per_s"] / run["bandwidth_bound_tokens_per_s"]
+                run["bandwidth_bound_tokens_per_s"] = flops.decode_bandwidth_bound(bandwidth, weight_bytes, run["batch"])
+                run["fraction_of_bound"] = flops.fraction_of_bandwidth_bound(run["decode_tokens_per_s"], bandwidth,
+                                                                             weight_bytes, run["batch"])
             variants.append({"quantization": "bf16" if quantization == "none" else "nf4", "weight_bytes": weight_bytes,
                              "runs": runs})
             del model

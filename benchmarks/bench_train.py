@@ -131,7 +131,7 @@ def compare(shape: str, seq: int, batch: int, steps: int, device: str, r: int = 
         runs = [train_steps(model_dir, q, device, batch, seq, steps, r) for q in ("nf4", "none")]
     for run in runs:
         run["model_flops_per_s"] = run["tokens_per_s"] * per_token
-        run["mfu"] = run["model_flops_per_s"] / peak
+        run["mfu"] = flops.model_flops_utilisation(run["tokens_per_s"], per_token, peak)
     nf4, bf16 = runs
     return {"benchmark": "train_step", "shape": shape, "seq_len": seq, "batch": batch, "lora_r": r,
             "gradient_checkpointing": True, "optimizer": "bitsandbytes AdamW 8-bit", "compute_dtype": "bfloat16",
