@@ -48,11 +48,6 @@ LLAMA31_DEFAULT_DATE = "26 Jul 2024"
 LLAMA31_KNOWLEDGE_CUTOFF = "December 2023"
 
 FORMATS = ("gemma2", "llama3.1", "alpaca-ja")
-DEFAULT_SPECIAL_TOKENS = {
-    "gemma2": {"bos_token": "<bos>", "eos_token": "<eos>"},
-    "llama3.1": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
-    "alpaca-ja": {"bos_token": "<bos>", "eos_token": "<eos>"},
-}
 
 SYSTEM_NOT_SUPPORTED = "System role not supported"
 ROLES_MUST_ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
@@ -124,7 +119,8 @@ def render_llama31(
             body = _tojson(content) if isinstance(content, (str, list, dict, tuple)) else str(content)
             parts.append(f"<|start_header_id|>ipython<|end_header_id|>\n\n{body}<|eot_id|>")
         else:
-            parts.append(f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n{_text(message['content'])}<|eot_id|>")
+            header = f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
+            parts.append(f"{header}{_text(message['content'])}<|eot_id|>")
     if add_generation_prompt:
         parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
     return "".join(parts)
@@ -152,17 +148,16 @@ def render(
     eos_token: str | None = None,
     date_string: str | None = None,
 ) -> str:
-    """Render messages in one of FORMATS with the readable renderers."""
+    """Render messages in one of FORMATS with the readable renderers (their own BOS/EOS unless given)."""
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    special = DEFAULT_SPECIAL_TOKENS[fmt]
-    bos_token = bos_token or special["bos_token"]
+    bos = {"bos_token": bos_token} if bos_token else {}
     if fmt == "gemma2":
-        return render_gemma2(messages, add_generation_prompt, bos_token)
+        return render_gemma2(messages, add_generation_prompt, **bos)
     if fmt == "llama3.1":
-        return render_llama31(messages, add_generation_prompt, bos_token, date_string or LLAMA31_DEFAULT_DATE)
+        return render_llama31(messages, add_generation_prompt, date_string=date_string or LLAMA31_DEFAULT_DATE, **bos)
     instruction, response = alpaca_fields(messages)
-    return render_alpaca_ja(instruction, response, eos_token or special["eos_token"])
+    return render_alpaca_ja(instruction, response, **({"eos_token": eos_token} if eos_token else {}))
 
 
 def attach_chat_template(tokenizer, fmt: str = "gemma2") -> bool:
@@ -198,6 +193,7 @@ def render_with_tokenizer(
     attach_chat_template(tokenizer, fmt)
     extra = {"date_string": date_string} if date_string else {}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
     except (jinja2.TemplateError, ValueError) as error:  # ValueError: transformers' own checks (no messages)
         raise TemplateError(str(error)) from None
