@@ -306,9 +306,10 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     settings = dpo.DPOSettings(beta=args.beta, learning_rate=args.lr, steps=args.steps)
     record = dpo.train(policy, tokenizer, pairs, settings, say=lambda text: print(text, file=sys.stderr))
     out = Path(args.output)
-    policy.save_pretrained(out, safe_serialization=True)
+    policy.save_pretrained(out, safe_serialization=True, selected_adapters=[policy.active_adapter])  # the policy only
     tokenizer.save_pretrained(out)
-    result = {**asdict(record), "model": asdict(identity), "pairs": len(pairs)}
+    result = {**asdict(record), "model": asdict(identity), "pairs": len(pairs), "adapter": args.adapter,
+              "reference": f"the starting adapter ({args.adapter or 'fresh, B = 0: the base'}), frozen"}
     (out / "dpo.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({"output": str(out), "losses": record.losses, "margins": record.margins}, indent=2))
     return 0
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "merging (default none; a base saved 4-bit is always dequantised)")
     p.set_defaults(func=cmd_merge)
 
+    from reference import generation, preference, retrieval  # light modules: the defaults live there
+
     p = sub.add_parser("generate", help="retrieved few-shot prompts and generation with the seed's settings (C18-C21)")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
     p.add_argument("--adapter", default=None, help="a saved LoRA adapter to generate with")
@@ -428,9 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", required=True, help="JSONL shot pool with 'input' and 'output' (Japanese-QA111 style)")
     p.add_argument("--embedder", default=str(Path(__file__).resolve().parent.parent / "fixtures" / "models" / "tiny-embedder"),
                    help="local sentence-transformers directory (default: the fixture embedder)")
-    p.add_argument("--k", type=int, default=20, help="shots retrieved per task (default 20, the seed's)")
-    p.add_argument("--window", type=int, default=4096, help="prompt tokens at most; least similar shots are dropped (default 4096)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="default 1024 (the seed's)")
+    p.add_argument("--k", type=int, default=retrieval.DEFAULT_K,
+                   help="shots retrieved per task (default %(default)s, the seed's)")
+    p.add_argument("--window", type=int, default=retrieval.DEFAULT_WINDOW,
+                   help="prompt tokens at most; least similar shots are dropped (default %(default)s, the seed's)")
+    p.add_argument("--max-new-tokens", type=int, default=generation.GenerationSettings.max_new_tokens,
+                   help="default %(default)s (the seed's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call, left-padded (default 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype (default float32)")
     p.add_argument("--output", required=True, help="JSONL of {task_id, output}")
@@ -442,8 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="competition-format JSONL: prompt, response_a, response_b (+ winner_* to train)")
     p.add_argument("--output", required=True, help="train: directory for adapter + preference.json; predict: JSONL of probabilities")
     p.add_argument("--adapter", default=None, help="predict: a trained classifier adapter")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per input (default 2048, the thread's)")
-    p.add_argument("--batch-size", type=int, default=4, help="default 4 (the thread's)")
+    p.add_argument("--max-length", type=int, default=preference.PreferenceConfig.max_length,
+                   help="tokens per input (default %(default)s, the thread's)")
+    p.add_argument("--batch-size", type=int, default=preference.PreferenceConfig.batch_size,
+                   help="default %(default)s (the thread's)")
     p.add_argument("--spread-max-length", action="store_true", help="cut each part to max_length // 3 instead of the joined input")
     p.add_argument("--tta", action="store_true", help="predict: average with a and b swapped")
     p.add_argument("--epochs", type=float, default=3.0, help="train: epochs (default 3)")
@@ -464,11 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="key=value", help="more recipe overrides (repeatable)")
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("dpo", help="DPO with a LoRA policy and the base as reference (claim D3)")
+    p = sub.add_parser("dpo", help="DPO with a LoRA policy; the reference is the starting adapter, frozen (D3, X9)")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
     p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected}")
     p.add_argument("--output", required=True, help="directory for the adapter, tokenizer and dpo.json")
-    p.add_argument("--adapter", default=None, help="start from this saved adapter (e.g. the SFT one), loaded trainable")
+    p.add_argument("--adapter", default=None,
+                   help="start from this saved adapter (e.g. the SFT one): the policy, and frozen, the reference")
     p.add_argument("--beta", type=float, default=0.1, help="KL strength beta (default 0.1)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps over all pairs (default 10)")

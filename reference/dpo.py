@@ -1,15 +1,25 @@
 """Direct Preference Optimisation (Rafailov et al., 2023), the method seed 003 asks about and seed 001 skipped.
 
 For a prompt x with a preferred answer y_w and a rejected one y_l, a policy pi_theta and a frozen
-reference pi_ref (here: the same model with its LoRA adapter switched off, so no second copy is held):
+reference pi_ref:
 
     r_w = beta * (log pi_theta(y_w|x) - log pi_ref(y_w|x))          the implicit reward of y_w
     r_l = beta * (log pi_theta(y_l|x) - log pi_ref(y_l|x))
     loss = -log sigmoid(r_w - r_l)                                   averaged over the pairs
 
-log pi(y|x) is the sum of the log-probabilities of the answer's tokens given everything before them
-(prompt tokens are not scored). At the start the adapter is the identity (B = 0), so r_w = r_l = 0
-and the loss is log 2. Training lowers it by raising the reward margin r_w - r_l.
+log pi(y|x) is the sum of the log-probabilities of the answer's tokens, its EOS included, given
+everything before them (prompt tokens are not scored). The policy is the model's LoRA adapter, trained;
+the reference is that adapter as it was when DPO started, copied under the name "reference" and frozen
+(pi_ref = pi_SFT when DPO starts from the SFT adapter), as trl's DPOTrainer does with a PeftModel (its
+"ref" adapter). So the first loss is exactly log 2 (r_w = r_l = 0) whatever the starting adapter; a fresh
+adapter (B = 0) adds exactly nothing, so its copy is the base model itself. Training lowers the loss by
+raising the reward margin r_w - r_l.
+
+Encoding, as trl's DPOTrainer: the prompt and the whole text (prompt + answer + EOS, EOS appended when
+the answer does not end with it) are each tokenized with one BOS; the answer starts where the two token
+lists first differ, taken over both answers of the pair, so a token that spans the prompt's end and the
+answer's start is scored as part of the answer. Sequences longer than max_length lose their end; a pair
+whose prompt alone fills max_length is dropped (no answer token would be left to score).
 
 Not handled here: the IPO/hinge variants, label smoothing, and reference log-probs precomputed once
 (they are recomputed each step, which costs a forward pass but keeps the code short).
@@ -18,10 +28,14 @@ Not handled here: the IPO/hinge variants, label smoothing, and reference log-pro
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reference.errors import InputError
+
+REFERENCE_ADAPTER = "reference"
+"""The name the frozen copy of the starting adapter gets in the PeftModel."""
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float):
@@ -34,16 +48,38 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return loss, chosen_rewards, rejected_rewards
 
 
-def encode_pair(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + answer (one BOS, EOS after the answer) and labels that score the answer only."""
+@dataclass
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def shared_prefix(ids: list[int], other: list[int]) -> int:
+    """How many leading tokens two token lists have in common."""
+    length = 0
+    for a, b in zip(ids, other, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def encode_pair(tokenizer, pair: PreferencePair, max_length: int):
+    """(chosen, rejected), each (token ids, labels that score the answer and its EOS only); None when the
+    prompt alone fills max_length (see the module docstring)."""
+    from reference.formats import encode_prompt
     from reference.sft import IGNORE_INDEX
 
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    return ids, labels
+    eos = tokenizer.eos_token
+    prompt = encode_prompt(tokenizer, pair.prompt)
+    wholes = [encode_prompt(tokenizer, pair.prompt + answer + ("" if answer.endswith(eos) else eos))
+              for answer in (pair.chosen, pair.rejected)]
+    answer_start = min(shared_prefix(prompt, whole) for whole in wholes)
+    if answer_start >= max_length:
+        return None
+    return tuple((whole[:max_length], ([IGNORE_INDEX] * answer_start + whole[answer_start:])[:max_length])
+                 for whole in wholes)
 
 
 def sequence_logprobs(model, batch: list[tuple[list[int], list[int]]], pad_token_id: int):
@@ -64,18 +100,41 @@ def sequence_logprobs(model, batch: list[tuple[list[int], list[int]]], pad_token
     return (token_logprobs * scored).sum(-1)
 
 
-@dataclass
-class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """JSONL rows with prompt, chosen and rejected text; a bad row is an error naming file and line."""
     from reference.data import read_text_rows
 
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in read_text_rows(path, ("prompt", "chosen", "rejected"))]
+    rows = read_text_rows(path, ("prompt", "chosen", "rejected"))
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+
+
+def keep_reference(model) -> None:
+    """Copy the policy's (active) adapter, as it is now, to a frozen adapter named REFERENCE_ADAPTER
+    (trl's "ref" adapter); a model that already holds one keeps it (a run that continues keeps its pi_ref)."""
+    import copy
+
+    import peft
+
+    if REFERENCE_ADAPTER in model.peft_config:
+        return
+    policy = model.active_adapter
+    model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(model.peft_config[policy]))
+    state = peft.get_peft_model_state_dict(model, adapter_name=policy)
+    outcome = peft.set_peft_model_state_dict(model, state, adapter_name=REFERENCE_ADAPTER)
+    if outcome.unexpected_keys:
+        raise RuntimeError(f"the reference copy of adapter {policy!r} did not take: {outcome.unexpected_keys[:3]}")
+    model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+
+
+@contextmanager
+def reference_of(model):
+    """The model answers as pi_ref inside: the frozen reference adapter active, then the policy again."""
+    policy = model.active_adapter
+    model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield model
+    finally:
+        model.set_adapter(policy)  # active and trainable again; the reference stays frozen
 
 
 @dataclass
@@ -94,27 +153,44 @@ class DPOSettings:
 @dataclass
 class DPORecord:
     settings: dict
+    pairs_dropped: int = 0
+    """Pairs whose prompt alone filled max_length (left out, as trl does)."""
     losses: list = field(default_factory=list)
     margins: list = field(default_factory=list)
     """Mean reward margin r_w - r_l at each step, before that step's update."""
+    reference_logps: list = field(default_factory=list)
+    """[mean log pi_ref(y_w|x), mean log pi_ref(y_l|x)] at each step: the same every step (pi_ref is frozen)."""
+
+
+def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int):
+    """(chosen sequences, rejected sequences, pairs dropped); an error when no pair is left."""
+    encoded = [e for e in (encode_pair(tokenizer, p, max_length) for p in pairs) if e is not None]
+    if not encoded:
+        raise InputError(f"dpo: every prompt fills max_length {max_length}; no answer token is left to score")
+    return [c for c, _ in encoded], [r for _, r in encoded], len(pairs) - len(encoded)
 
 
 def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, say=print) -> DPORecord:
-    """DPO on a peft model: the policy is the model with its adapter, the reference the same model without."""
+    """DPO on a peft model: the policy is its adapter, trained; the reference a frozen copy of that adapter
+    as DPO starts (keep_reference), left in the model under REFERENCE_ADAPTER."""
     import torch
 
     torch.manual_seed(settings.seed)
-    chosen = [encode_pair(tokenizer, p.prompt, p.chosen, settings.max_length) for p in pairs]
-    rejected = [encode_pair(tokenizer, p.prompt, p.rejected, settings.max_length) for p in pairs]
+    chosen, rejected, dropped = encode_pairs(tokenizer, pairs, settings.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not hasattr(model, "peft_config"):
+        raise InputError("dpo: the policy must be a peft model with a LoRA adapter (attach or load one)")
+    if not any(p.requires_grad for p in model.parameters()):
         raise InputError("dpo: the policy has no trainable weight (attach or load an adapter trainable)")
+    keep_reference(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
-    record = DPORecord(settings=asdict(settings))
+    record = DPORecord(settings=asdict(settings), pairs_dropped=dropped)
+    if dropped:
+        say(f"dpo: {dropped} pair(s) left out: the prompt alone fills max_length {settings.max_length}")
     model.train()
     for step in range(1, settings.steps + 1):
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), reference_of(model):
             reference_chosen = sequence_logprobs(model, chosen, pad)
             reference_rejected = sequence_logprobs(model, rejected, pad)
         loss, r_w, r_l = dpo_loss(sequence_logprobs(model, chosen, pad), sequence_logprobs(model, rejected, pad),
@@ -125,6 +201,7 @@ def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, 
         margin = float((r_w - r_l).detach().mean())
         record.losses.append(float(loss.detach()))
         record.margins.append(margin)
+        record.reference_logps.append([float(reference_chosen.mean()), float(reference_rejected.mean())])
         say(f"dpo step {step}/{settings.steps} loss {record.losses[-1]:.4f} reward margin {margin:+.4f} "
             f"(log 2 = {math.log(2):.4f} at the start)")
     return record

@@ -1,4 +1,7 @@
-"""DPO (reference/dpo.py): the loss by hand, and a few steps on the tiny Gemma-2 raise the reward margin."""
+"""DPO (reference/dpo.py): the loss by hand, the answer tokens scored, a few steps on the tiny Gemma-2 raise the
+reward margin, and the reference is the adapter DPO starts from, frozen (pi_ref = pi_SFT; trl's rule, X9).
+
+The comparisons with trl's DPOTrainer itself are in spec/test_trl.py."""
 
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ def test_the_dpo_loss_equals_the_formula_worked_by_hand():
 @pytest.mark.claim("D3")
 def test_sequence_log_probability_scores_the_answer_tokens_only(gemma_tokenizer, tiny_gemma2):
     """By hand: log-softmax at each position, summed over the answer's tokens (and its EOS) only."""
-    ids, labels = dpo.encode_pair(gemma_tokenizer, "質問：", "東京です。", 64)
+    pair = dpo.PreferencePair("質問：", "東京です。", "大阪です。")
+    (ids, labels), _ = dpo.encode_pair(gemma_tokenizer, pair, 64)
     with torch.no_grad():
         ours = dpo.sequence_logprobs(tiny_gemma2, [(ids, labels)], 0)[0]
         log_probs = torch.log_softmax(tiny_gemma2(input_ids=torch.tensor([ids])).logits[0].float(), -1)
@@ -39,19 +43,28 @@ def test_sequence_log_probability_scores_the_answer_tokens_only(gemma_tokenizer,
     assert ours.item() == pytest.approx(sum(log_probs[t - 1, ids[t]].item() for t in scored), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.claim("D3")
 def test_a_few_dpo_steps_on_a_lora_policy_raise_the_reward_margin(fixtures_dir, gemma_tokenizer):
-    """The policy is the tiny Gemma-2 with a fresh LoRA adapter, the reference the same model with the
-    adapter switched off. At step 1 the adapter is the identity, so the loss is exactly log 2 and the
-    margin 0; ten steps raise the margin; the base weights do not move."""
+    """The policy is the tiny Gemma-2 with a fresh LoRA adapter; the reference its frozen copy, which adds
+    exactly nothing (B = 0), so pi_ref is the base: its log-probs are the bare model's, every step. At step
+    1 the policy is the reference too, so the loss is exactly log 2 and the margin 0; ten steps raise the
+    margin; the base weights do not move, the adapter does."""
     model, _ = models.load_causal_lm(fixtures_dir / "models" / "tiny-gemma2")
-    policy = lora.attach(model, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]})
-    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
     pairs = dpo.read_pairs(fixtures_dir / "data" / "preference_pairs.jsonl")
+    chosen, rejected, _ = dpo.encode_pairs(gemma_tokenizer, pairs, dpo.DPOSettings().max_length)
+    with torch.no_grad():
+        base = [dpo.sequence_logprobs(model, s, gemma_tokenizer.pad_token_id).mean().item()
+                for s in (chosen, rejected)]
+    policy = lora.attach(model, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]})
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     record = dpo.train(policy, gemma_tokenizer, pairs, dpo.DPOSettings(steps=10, learning_rate=5e-3), say=lambda _: None)
     assert record.losses[0] == pytest.approx(math.log(2), abs=1e-6) and record.margins[0] == pytest.approx(0, abs=1e-6)
     assert record.margins[-1] > record.margins[0] + 0.05 and record.losses[-1] < record.losses[0]
-    assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if n in frozen)
+    assert all(step == pytest.approx(base, rel=1e-6) for step in record.reference_logps)
+    for name, param in policy.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name]) != param.requires_grad, name
 
 
 def test_preference_pairs_with_a_missing_field_are_named(tmp_path):
@@ -61,6 +74,7 @@ def test_preference_pairs_with_a_missing_field_are_named(tmp_path):
         dpo.read_pairs(bad)
 
 
+@pytest.mark.slow
 def test_dpo_command_trains_and_saves_an_adapter(tmp_path, fixtures_dir):
     result = subprocess.run([sys.executable, "-m", "reference", "dpo", "--model", str(fixtures_dir / "models" / "tiny-gemma2"),
                              "--data", str(fixtures_dir / "data" / "preference_pairs.jsonl"), "--output", str(tmp_path),
@@ -69,3 +83,50 @@ def test_dpo_command_trains_and_saves_an_adapter(tmp_path, fixtures_dir):
     summary = json.loads(result.stdout)
     assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-6) and len(summary["margins"]) == 3
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "dpo.json").is_file()
+    assert not (tmp_path / dpo.REFERENCE_ADAPTER).exists()  # the policy alone is saved
+
+
+def saved_adapter(directory, fixtures_dir):
+    """A saved LoRA adapter that is not the identity (peft's init_lora_weights=False: B != 0), with the
+    tokenizer, as the SFT command leaves one."""
+    import peft
+    from transformers import AutoTokenizer
+
+    model, _ = models.load_causal_lm(fixtures_dir / "models" / "tiny-gemma2")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                             init_lora_weights=False, task_type="CAUSAL_LM")
+    peft.get_peft_model(model, config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(str(fixtures_dir / "models" / "tiny-gemma2")).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X9", "D3")
+def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_path, fixtures_dir):
+    """`dpo --adapter`: the saved adapter is both the starting policy and, frozen, the reference (pi_ref =
+    pi_SFT, trl's "ref" adapter). So the first loss is exactly log 2 though the adapter is not zero (with the
+    base as reference it would not be: about 0.70); the reference log-probs are the same every step; the
+    saved adapter's files are untouched; the adapter written is the trained policy alone, and it moved."""
+    from safetensors.torch import load_file
+
+    from reference.train import sha256_of
+
+    start = saved_adapter(tmp_path / "sft", fixtures_dir)
+    digest = sha256_of(start)
+    out = tmp_path / "dpo"
+    command = [sys.executable, "-m", "reference", "dpo", "--model", str(fixtures_dir / "models" / "tiny-gemma2"),
+               "--data", str(fixtures_dir / "data" / "preference_pairs.jsonl"), "--output", str(out),
+               "--adapter", str(start), "--steps", "3", "--lr", "5e-3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["margins"][0] == pytest.approx(0, abs=1e-6) and summary["losses"][-1] < summary["losses"][0]
+    record = json.loads((out / "dpo.json").read_text(encoding="utf-8"))
+    assert record["reference_logps"] == [record["reference_logps"][0]] * 3
+    assert sha256_of(start) == digest
+    saved = load_file(str(start / "adapter_model.safetensors"))
+    trained = load_file(str(out / "adapter_model.safetensors"))
+    assert trained.keys() == saved.keys() and all(not torch.equal(trained[k], saved[k]) for k in saved)
+    assert not (out / dpo.REFERENCE_ADAPTER).exists()
