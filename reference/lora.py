@@ -155,7 +155,6 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path,
     model, identity = models.load_causal_lm(base_dir, dtype="bfloat16", quantization=quantization)
     if identity.quantization != "none":
         model = model.dequantize()
-        model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
     merged = load_adapter(model, adapter_dir, trainable=False).merge_and_unload()
     target = Path(output_dir)
     merged.save_pretrained(target, safe_serialization=True)

@@ -65,3 +65,17 @@ def test_an_unknown_lora_key_is_named():
 
     with pytest.raises(InputError, match="rank"):
         lora.lora_config({"rank": 8})
+
+
+@pytest.mark.claim("C12")
+def test_a_fresh_adapter_is_initialised_from_the_recipes_random_state(tiny_gemma2_dir):
+    """The seed's get_peft_model(random_state=3407): A is drawn from that seed, so two runs start from the
+    same adapter whatever the RNG did before, and another random_state starts elsewhere."""
+    def lora_a(random_state: int, seed_before: int) -> torch.Tensor:
+        torch.manual_seed(seed_before)  # whatever ran before
+        model, _ = models.load_causal_lm(tiny_gemma2_dir)
+        section = {**load_recipe("llm2024").lora, "random_state": random_state}
+        return lora.attach(model, section).base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+
+    assert torch.equal(lora_a(3407, seed_before=1), lora_a(3407, seed_before=2))
+    assert not torch.equal(lora_a(3407, seed_before=1), lora_a(1, seed_before=1))
