@@ -7,11 +7,15 @@ values:
 
     int8 (LLM.int8)   n bytes                      + out x 4 bytes   (one fp32 scale per output row)
     NF4               n / 2 bytes                  + ceil(n / 64) x 4 (one fp32 absmax per 64 values)
+                      + 16 x 4                                       (the NF4 map `code`: 16 fp32 values)
     NF4 + double q.   n / 2 bytes                  + ceil(n / 64) x 1 (the absmaxes quantised to 8 bit)
                       + ceil(ceil(n / 64) / 256) x 4 + 4             (their fp32 absmax per 256, one offset)
+                      + 16 x 4 + 256 x 4                             (the NF4 map and the absmaxes' 8-bit map)
 
 so NF4 costs 4.5 bits a value, and 4.127 with double quantisation (the QLoRA paper's 0.5 -> 0.127
-bits of constants). The parameter counts come from the real model class built on the meta device
+bits of constants), plus the two small maps bitsandbytes keeps beside every weight (each layer holds
+its own copy; 1,088 bytes under double quantisation, which outweighs the saving on a tiny layer).
+The parameter counts come from the real model class built on the meta device
 (no memory, no weights), so the arithmetic covers exactly the modules the library creates. The spec
 compares these numbers with what a loaded fixture model actually holds (reference.models.weight_bytes).
 """
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 SCHEMES = ("fp32", "bf16", "int8", "nf4", "nf4-dq")
 BLOCK = 64  # values per NF4 absmax (bitsandbytes' default blocksize)
 NESTED_BLOCK = 256  # absmaxes per second-level absmax under double quantisation
+NF4_CODE = 16 * 4  # the NF4 quantisation map (16 fp32 values) each quantised weight keeps
+NESTED_CODE = 256 * 4  # under double quantisation, the 8-bit dynamic map of its absmaxes (256 fp32 values)
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,8 @@ def nf4_constants(n: int, double_quant: bool) -> int:
     """Bytes of quantisation constants for one NF4 weight of n values."""
     blocks = math.ceil(n / BLOCK)
     if not double_quant:
-        return blocks * 4
-    return blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + 4
+        return blocks * 4 + NF4_CODE
+    return blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + 4 + NF4_CODE + NESTED_CODE
 
 
 def weight_memory(params: Parameters, scheme: str, other_bytes: int = 2) -> int:

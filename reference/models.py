@@ -143,7 +143,8 @@ def quantize_and_save(path: str | Path, output: str | Path, quantization: str = 
 
 def weight_bytes(model) -> int:
     """Bytes the model's weights take as loaded: parameters at their stored size plus the quantisation
-    constants bitsandbytes keeps beside packed weights (NF4 absmax, nested or not; int8 SCB). Buffers
+    constants bitsandbytes keeps beside packed weights (NF4 absmax, nested or not, the offset and the
+    quantisation maps `code`; int8 SCB). Buffers
     (rotary frequencies, Gemma's embedding normaliser) are not weights and are left out."""
     import torch
 
@@ -160,6 +161,7 @@ def weight_bytes(model) -> int:
         state = getattr(tensor, "quant_state", None)
         while state is not None:  # NF4: absmax (quantised again under double quantisation) and its own state
             add(state.absmax)
+            add(state.code)
             add(getattr(state, "offset", None))
             state = getattr(state, "state2", None)
         add(getattr(tensor, "SCB", None))

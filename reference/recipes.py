@@ -12,7 +12,10 @@ Mapping onto the installed transformers is explicit:
 * arguments this machine cannot honour (``tf32`` without an Ampere GPU, ``bf16`` without CUDA needs
   ``use_cpu``) are adapted and reported, never dropped silently.
 
-``resolved_settings`` writes out every TrainingArguments field, defaults included (claim P12).
+``run_arguments`` builds the one ``TrainingArguments`` a ``train`` run hands its Trainer: the recipe mapped,
+plus ``RUN_SETTINGS`` (how every run feeds and reports) and activation checkpointing as the recipe asks.
+``resolved_settings`` writes out every field of that object, defaults included (claims P12, X8): what the
+manifest records is what the Trainer ran with, never a second object built alongside.
 """
 
 from __future__ import annotations
@@ -201,6 +204,25 @@ def to_training_arguments(recipe: Recipe, output_dir: str | None = None, **extra
         raise InputError(f"recipe {recipe.name!r}: TrainingArguments rejected the settings: {error}") from None
 
 
+RUN_SETTINGS = {
+    "remove_unused_columns": False,  # the records arrive encoded (input_ids, labels): keep every column
+    "disable_tqdm": True,  # one progress line per optimizer step instead of a bar (reference.train)
+    "use_cache": False,  # C15: the Trainer sets model.config.use_cache from this; generation turns it back on
+}
+
+
+def gradient_checkpointing(recipe: Recipe, kwargs: dict) -> bool:
+    """On when the recipe's [sft] asks for it (seed 001) or its TrainingArguments do (the primer's)."""
+    return bool(recipe.sft.get("gradient_checkpointing") or kwargs.get("activation_checkpointing"))
+
+
+def run_arguments(recipe: Recipe, output_dir: str | None = None):
+    """The TrainingArguments a `train` run uses: the recipe's, RUN_SETTINGS, and activation checkpointing."""
+    kwargs = map_training_arguments(recipe, output_dir).kwargs
+    return to_training_arguments(recipe, output_dir, **RUN_SETTINGS,
+                                 activation_checkpointing=gradient_checkpointing(recipe, kwargs))
+
+
 def package_versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -215,10 +237,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe") -> dict:
-    """Every setting a run with this recipe uses, defaults included, and how each was arrived at."""
+def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe", args=None) -> dict:
+    """Every setting a run with this recipe uses, defaults included, and how each was arrived at.
+
+    `args`: the TrainingArguments the run hands its Trainer (by default the ones `run_arguments` builds);
+    their `to_dict()` is recorded as it is (it writes any `*_token` value as a placeholder)."""
     mapping = map_training_arguments(recipe, output_dir)
-    args = to_training_arguments(recipe, output_dir)
+    args = run_arguments(recipe, output_dir) if args is None else args
     return {
         "recipe": {"name": recipe.name, "source": recipe.source, "path": recipe.path, "sha256": recipe.sha256,
                    "format": recipe.format, "base_model": recipe.base_model},
@@ -226,6 +251,7 @@ def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe") -> dict:
         "training_arguments_given": recipe.training_arguments,
         "migrations": mapping.migrations,
         "adaptations": mapping.adaptations,
+        "run_settings": {**RUN_SETTINGS, "activation_checkpointing": args.activation_checkpointing},
         "departures": recipe.departures,
         "lora": _lora_resolved(recipe.lora) if recipe.lora else {},
         "quantization": recipe.quantization,

@@ -3,10 +3,14 @@ run record out. The pieces are the real ones: a `transformers.Trainer`, peft LoR
 NF4 base (bitsandbytes), the recipe's optimizer (`adamw_8bit` runs on the CPU too) and schedule.
 
 What a run does, in order (seed 001 §2.2.2 for the llm2024 recipe):
-1. resolve the recipe (overrides applied, arguments mapped onto the installed transformers: P12);
+1. resolve the recipe (overrides applied, arguments mapped onto the installed transformers: P12) into the
+   one TrainingArguments the Trainer gets; the manifest records that object's to_dict() (X8);
 2. read the records and encode them (reference.sft: the recipe's format, labels, max_seq_length);
-3. load the base (quantised as the recipe says), attach a fresh LoRA adapter (none: full fine-tuning);
-4. train with `use_cache` off (gradient checkpointing), then turn it back on for generation (C15);
+3. load the base (quantised as the recipe says), attach a fresh LoRA adapter or load a saved one trainable
+   (none: full fine-tuning), say which, and refuse a model with nothing to train (A2);
+4. train with `use_cache` off (the run's `use_cache=False`, which the Trainer puts on the model's config: a
+   cache is useless, and wasteful, while checkpointing a training pass), then turn it back on for generation
+   (C15);
 5. save adapter and tokenizer to the output directory, which reloads (C16), and `manifest.json`:
    resolved settings, versions, data and model hashes, the step plan, per-step loss and tokens/s (X2).
 
@@ -194,15 +198,21 @@ def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dty
     if adapter is not None:
         model = lora.load_adapter(lora.prepare_base(model, checkpointing), adapter, trainable=True)
         adapter_info = {"mode": "loaded", "path": str(Path(adapter).resolve()), "sha256": sha256_of(adapter)}
-        say(f"adapter loaded from {adapter} (trainable), not created")
+        what = f"adapter loaded from {adapter}, not created"
     elif recipe.lora:
         model = lora.attach(model, recipe.lora, gradient_checkpointing=checkpointing)
         adapter_info = {"mode": "created", "r": recipe.lora.get("r"), "lora_alpha": recipe.lora.get("lora_alpha")}
+        what = f"adapter created fresh (r={adapter_info['r']}, lora_alpha={adapter_info['lora_alpha']}), not loaded"
     else:
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
         adapter_info = {"mode": "none (full fine-tuning)"}
-    lora.require_trainable(model)
+        what = "no adapter: full fine-tuning"
+    try:
+        trainable = lora.require_trainable(model)
+    except InputError as error:  # seed 000's trap: say which adapter it was before refusing
+        raise InputError(f"{what}: {error}") from None
+    say(f"{what}; {trainable:,} weights trainable")
     return model, identity, weight_bytes, adapter_info
 
 
@@ -213,33 +223,26 @@ def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict |
     `adapter`: continue training that saved adapter (a new schedule from step 0). `resume`: carry on
     from the newest complete checkpoint in output/checkpoints (optimizer, scheduler, RNG state and
     step restored). `before_train(trainer)` is called once the Trainer is built (tests observe the run)."""
-    from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
+    from transformers import AutoTokenizer, PrinterCallback
 
     from reference import checkpoints, lora, models, recipes, sft
 
     directory = models.require_model_dir(model_dir)  # first: a wrong model fails before any work
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
-    mapping = recipes.map_training_arguments(recipe, str(checkpoint_dir))
-    settings = recipes.resolved_settings(recipe, str(checkpoint_dir))
+    args = recipes.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
+    settings = recipes.resolved_settings(recipe, str(checkpoint_dir), args=args)
     tokenizer = AutoTokenizer.from_pretrained(str(Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file()
                                                   else directory), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoded, data_info = encode_data(recipe, tokenizer, data_path, columns)
 
-    kwargs = mapping.kwargs
-    checkpointing = bool(recipe.sft.get("gradient_checkpointing") or kwargs.get("activation_checkpointing"))
-    try:
-        args = TrainingArguments(**{**kwargs, "remove_unused_columns": False, "activation_checkpointing": checkpointing,
-                                    "disable_tqdm": True})  # one line per step instead (Reporter)
-    except (ValueError, TypeError) as error:
-        raise InputError(f"recipe {recipe.name!r}: TrainingArguments rejected the settings: {error}") from None
+    checkpointing = args.activation_checkpointing
     if args.process_index != 0:  # under torchrun the main process reports for all
         say = lambda text: None  # noqa: E731
     model, identity, weight_bytes, adapter_info = prepare_model(
-        recipe, directory, str(args.device), checkpointing, "bfloat16" if kwargs.get("bf16") else "float32", adapter, say)
-    model.config.use_cache = False  # C15: the cache is useless (and wasteful) while checkpointing a training pass
+        recipe, directory, str(args.device), checkpointing, "bfloat16" if args.bf16 else "float32", adapter, say)
     trainable, total = lora.count_trainable(model)
 
     record = RunRecord(settings=settings, model=asdict(identity), trainable_parameters=trainable, all_parameters=total,
@@ -254,7 +257,8 @@ def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict |
     if before_train is not None:
         before_train(trainer)
     say(f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
-        f"base {identity.quantization} ({identity.path})" + (f", resuming from {resume_from.name}" if resume_from else ""))
+        f"weights {weight_bytes:,} bytes, base {identity.quantization} ({identity.path})"
+        + (f", resuming from {resume_from.name}" if resume_from else ""))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     record.train_seconds = time.perf_counter() - started

@@ -1,4 +1,9 @@
-"""Watching a training run from a spec test: the trainer, the weights before training, use_cache per step."""
+"""Watching a training run from a spec test: the trainer, its arguments, the weights before training, and per
+optimizer step what the model was fed (attention_mask sums of the micro-batches), use_cache and checkpointing.
+
+What is seen here is seen from outside the code under test: the Trainer's own arguments object, forward
+hooks on the model, a callback of our own. Nothing is read back from reference.train's records.
+"""
 
 from __future__ import annotations
 
@@ -12,24 +17,59 @@ SHORT = ["max_steps=4", "per_device_train_batch_size=4", "gradient_accumulation_
 QA_COLUMNS = {"instruction": "input", "response": "output"}
 
 
+def unwrapped(model):
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.base_model.model if hasattr(model, "peft_config") else model
+
+
 class Observed:
-    """What a test sees of a run: the trainer, the weights before training, use_cache at each step."""
+    """What a test sees of a run: the trainer, its arguments, the weights before training, and per step
+    use_cache, activation checkpointing and the micro-batches' real-token counts."""
 
     def __init__(self):
-        self.lines, self.use_cache, self.before = [], [], {}
+        self.lines, self.use_cache, self.checkpointing, self.before = [], [], [], {}
+        self.arguments: dict = {}
+        """trainer.args.to_dict() as the Trainer was handed them."""
+        self.step_tokens: list[list[int]] = []
+        """Per optimizer step, attention_mask.sum() of each micro-batch the model was fed in that step."""
+        self.padded_micro_batches = 0
+        """Micro-batches with at least one padding position (attention_mask 0)."""
 
     def before_train(self, trainer):
         from transformers import TrainerCallback
 
         self.trainer = trainer
+        self.arguments = trainer.args.to_dict()
         self.before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        observed = self
+        observed, window = self, []
 
-        class UseCache(TrainerCallback):
+        def count(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if module.training and mask is not None and observed.counting:
+                window.append(int(mask.sum()))
+                observed.padded_micro_batches += int(bool((mask == 0).any()))
+
+        self.counting = False
+        trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+
+        class Watch(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                observed.counting = True  # a retry (auto_find_batch_size) starts the count again
+                observed.step_tokens.clear()
+                window.clear()
+
             def on_step_begin(self, args, state, control, model=None, **kwargs):
                 observed.use_cache.append(model.config.use_cache)
+                observed.checkpointing.append(unwrapped(model).is_activation_checkpointing)
 
-        trainer.add_callback(UseCache())
+            def on_step_end(self, args, state, control, **kwargs):
+                observed.step_tokens.append(list(window))
+                window.clear()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                observed.counting = False
+
+        trainer.add_callback(Watch())
 
 
 def run_recipe(recipe, model_dir, data, output, observed: Observed, **options):

@@ -42,10 +42,68 @@ def test_every_format_loads_as_records_with_columns_mapped(tmp_path, fmt):
 
 @pytest.mark.claim("P2", "C3")
 def test_magpie_rows_load_as_first_user_and_assistant_turns(fixtures_dir):
+    """80 lines, 80 records. Hand-copied from the fixture: m001 is one user and one assistant turn; m019 has
+    no assistant turn (response ""); m023 opens with a system turn and has two exchanges (the first user
+    and the first assistant turn are taken); m042 has only an assistant turn (instruction ""); m062 is empty."""
     records = load_records(fixtures_dir / "data" / "magpie_sample.jsonl")
     assert len(records) == 80 and records.column_names == ["instruction", "response"]
-    streamed = [p for p in read_pairs(fixtures_dir / "data" / "magpie_sample.jsonl")]
-    assert records.to_list() == [{"instruction": p.instruction, "response": p.response} for p in streamed]
+    assert records[0] == {"instruction": "肉じゃがをおいしく作るコツを教えてください。", "response": (
+        "肉じゃがをおいしく作るには、最初に牛肉を炒めて香りを出してから野菜を加えるのがポイントです。じゃがいもは"
+        "煮崩れしにくいメークインを使うと、形がきれいに残ります。調味料は砂糖を先に入れ、しょうゆは後から加えると"
+        "味がしみ込みやすくなります。火を止めてからしばらく置くと、さらに味がなじみます。")}
+    assert records[18] == {"instruction": "おいしいコーヒーの入れ方を教えてください。", "response": ""}
+    assert records[22] == {"instruction": "そばとうどんの違いを教えてください。", "response": (
+        "そばはそば粉を主な原料とした麺で、細めで独特の香りがあるのが特徴です。一方、うどんは小麦粉から作られ、"
+        "太くてもちもちとした食感があります。一般に、東日本ではそば、西日本ではうどんが好まれる傾向があるといわれて"
+        "います。")}
+    assert records[41] == {"instruction": "", "response": (
+        "コーヒーをおいしく入れるには、豆を飲む直前にひくことが大切です。お湯は沸騰してから少し冷まし、九十度前後で"
+        "注ぐと苦みが出すぎません。最初に少量のお湯で粉を蒸らすと、香りがしっかり引き出されます。")}
+    assert records[61] == {"instruction": "", "response": ""}
+
+
+@pytest.mark.claim("P2", "C3")
+def test_magpie_turns_are_chosen_by_role_not_by_position(tmp_path):
+    """Written here: the assistant speaks first, then the user twice and the assistant again."""
+    path = tmp_path / "magpie.jsonl"
+    turns = [{"role": "assistant", "content": "先に答え"}, {"role": "user", "content": "一つ目の質問"},
+             {"role": "user", "content": "二つ目の質問"}, {"role": "assistant", "content": "後の答え"}]
+    path.write_text(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_records(path).to_list() == [{"instruction": "一つ目の質問", "response": "先に答え"}]
+
+
+@pytest.mark.claim("P2")
+@pytest.mark.parametrize("conversations", ["text, not turns", [{"content": "no role"}],
+                                           [{"role": "user", "content": 3}]])
+def test_a_magpie_row_that_is_not_a_list_of_turns_names_file_row_and_column(tmp_path, conversations):
+    path = tmp_path / "magpie.jsonl"
+    rows = [{"conversations": [{"role": "user", "content": "質問"}]}, {"conversations": conversations}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(InputError) as error:
+        load_records(path)
+    assert f"{path}, row 2" in str(error.value)
+
+
+@pytest.mark.claim("P2")
+@pytest.mark.parametrize("suffix, text, where", [
+    (".jsonl", '{"input": "a", "output": "b"}\n\n{"input": "c" "output": "d"}\n', "row 2 (line 3): not JSON"),
+    (".jsonl", '{"input": "a", "output": "b"}\n"just a string"\n', "row 2 (line 2): expected a JSON object"),
+    (".json", '[{"input": "a", "output": "b"},\n {"input": "c" "output": "d"}]\n', "line 2, column 16: not JSON"),
+    (".csv", "input,output\na,b\nc,d,e\n", "row 2 (line 3): 3 fields, the header has 2"),
+    (".csv", 'input,output\n"a,b\n', "row 1 (line 2)"),
+    (".jsonl", b'{"input": "a", "output": "b"}\n{"input": "\xff", "output": "c"}\n', "line 2: not UTF-8"),
+], ids=["jsonl-not-json", "jsonl-not-an-object", "json-document", "csv-extra-field", "csv-open-quote", "not-utf8"])
+def test_an_unreadable_row_names_the_file_and_the_row(tmp_path, suffix, text, where):
+    """Rows count records from 1 (blank lines and the CSV header are no records); lines count the file's lines.
+    A JSON document (not JSON Lines) has no rows: its line and column are named."""
+    path = tmp_path / f"data{suffix}"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as error:
+        load_records(path, QA111_COLUMNS)
+    assert f"{path}, {where}" in str(error.value)
 
 
 @pytest.mark.claim("P2")

@@ -98,11 +98,50 @@ def test_an_unknown_argument_is_named_never_dropped(tmp_path):
         map_training_arguments(load_recipe(path))
 
 
+@pytest.mark.claim("P7")
+@pytest.mark.parametrize("arguments, message", [
+    ("warmup_ratio = 1.0", "warmup_ratio=1.0: must be in [0, 1)"),
+    ("warmup_ratio = -0.01", "warmup_ratio=-0.01: must be in [0, 1)"),
+    ("warmup_ratio = 0.1\nwarmup_steps = 5", "sets both warmup_ratio=0.1 and warmup_steps=5"),
+    ("gradient_checkpointing = true\nactivation_checkpointing = true",
+     "sets both gradient_checkpointing and its new name"),
+], ids=["ratio-1", "ratio-negative", "ratio-and-steps", "old-and-new-name"])
+def test_a_migration_that_cannot_be_made_is_refused(tmp_path, arguments, message):
+    path = tmp_path / "r.toml"
+    path.write_text(f'name = "r"\nsource = "x"\n[training_arguments]\n{arguments}\n', encoding="utf-8")
+    with pytest.raises(InputError) as error:
+        map_training_arguments(load_recipe(path))
+    assert message in str(error.value)
+
+
+@pytest.mark.claim("P7")
+@pytest.mark.parametrize("ratio, warmup_steps_of_1000", [(0.0, 0), (0.999, 999)])
+def test_warmup_ratios_from_0_up_to_below_1_become_fractional_warmup_steps(tmp_path, ratio, warmup_steps_of_1000):
+    """The interval's ends by hand: 0 -> no warmup; 0.999 of 1,000 steps -> ceil(999.0) = 999."""
+    path = tmp_path / "r.toml"
+    path.write_text(f'name = "r"\nsource = "x"\n[training_arguments]\nwarmup_ratio = {ratio}\n', encoding="utf-8")
+    args = to_training_arguments(load_recipe(path), output_dir=str(tmp_path))
+    assert args.warmup_steps == ratio and args.get_warmup_steps(1000) == warmup_steps_of_1000
+
+
+@pytest.mark.claim("P7")
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU adaptations apply only without CUDA")
+def test_without_cuda_fp16_becomes_bf16_on_the_cpu_and_is_reported(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('name = "r"\nsource = "x"\n[training_arguments]\nfp16 = true\n', encoding="utf-8")
+    mapping = map_training_arguments(load_recipe(path))
+    assert (mapping.kwargs["fp16"], mapping.kwargs["bf16"], mapping.kwargs["use_cpu"]) == (False, True, True)
+    assert any(note.startswith("fp16=True -> bf16=True") for note in mapping.adaptations)
+    assert any(note.startswith("use_cpu=True") for note in mapping.adaptations)
+
+
 @pytest.mark.claim("C13")
 def test_llm2024_recipe_holds_the_solutions_trainer_settings():
     recipe = load_recipe("llm2024")
     assert as_written_in_source(recipe) == LLM2024_ARGUMENTS
-    assert recipe.sft["max_seq_length"] == 2048 and recipe.sft["packing"] is False
+    assert recipe.sft == {"max_seq_length": 2048, "packing": False, "dataset_text_field": "text", "dataset_num_proc": 2,
+                          "shuffle_seed": 45, "gradient_checkpointing": True, "use_cache_during_training": False,
+                          "loss_on": "all"}
     assert recipe.format == "alpaca-ja"
     assert recipe.quantization == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                                    "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
@@ -120,8 +159,9 @@ def test_llm2024_maps_onto_a_real_training_arguments(tmp_path):
 @pytest.mark.claim("C12", "C13")
 def test_llm2024_lora_settings_are_the_solutions():
     lora = load_recipe("llm2024").lora
-    assert (lora["r"], lora["lora_alpha"], lora["lora_dropout"], lora["bias"], lora["use_rslora"]) == (64, 64, 0.0, "none", False)
-    assert lora["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert lora == {"r": 64, "lora_alpha": 64, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                    "random_state": 3407, "task_type": "CAUSAL_LM"}
 
 
 @pytest.mark.claim("C17")
@@ -172,6 +212,23 @@ def test_resolved_settings_write_out_every_training_argument_default_included():
     assert len(settings["recipe"]["sha256"]) == 64
 
 
+@pytest.mark.claim("P12", "X8")
+@pytest.mark.parametrize("recipe, checkpointing", [("llm2024", True), ("primer", True), ("plain", False)])
+def test_resolved_settings_are_the_arguments_a_train_run_hands_its_trainer(tmp_path, recipe, checkpointing):
+    """Besides the recipe's own: records arrive encoded, so every column is kept (remove_unused_columns False);
+    one line per step replaces the bar (disable_tqdm True); no KV cache while training (use_cache False, C15,
+    which the Trainer copies onto the model's config); activation checkpointing is on when the recipe asks
+    for it in [sft] (llm2024) or in its arguments (the primer's gradient_checkpointing), off otherwise."""
+    if recipe == "plain":
+        (tmp_path / "plain.toml").write_text('name = "plain"\nsource = "x"\n', encoding="utf-8")
+        recipe = str(tmp_path / "plain.toml")
+    arguments = resolved_settings(load_recipe(recipe))["training_arguments"]
+    run_settings = (arguments["remove_unused_columns"], arguments["disable_tqdm"], arguments["use_cache"])
+    assert run_settings == (False, True, False)
+    assert arguments["activation_checkpointing"] is checkpointing
+
+
+@pytest.mark.slow
 @pytest.mark.claim("P12")
 def test_recipe_command_prints_resolved_settings_as_json():
     result = subprocess.run([sys.executable, "-m", "reference", "recipe", "llm2024", "--resolved"],

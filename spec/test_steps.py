@@ -86,6 +86,49 @@ CASES = {
     "no_saving": StepSettings(records=6, batch_size=2, epochs=2, save_strategy="no", logging_steps=2),
 }
 
+# The same cases by hand, as (micro-batches in the run, optimizer steps, epochs run, checkpoints written,
+# checkpoint steps kept, loss log lines). mb/epoch = ceil(records / batch) (records // batch when dropping
+# the last); steps/epoch = ceil(mb / accumulation); total = max_steps or ceil(epochs x steps/epoch); a
+# checkpoint every save_steps and at the last step (epoch strategy: at each epoch's end); logging likewise.
+EXPECTED = {
+    # 11/2 -> 6 mb; 6/4 -> 2 steps/epoch (windows 4 + 2); 2 epochs: 4 steps, 12 mb; saved only at the end (4).
+    "partial_last_window": (12, 4, 2, 1, [4], 0),
+    # 5/2 -> 3 mb; 3/8 -> 1 step/epoch of 3 mb; 3 epochs: 3 steps, 9 mb; saved at 3.
+    "fewer_micro_batches_than_grad_accum": (9, 3, 3, 1, [3], 0),
+    # 10/2 -> 5 mb, 3 steps/epoch; 1.5 epochs -> ceil(4.5) = 5 steps: 5 mb + 2 steps x 2 mb = 9 mb; saved at 5.
+    "fractional_epochs": (9, 5, 2, 1, [5], 0),
+    # 9/2 -> 5 mb, 3 steps/epoch; 7 steps = 2 epochs (10 mb) + 1 step (2 mb) = 12 mb over 3 epochs; saved at 7.
+    "max_steps_crosses_epochs": (12, 7, 3, 1, [7], 0),
+    # 40/2 -> 20 mb, 10 steps/epoch; 3 steps take 6 mb of the first epoch; saved at 3.
+    "max_steps_inside_first_epoch": (6, 3, 1, 1, [3], 0),
+    # 16/2 -> 8 steps; saved at 3, 6 and the last step 8; keep 2 -> 6, 8.
+    "save_steps_and_total_limit": (8, 8, 1, 3, [6, 8], 0),
+    # 20/2 -> 10 steps/epoch; 1.3 epochs -> 13 steps, 10 + 3 mb; save every ceil(13 x 0.25) = 4 -> 4, 8, 12, 13;
+    # log every ceil(13 x 0.2) = 3 -> 3, 6, 9, 12.
+    "fractional_save_and_logging_steps": (13, 13, 2, 4, [4, 8, 12, 13], 4),
+    # 12/4 -> 3 steps/epoch; 2.5 epochs -> ceil(7.5) = 8 steps over 3 epochs; saved at 3, 6, 8; keep 2 -> 6, 8.
+    "save_per_epoch_with_fractional_epochs": (8, 8, 3, 3, [6, 8], 0),
+    # 14 mb, 7 steps; saved at 7; logged at 1 (first step), 3 and 6.
+    "logging_first_step_and_every_3": (14, 7, 1, 1, [7], 3),
+    # 7/2 -> 4 mb = 4 steps/epoch; 3 epochs: 12 steps; saved at 12; one loss line per epoch.
+    "logging_per_epoch": (12, 12, 3, 1, [12], 3),
+    # 11 // 3 = 3 full batches; 3/2 -> 2 steps/epoch; 2 epochs: 4 steps, 6 mb; saved at 4; logged every step.
+    "drop_last": (6, 4, 2, 1, [4], 4),
+    # 6/2 -> 3 steps/epoch, 6 steps; no checkpoints; logged at 2, 4, 6.
+    "no_saving": (6, 6, 2, 0, [], 3),
+}
+
+
+def counted(p) -> tuple:
+    return (p.micro_batches, p.total_optimizer_steps, p.epochs_run, p.checkpoints_written, p.checkpoint_steps_kept,
+            p.log_lines)
+
+
+@pytest.mark.claim("P10")
+@pytest.mark.parametrize("name", list(CASES))
+def test_step_plan_by_hand(name):
+    assert counted(plan(CASES[name])) == EXPECTED[name]
+
 
 @pytest.mark.claim("P10")
 @pytest.mark.parametrize("name", list(CASES))
@@ -138,8 +181,11 @@ def test_fractional_warmup_rounds_up_and_the_trainer_warms_up_that_long(tmp_path
 
 
 @pytest.mark.claim("P10")
-def test_whole_warmup_steps_are_taken_as_given():
-    assert plan(StepSettings(records=100, batch_size=1, epochs=1, warmup=7)).warmup_steps == 7
+@pytest.mark.parametrize("warmup, steps", [(7, 7), (1, 1), (0.125, 13), (0, 0)])
+def test_whole_warmup_steps_are_taken_as_given_and_fractions_round_up(warmup, steps):
+    """100 records, batch 1 -> 100 steps. 7 -> 7 steps; 1 -> 1 step (a whole number, not the whole run);
+    0.125 -> 100 x 0.125 = 12.5, rounded up to 13; 0 -> none."""
+    assert plan(StepSettings(records=100, batch_size=1, epochs=1, warmup=warmup)).warmup_steps == steps
 
 
 @pytest.mark.claim("P10", "X3")
@@ -176,14 +222,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.claim("P9", "L4")
 def test_steps_cli_prints_json_with_the_contract_keys():
-    result = run_cli("steps", "--records", "10000", "--batch-size", "2", "--epochs", "3", "--json")
+    """15,000 steps (P9); warmup 0.125 of them = 1,875; STEPS_PER_EPOCH = 10,000 // 2 = 5,000."""
+    result = run_cli("steps", "--records", "10000", "--batch-size", "2", "--epochs", "3", "--warmup", "0.125",
+                     "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     for key in ("micro_batches", "micro_batches_per_epoch", "optimizer_steps_per_epoch", "total_optimizer_steps",
                 "effective_batch_size", "warmup_steps", "checkpoints_written", "checkpoints_kept", "log_lines",
                 "custom_loop_steps_per_epoch"):
         assert key in data
-    assert data["total_optimizer_steps"] == 15_000
+    assert (data["total_optimizer_steps"], data["warmup_steps"]) == (15_000, 1_875)
+    assert data["custom_loop_steps_per_epoch"] == 5_000
     assert data["checkpoints_written"] == 30  # every 500 steps (the Trainer's default) up to 15,000
 
 
