@@ -502,13 +502,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        end_process_group()
+        return code
     except InputError as error:
         print(f"ftref {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ftref {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def end_process_group() -> None:
+    """Under torchrun the Trainer opens a process group and nothing closes it; its gloo threads then live
+    into interpreter shutdown, where torch can abort one rank (SIGABRT) after a successful run. Close it
+    here, once every rank has finished its command. Imports nothing when torch was never loaded (filter,
+    render, steps)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
