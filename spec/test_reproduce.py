@@ -13,6 +13,7 @@ from reference.recipes import apply_overrides, load_recipe
 from spec.observe import SHORT, Observed, run_recipe
 
 
+@pytest.mark.slow
 @pytest.mark.claim("X2")
 def test_verify_says_a_repeated_run_reproduces_and_names_where_a_changed_one_diverges(tmp_path, fixtures_dir):
     """Same recipe, model and data twice on the CPU: every per-step loss equal. A third run with another
@@ -36,6 +37,7 @@ def test_verify_says_a_repeated_run_reproduces_and_names_where_a_changed_one_div
     assert missing.returncode == 2 and "nope" in missing.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.claim("C10", "X2")
 def test_the_main_job_runs_the_llm2024_pipeline_end_to_end(tmp_path):
     result = subprocess.run([sys.executable, "-m", "reference", "reproduce", "--output", str(tmp_path)],
