@@ -1,46 +1,69 @@
 """Does one run reproduce another? Two run records (manifest.json, written by reference.train) compared.
 
-A run reproduces another when it trained the same model (weight hash) on the same data (hash) with
-the same settings (every TrainingArguments field but the paths, LoRA, quantisation, SFT settings)
-and the same step plan, and its per-step losses agree within `rtol`. Package versions are compared
-and reported; a difference there is named but is not by itself a failure (it is often the reason
-for a loss divergence, which is). The first divergent step is reported with both losses.
+A run reproduces another when it trained the same model (weight hash) on the same data (hash) with the same
+settings (every TrainingArguments field but the paths, LoRA, quantisation, SFT settings) and the same step
+plan, and its losses agree at every optimizer step both recorded: |loss_a - loss_b| <= rtol x max(|loss_a|,
+|loss_b|), so rtol = 0 asks for equal losses. Steps are matched by their step number, not by their place
+in the list: a run resumed from a checkpoint records only the steps after it, and it reproduces the
+uninterrupted run it continues when those steps agree. A step that one run recorded and the other did not
+(other than the steps before a resume) is a difference.
+
+Differences are reported apart, by part: model, data, settings, step plan, losses. Package versions are
+compared and reported as notes; a difference there is not by itself a failure (it is often the reason for a
+loss divergence, which is).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reference.errors import InputError
 
 PATH_ARGUMENTS = ("output_dir", "logging_dir", "run_name", "hub_model_id")
+PARTS = ("model", "data", "settings", "step plan", "losses")
+REQUIRED = {"settings": dict, "model": dict, "data": dict, "step_plan": dict, "steps": list}
+"""What a manifest must hold, and of which type, for verify to read it."""
 
 
 @dataclass
 class Verdict:
-    reproduces: bool
-    differences: list = field(default_factory=list)
-    """What differs, one line each; empty when the runs agree in every compared part."""
+    differences: dict = field(default_factory=lambda: {part: [] for part in PARTS})
+    """What differs, one line each, under the part it belongs to; every list empty when the runs agree."""
     notes: list = field(default_factory=list)
-    """Differences that do not fail the comparison (package versions)."""
+    """Differences that do not fail the comparison (package versions, steps before a resume)."""
+    steps_compared: list = field(default_factory=list)
+    """The optimizer steps both runs recorded, whose losses were compared."""
     max_loss_difference: float = 0.0
+
+    @property
+    def reproduces(self) -> bool:
+        return not any(self.differences.values())
 
 
 def load(path: str | Path) -> dict:
+    """The manifest in a run directory (or the file itself); anything else is an error naming the file."""
     source = Path(path)
     file = source / "manifest.json" if source.is_dir() else source
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        manifest = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no manifest.json (a run directory written by `train`)") from None
-    except ValueError as error:
+    except (ValueError, UnicodeDecodeError) as error:
         raise InputError(f"{file}: not a readable manifest: {error}") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{file}: not a manifest (a JSON object written by `train`), but a JSON "
+                         f"{type(manifest).__name__}")
+    wrong = [key for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
+    if wrong:
+        raise InputError(f"{file}: not a manifest written by `train`: {', '.join(wrong)} missing or malformed")
+    return manifest
 
 
 def _settings(manifest: dict) -> dict:
-    settings = manifest.get("settings", {})
+    settings = manifest["settings"]
     arguments = {k: v for k, v in settings.get("training_arguments", {}).items() if k not in PATH_ARGUMENTS}
     return {"training_arguments": arguments, **{k: settings.get(k) for k in ("lora", "quantization", "sft")}}
 
@@ -50,37 +73,70 @@ def _dict_differences(name: str, ours: dict, theirs: dict) -> list[str]:
     return [f"{name}.{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
 
 
+def _losses_by_step(manifest: dict) -> dict[int, float]:
+    return {int(step["step"]): float(step["loss"]) for step in manifest["steps"]}
+
+
+def _compare_losses(a: dict, b: dict, rtol: float, verdict: Verdict) -> None:
+    """Losses step by step. A step only one run recorded is a difference, unless it comes before the first
+    step of the other run and that run was resumed from a checkpoint (it never meant to record it)."""
+    losses = {"A": _losses_by_step(a), "B": _losses_by_step(b)}
+    runs = {"A": a, "B": b}
+    for name, other in (("A", "B"), ("B", "A")):
+        only = sorted(set(losses[name]) - set(losses[other]))
+        first_of_other = min(losses[other], default=0)
+        resumed = runs[other].get("resumed_from")
+        before_resume = [s for s in only if resumed and s < first_of_other]
+        if before_resume:
+            verdict.notes.append(f"{_span(before_resume)} only in {name}: {other} resumed from {resumed}")
+        unexplained = [s for s in only if s not in before_resume]
+        if unexplained:
+            verdict.differences["losses"].append(f"recorded only in {name}: {_span(unexplained)}")
+    verdict.steps_compared = sorted(set(losses["A"]) & set(losses["B"]))
+    if not verdict.steps_compared:
+        verdict.differences["losses"].append("no optimizer step recorded by both runs")
+    for step in verdict.steps_compared:
+        x, y = losses["A"][step], losses["B"][step]
+        gap = abs(x - y)
+        verdict.max_loss_difference = max(verdict.max_loss_difference, gap)
+        if not gap <= rtol * max(abs(x), abs(y)):  # `not <=`: a NaN loss is a difference too
+            verdict.differences["losses"].append(f"loss diverges first at step {step}: {x!r} vs {y!r}")
+            break
+
+
+def _span(steps: list[int]) -> str:
+    return f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps, {steps[0]} to {steps[-1]}"
+
+
 def compare(a: dict, b: dict, rtol: float = 1e-5) -> Verdict:
-    verdict = Verdict(reproduces=True)
+    if not (isinstance(rtol, int | float) and math.isfinite(rtol) and rtol >= 0):
+        raise InputError(f"--rtol {rtol!r}: a relative tolerance is a finite number >= 0 (0: losses equal)")
+    verdict = Verdict()
     diffs = verdict.differences
     if a["model"].get("weights_sha256") != b["model"].get("weights_sha256"):
-        diffs.append(f"model weights: {a['model'].get('path')} vs {b['model'].get('path')} (different SHA-256)")
+        diffs["model"].append(f"weights: {a['model'].get('path')} vs {b['model'].get('path')} (different SHA-256)")
     if a["data"].get("sha256") != b["data"].get("sha256"):
-        diffs.append(f"data: {a['data'].get('path')} vs {b['data'].get('path')} (different SHA-256)")
+        diffs["data"].append(f"{a['data'].get('path')} vs {b['data'].get('path')} (different SHA-256)")
     sa, sb = _settings(a), _settings(b)
     for part in sa:
         if isinstance(sa[part], dict) and isinstance(sb[part], dict):
-            diffs += _dict_differences(part, sa[part], sb[part])
+            diffs["settings"] += _dict_differences(part, sa[part], sb[part])
         elif sa[part] != sb[part]:
-            diffs.append(f"{part}: {sa[part]!r} vs {sb[part]!r}")
-    diffs += _dict_differences("step_plan", a.get("step_plan", {}), b.get("step_plan", {}))
+            diffs["settings"].append(f"{part}: {sa[part]!r} vs {sb[part]!r}")
+    diffs["step plan"] += _dict_differences("step_plan", a["step_plan"], b["step_plan"])
     verdict.notes += _dict_differences("versions", a["settings"].get("versions", {}), b["settings"].get("versions", {}))
-    steps_a, steps_b = a.get("steps", []), b.get("steps", [])
-    if len(steps_a) != len(steps_b):
-        diffs.append(f"steps recorded: {len(steps_a)} vs {len(steps_b)}")
-    for x, y in zip(steps_a, steps_b, strict=False):  # a length difference is reported above
-        gap = abs(x["loss"] - y["loss"])
-        verdict.max_loss_difference = max(verdict.max_loss_difference, gap)
-        if gap > rtol * max(abs(x["loss"]), abs(y["loss"])):
-            diffs.append(f"loss diverges first at step {x['step']}: {x['loss']!r} vs {y['loss']!r}")
-            break
-    verdict.reproduces = not diffs
+    _compare_losses(a, b, rtol, verdict)
     return verdict
 
 
 def report(verdict: Verdict, a: str, b: str) -> str:
     head = f"{b} reproduces {a}" if verdict.reproduces else f"{b} does not reproduce {a}"
-    lines = [head, f"largest per-step loss difference: {verdict.max_loss_difference:.3g}"]
-    lines += [f"  differs: {d}" for d in verdict.differences]
+    compared = verdict.steps_compared
+    lines = [head, f"losses compared at {_span(compared) if compared else 'no step'}; largest difference "
+                   f"{verdict.max_loss_difference:.3g}"]
+    for part in PARTS:
+        found = verdict.differences[part]
+        lines.append(f"  {part}: " + ("same" if not found else f"{len(found)} difference(s)"))
+        lines += [f"    {d}" for d in found]
     lines += [f"  note: {n}" for n in verdict.notes]
     return "\n".join(lines)

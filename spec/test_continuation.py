@@ -509,3 +509,16 @@ def test_torchrun_with_two_processes_follows_the_world_size_step_plan_and_keeps_
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marked) and checkpoints.why_incomplete(final) is None
     outputs = {name: text for name, text in rank_logs(logs).items() if name.endswith("stdout.log")}
     assert sorted(text.count('"manifest"') for text in outputs.values()) == [0, 1]  # one summary, from rank 0
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X8", "X1")
+def test_verify_says_the_resumed_run_reproduces_the_uninterrupted_one_it_continues(killed_and_resumed, uninterrupted):
+    """The resumed run recorded steps 4-6 only; verify matches steps by number, so it compares losses at 4-6
+    (equal bit for bit on the CPU: rtol 0) and notes that steps 1-3 belong to the run before the resume."""
+    from reference import manifest
+
+    verdict = manifest.compare(manifest.load(uninterrupted.output), manifest.load(killed_and_resumed.output), rtol=0)
+    assert verdict.reproduces, verdict.differences
+    assert verdict.steps_compared == [4, 5, 6] and verdict.max_loss_difference == 0
+    assert any(note.startswith("3 steps, 1 to 3 only in A: B resumed from") for note in verdict.notes)

@@ -24,11 +24,11 @@ def test_verify_says_a_repeated_run_reproduces_and_names_where_a_changed_one_div
     for name, run_recipe_ in (("a", recipe), ("b", recipe), ("c", apply_overrides(recipe, ["learning_rate=1e-2"]))):
         run_recipe(run_recipe_, model, data, tmp_path / name, Observed())
     same = manifest.compare(manifest.load(tmp_path / "a"), manifest.load(tmp_path / "b"), rtol=0)
-    assert same.reproduces and same.max_loss_difference == 0 and same.differences == []
+    assert same.reproduces and same.max_loss_difference == 0 and same.steps_compared == [1, 2, 3, 4]
     changed = manifest.compare(manifest.load(tmp_path / "a"), manifest.load(tmp_path / "c"))
     assert not changed.reproduces
-    assert "training_arguments.learning_rate: 0.002 vs 0.01" in changed.differences
-    assert any(d.startswith("loss diverges first at step 2") for d in changed.differences)
+    assert changed.differences["settings"] == ["training_arguments.learning_rate: 0.002 vs 0.01"]
+    assert changed.differences["losses"][0].startswith("loss diverges first at step 2")
     cli = subprocess.run([sys.executable, "-m", "reference", "verify", str(tmp_path / "a"), str(tmp_path / "c")],
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 1 and "does not reproduce" in cli.stdout
