@@ -100,6 +100,10 @@ def count_trainable(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+SAFE_WEIGHTS = "adapter_model.safetensors"
+"""Adapters load from safetensors only: a pickled adapter_model.bin could run code when loaded."""
+
+
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
     """A saved adapter on `model`, its weights trainable (peft's default, is_trainable=False, freezes them:
     the mistake behind "it only learned the new data", seed 000). A mismatch is an error naming both."""
@@ -110,6 +114,11 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
     directory = Path(adapter_dir)
     if not (directory / "adapter_config.json").is_file():
         raise InputError(f"adapter {adapter_dir}: no adapter_config.json (not a saved peft adapter)")
+    if not (directory / SAFE_WEIGHTS).is_file():
+        pickled = " only a pickled adapter_model.bin, which is never unpickled here" if (
+            directory / "adapter_model.bin").is_file() else ""
+        raise InputError(f"adapter {adapter_dir}: no {SAFE_WEIGHTS};{pickled} (convert a trusted one with "
+                         "peft: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True))")
     check_recorded_base(directory, model.config.to_dict())
     try:
         with warnings.catch_warnings():

@@ -197,6 +197,34 @@ def test_an_adapter_missing_the_weights_of_a_layer_is_refused(saved_fresh_adapte
         lora.load_adapter(base, tmp_path / "partial")
 
 
+class OpensAFile:
+    """Unpickling this opens (creates) a file: the proof that a pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.claim("X6")
+def test_an_adapter_with_only_pickled_weights_is_refused_without_unpickling_them(saved_fresh_adapter, fixtures_dir,
+                                                                                 tmp_path):
+    """Adapters load from safetensors only: adapter_model.bin is a pickle, and unpickling runs whatever it
+    names. Here it would create `unpickled`; the merge command refuses with exit 2 and the file never appears."""
+    import pickle
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(saved_fresh_adapter, pickled)
+    (pickled / "adapter_model.safetensors").unlink()
+    (pickled / "adapter_model.bin").write_bytes(pickle.dumps(OpensAFile(tmp_path / "unpickled")))
+    code, _, err = run_cli("merge", "--model", str(tiny_gemma2(fixtures_dir)), "--adapter", str(pickled),
+                           "--output", str(tmp_path / "merged"))
+    assert code == 2 and "no adapter_model.safetensors" in err and "never unpickled" in err
+    assert not (tmp_path / "unpickled").exists() and not (tmp_path / "merged").exists()
+
+
 # --- A1, A4 (restart), A6, C15: continuing the saved adapter, on the CPU and on CUDA ---
 
 @pytest.fixture(scope="module", params=DEVICES)
