@@ -26,7 +26,7 @@ QUANTIZATIONS = ("none", "8bit", "nf4")
 
 
 def require_model_dir(path: str | Path) -> Path:
-    """A local model directory with a config.json, or a clear error naming it and how to get it."""
+    """A local model directory with a config.json, resolved, or a clear error naming it and how to get it."""
     directory = Path(path)
     if not directory.is_dir():
         token = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
@@ -37,7 +37,7 @@ def require_model_dir(path: str | Path) -> Path:
             f"{token}.")
     if not (directory / "config.json").is_file():
         raise InputError(f"model {path!s}: no config.json in the directory")
-    return directory
+    return directory.resolve()  # what the model records as its name: an adapter's base, valid from any folder
 
 
 @dataclass(frozen=True)

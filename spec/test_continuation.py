@@ -164,6 +164,21 @@ def test_an_adapter_made_for_another_architecture_of_the_same_shapes_is_refused(
 
 
 @pytest.mark.claim("A2")
+def test_the_recorded_base_is_found_whatever_folder_the_command_runs_in(fixtures_dir, tmp_path, monkeypatch):
+    """An adapter made on a base given by a relative path records the resolved directory, so the check
+    above still finds the base when a later command runs from another folder."""
+    monkeypatch.chdir(fixtures_dir.parent)
+    llama, _ = models.load_causal_lm("fixtures/models/tiny-llama")
+    lora.attach(llama, {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}).save_pretrained(tmp_path / "llama")
+    recorded = json.loads((tmp_path / "llama" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((fixtures_dir / "models" / "tiny-llama").resolve())
+    monkeypatch.chdir(tmp_path)
+    gemma, _ = models.load_causal_lm(tiny_gemma2(fixtures_dir))
+    with pytest.raises(InputError, match="model_type 'llama' vs 'gemma2'"):
+        lora.load_adapter(gemma, tmp_path / "llama")
+
+
+@pytest.mark.claim("A2")
 def test_an_adapter_of_other_shapes_is_refused_even_when_its_recorded_base_is_gone(fixtures_dir, tmp_path):
     """A Llama of hidden size 32 gets an adapter; its base directory is then deleted, so only peft's
     shape check is left: the error names the adapter and the base it does not fit."""
