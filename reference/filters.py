@@ -524,10 +524,16 @@ def filter_file(source: str, output: str, rejects: str, config: FilterConfig, wo
                 raise InputError(f"{source}, line {bad[0]}: {bad[1]}")
         plan, rank2, table = filter_stages(pool, len(runs), config)
         encoded = pool.ask("encode", [()] * len(runs))
-        for target in (output, rejects):
-            open(target, "wb").close()  # shards write their bytes at their offsets, in input order
+        # Shards write their bytes at their offsets, in input order, into files beside the targets that are
+        # renamed into place once whole: no half-written output under its final name (X6).
+        partial = {target: f"{target}.partial" for target in (output, rejects)}
+        for path in partial.values():
+            open(path, "wb").close()
         offsets = [(sum(e[0] for e in encoded[:i]), sum(e[1] for e in encoded[:i])) for i in range(len(runs))]
-        pool.ask("write_at", [(output, at_output, rejects, at_rejects) for at_output, at_rejects in offsets])
+        pool.ask("write_at", [(partial[output], at_output, partial[rejects], at_rejects)
+                              for at_output, at_rejects in offsets])
+        for target, path in partial.items():
+            os.replace(path, target)
         counts = [e[2] for e in encoded]
     finally:
         pool.close()

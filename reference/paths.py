@@ -1,0 +1,66 @@
+"""Inputs are never overwritten, outputs never half-written (claim X6).
+
+Every command that writes names its inputs and outputs once, before any work starts:
+
+* an output equal to an input, inside an input directory, or holding an input inside it is refused, naming
+  both arguments (`--output` over `--model` would overwrite the base weights; over `--tasks`, the tasks);
+* an output whose nearest existing folder cannot be written is refused before the expensive work;
+* files are written under a temporary name beside their final one and renamed when complete
+  (`write_text_atomic`), so a reader never sees half a file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from reference.errors import InputError
+
+
+def _overlap(output: Path, source: Path) -> str | None:
+    if output == source:
+        return "is"
+    if source in output.parents:
+        return "is inside"
+    if output in source.parents:
+        return "holds"
+    return None
+
+
+def check_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse outputs that would overwrite an input or cannot be written; names are the arguments' flags."""
+    given_inputs = {name: Path(p).resolve() for name, p in inputs.items() if p is not None}
+    given_outputs = {name: Path(p).resolve() for name, p in outputs.items() if p is not None}
+    for out_name, output in given_outputs.items():
+        for in_name, source in given_inputs.items():
+            relation = _overlap(output, source)
+            if relation:
+                raise InputError(f"{out_name} {outputs[out_name]} {relation} {in_name} {inputs[in_name]}: an output "
+                                 "never overwrites an input; choose another path")
+        require_writable(out_name, output)
+
+
+def require_writable(name: str, path: Path) -> None:
+    """The nearest folder of `path` that exists must be a directory this process can write into."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path and not path.is_dir():
+        existing = path.parent
+    if not existing.is_dir():
+        raise InputError(f"{name} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{name} {path}: {existing} is not writable")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to a temporary file beside `path`, then rename it into place."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

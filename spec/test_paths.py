@@ -1,0 +1,58 @@
+"""Inputs are sacred, outputs whole (reference/paths.py, claim X6): the checks every writing command runs
+before it starts, and the write-then-rename every output goes through."""
+
+from __future__ import annotations
+
+import pytest
+
+from reference.errors import InputError
+from reference.paths import check_outputs, write_text_atomic
+
+
+@pytest.mark.claim("X6")
+@pytest.mark.parametrize("output,relation", [("model", "is"), ("model/merged", "is inside"), (".", "holds")])
+def test_an_output_equal_to_inside_or_holding_an_input_is_refused_naming_both(tmp_path, monkeypatch, output,
+                                                                               relation):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(InputError) as error:
+        check_outputs({"--output": output}, {"--model": "model"})
+    assert str(error.value).startswith(f"--output {output} {relation} --model model:")
+
+
+@pytest.mark.claim("X6")
+def test_the_same_file_by_another_spelling_is_still_the_same_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tasks.jsonl").write_text("{}\n")
+    with pytest.raises(InputError, match="--output ./sub/../tasks.jsonl is --tasks tasks.jsonl"):
+        check_outputs({"--output": "./sub/../tasks.jsonl"}, {"--tasks": "tasks.jsonl", "--shots": None})
+
+
+@pytest.mark.claim("X6")
+def test_a_sibling_output_is_accepted(tmp_path):
+    (tmp_path / "model").mkdir()
+    check_outputs({"--output": tmp_path / "model-nf4"}, {"--model": tmp_path / "model"})
+
+
+@pytest.mark.claim("X6")
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        check_outputs({"--output": tmp_path / "a-file" / "out.jsonl"}, {})
+
+
+@pytest.mark.claim("X6")
+def test_an_output_appears_under_its_final_name_only_when_complete(tmp_path, monkeypatch):
+    """The text goes to a temporary file beside the target, renamed into place: an interrupted write leaves
+    the old file (here: none) and no temporary behind."""
+    target = tmp_path / "out" / "result.json"
+    write_text_atomic(target, "whole\n")
+    assert target.read_text() == "whole\n" and [p.name for p in target.parent.iterdir()] == ["result.json"]
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", fail)
+    with pytest.raises(OSError):
+        write_text_atomic(target, "half")
+    assert target.read_text() == "whole\n" and [p.name for p in target.parent.iterdir()] == ["result.json"]
