@@ -10,7 +10,16 @@ Mapping onto the installed transformers is explicit:
   ``gradient_checkpointing`` becomes ``activation_checkpointing``), and every migration is reported;
 * any other argument the installed ``TrainingArguments`` lacks is an error naming it and the version;
 * arguments this machine cannot honour (``tf32`` without an Ampere GPU, ``bf16`` without CUDA needs
-  ``use_cpu``) are adapted and reported, never dropped silently.
+  ``use_cpu``) are adapted and reported, never dropped silently;
+* an access token (``hub_token=...``) is withheld from the Trainer's arguments, and that is reported: this
+  project never pushes to a hub, and the Trainer pickles its arguments whole into every checkpoint
+  (``training_args.bin``), so a token there would be written to disk (claim X7).
+
+Secrets never persist (X7): a key that names a token (the word "token" in its name: ``hub_token``,
+``HF_TOKEN``, ``token``, ``use_auth_token``) holding a string is an access token, and its value is written
+as ``<redacted>`` wherever a setting is recorded or shown (resolved settings, the recipe summary, the
+message about a bad override). ``include_num_input_tokens_seen`` counts tokens (the word is "tokens") and a
+``use_auth_token = true`` is a flag: neither is a secret.
 
 ``run_arguments`` builds the one ``TrainingArguments`` a ``train`` run hands its Trainer: the recipe mapped,
 plus ``RUN_SETTINGS`` (how every run feeds and reports) and activation checkpointing as the recipe asks.
@@ -23,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -78,6 +88,37 @@ class Mapping:
     kwargs: dict
     migrations: list[str]
     adaptations: list[str]
+    withheld: list[str] = field(default_factory=list)
+    """Access tokens taken out of the Trainer's arguments (X7), one note each, the value redacted."""
+
+
+REDACTED = "<redacted>"
+
+
+def names_a_token(key) -> bool:
+    """`hub_token`, `HF_TOKEN`, `token`, `use_auth_token`: the word "token" in the name (not "tokens")."""
+    return "token" in re.split(r"[^a-z0-9]+", str(key).lower())
+
+
+def is_secret(key, value) -> bool:
+    """An access token: a non-empty string under a key that names a token."""
+    return names_a_token(key) and isinstance(value, str) and value != ""
+
+
+def redacted(value, key=None):
+    """`value` with every access token in it written as REDACTED, at any depth of dicts and lists; under a
+    key that names a token everything is one (a departure's `source_value` of `hub_token`)."""
+    if isinstance(value, dict):
+        return {k: redacted(v, key if names_a_token(key) else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    return REDACTED if is_secret(key, value) else value
+
+
+def shown(override: str) -> str:
+    """A `key=value` override as a message may quote it: a token's value redacted."""
+    key, sep, value = override.partition("=")
+    return f"{key}={REDACTED}" if sep and is_secret(key.rpartition(".")[2], value) else override
 
 
 def builtin_names() -> list[str]:
@@ -125,13 +166,13 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InputError(f"override {item!r}: expected key=value")
+            raise InputError(f"override {shown(item)!r}: expected key=value")
         section, dot, name = key.rpartition(".")
         section = section if dot else "training_arguments"
         if section not in SECTIONS:
-            raise InputError(f"override {item!r}: unknown section {section!r}; use one of {', '.join(SECTIONS)}")
+            raise InputError(f"override {shown(item)!r}: unknown section {section!r}; use one of {', '.join(SECTIONS)}")
         if section != "training_arguments" and name not in getattr(result, section):
-            raise InputError(f"override {item!r}: recipe {recipe.name!r} has no key {name!r} in [{section}] "
+            raise InputError(f"override {shown(item)!r}: recipe {recipe.name!r} has no key {name!r} in [{section}] "
                              f"(known: {', '.join(sorted(getattr(result, section)))})")
         getattr(result, section)[name] = _parse_value(value)
     return result
@@ -155,6 +196,16 @@ def _migrate(kwargs: dict, fields: set[str], version: str) -> list[str]:
         notes.append(f"warmup_ratio={ratio} -> warmup_steps={ratio} (transformers {version} reads warmup_steps < 1 "
                      "as a fraction of the total steps)")
     return notes
+
+
+def _withhold_tokens(kwargs: dict) -> list[str]:
+    """Take every access token out of the Trainer's arguments (X7): this project never pushes to a hub, and
+    the Trainer pickles its arguments whole into every checkpoint (training_args.bin)."""
+    secrets = sorted(key for key, value in kwargs.items() if is_secret(key, value))
+    for key in secrets:
+        del kwargs[key]
+    return [f"{key}={REDACTED} withheld from the Trainer: nothing is pushed to a hub, and the Trainer saves its "
+            "arguments into every checkpoint (training_args.bin)" for key in secrets]
 
 
 def _adapt_to_device(kwargs: dict) -> list[str]:
@@ -189,8 +240,9 @@ def map_training_arguments(recipe: Recipe, output_dir: str | None = None, adapt:
         hints = "; ".join(f"{k}: {REMOVED_HINTS.get(k, 'not an argument of this version')}" for k in missing)
         raise InputError(f"recipe {recipe.name!r}: TrainingArguments of transformers {transformers.__version__} "
                          f"has no argument(s) {missing} ({hints})")
+    withheld = _withhold_tokens(kwargs)
     adaptations = _adapt_to_device(kwargs) if adapt else []
-    return Mapping(kwargs=kwargs, migrations=migrations, adaptations=adaptations)
+    return Mapping(kwargs=kwargs, migrations=migrations, adaptations=adaptations, withheld=withheld)
 
 
 def to_training_arguments(recipe: Recipe, output_dir: str | None = None, **extra):
@@ -241,23 +293,25 @@ def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe", args=None
     """Every setting a run with this recipe uses, defaults included, and how each was arrived at.
 
     `args`: the TrainingArguments the run hands its Trainer (by default the ones `run_arguments` builds);
-    their `to_dict()` is recorded as it is (it writes any `*_token` value as a placeholder)."""
+    their `to_dict()` is recorded as it is (X8: the tokens were withheld from them, and transformers writes any
+    `*_token` field as a placeholder). Every other part is recorded with its access tokens redacted (X7)."""
     mapping = map_training_arguments(recipe, output_dir)
     args = run_arguments(recipe, output_dir) if args is None else args
-    return {
+    given = redacted({
         "recipe": {"name": recipe.name, "source": recipe.source, "path": recipe.path, "sha256": recipe.sha256,
                    "format": recipe.format, "base_model": recipe.base_model},
-        "training_arguments": args.to_dict(),
         "training_arguments_given": recipe.training_arguments,
         "migrations": mapping.migrations,
         "adaptations": mapping.adaptations,
+        "withheld": mapping.withheld,
         "run_settings": {**RUN_SETTINGS, "activation_checkpointing": args.activation_checkpointing},
         "departures": recipe.departures,
         "lora": _lora_resolved(recipe.lora) if recipe.lora else {},
         "quantization": recipe.quantization,
         "sft": recipe.sft,
-        "versions": package_versions(),
-    }
+    })
+    recipe_identity = given.pop("recipe")
+    return {"recipe": recipe_identity, "training_arguments": args.to_dict(), **given, "versions": package_versions()}
 
 
 def _lora_resolved(lora: dict) -> dict:
@@ -294,13 +348,14 @@ def trial_report(recipe: Recipe, shape: str = "gemma-2-27b") -> list[dict]:
 def describe(recipe: Recipe) -> str:
     """A readable summary: the arguments, the departures and (when present) the trial table."""
     lines = [f"recipe {recipe.name}: {recipe.description}", f"source: {recipe.source}", f"format: {recipe.format}", ""]
-    lines += ["[training_arguments]"] + [f"  {k} = {v!r}" for k, v in recipe.training_arguments.items()]
+    lines += ["[training_arguments]"] + [f"  {k} = {v!r}" for k, v in redacted(recipe.training_arguments).items()]
     for section in ("quantization", "lora", "sft", "targets"):
         if getattr(recipe, section):
-            lines += ["", f"[{section}]"] + [f"  {k} = {v!r}" for k, v in getattr(recipe, section).items()]
+            lines += ["", f"[{section}]"] + [f"  {k} = {v!r}" for k, v in redacted(getattr(recipe, section)).items()]
     if recipe.departures:
         lines += ["", "departures from the source:"]
-        lines += [f"  {k}: source {v['source_value']!r} - {v['reason']}" for k, v in recipe.departures.items()]
+        departures = redacted(recipe.departures)
+        lines += [f"  {k}: source {v['source_value']!r} - {v['reason']}" for k, v in departures.items()]
     if recipe.trials:
         lines += ["", "trials (gemma-2-27b shape, LoRA on the recipe's target modules):",
                   f"  {'trial':<20} {'r':>4} {'alpha':>5} {'alpha/r':>7} {'trainable':>13}  result"]

@@ -96,7 +96,8 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
                                   generation.GenerationSettings(max_new_tokens=pipeline.max_new_tokens))
     generation.write_outputs(out / "output.jsonl", outputs, [t.get("task_id", i) for i, t in enumerate(tasks)])
 
-    summary = {"pipeline": asdict(pipeline), "filter": kept.counts, "training_records": len(table),
+    shown = {**asdict(pipeline), "overrides": [recipes.shown(o) for o in pipeline.overrides]}  # X7: no token
+    summary = {"pipeline": shown, "filter": kept.counts, "training_records": len(table),
                "sft": _run_summary(sft), "continued": _run_summary(continued), "tasks": len(tasks),
                "prompt_tokens": [f.tokens for f in fitted], "output": str(out / "output.jsonl")}
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -38,11 +38,14 @@ def test_verify_says_a_repeated_run_reproduces_and_names_where_a_changed_one_div
 
 
 @pytest.mark.slow
-@pytest.mark.claim("C10", "X2")
+@pytest.mark.claim("C10", "X2", "X7")
 def test_the_main_job_runs_the_llm2024_pipeline_end_to_end(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "reference", "reproduce", "--output", str(tmp_path)],
-                            capture_output=True, text=True, timeout=900)
+    secret = "hf_REPRODUCEsecret42"  # X7: a token given as a setting is written nowhere
+    result = subprocess.run([sys.executable, "-m", "reference", "reproduce", "--output", str(tmp_path),
+                             "--set", f"hub_token={secret}"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert secret not in result.stdout + result.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()] == []
     summary = json.loads((tmp_path / "summary.json").read_text())
     kept, qa = summary["filter"]["kept"], 24
     assert summary["training_records"] == kept + qa  # C10: kept magpie records + the QA111 set
