@@ -8,10 +8,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from reference.errors import InputError
+
+
+def _number(value: str, kind: type) -> int | float:
+    """VALUE read as an int or a float; inf and nan are refused: no count or rate is endless or undefined."""
+    try:
+        number = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                         f"got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
+    return number
+
+
+def finite(value: str) -> float:
+    """An argparse type: any finite float (the command checks its own range)."""
+    return _number(value, float)
+
+
+def at_least(minimum: int | float, kind: type = int):
+    """An argparse type: a finite `kind` >= minimum; argparse reports 'argument --NAME: must be >= ...', exit 2."""
+    def check(value: str) -> int | float:
+        number = _number(value, kind)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value!r}")
+        return number
+
+    check.__name__ = f"at_least_{minimum}"
+    return check
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a finite float > 0 (a learning rate, a beta, a number of epochs)."""
+    number = _number(value, float)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+    return number
+
+
+positive_int = at_least(1)
 
 
 def _warmup(value: str) -> float:
@@ -20,7 +61,7 @@ def _warmup(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--warmup takes steps (int) or a fraction < 1, got {value!r}") from None
-    if number < 0 or (number >= 1 and number != int(number)):
+    if not math.isfinite(number) or number < 0 or (number >= 1 and number != int(number)):
         raise argparse.ArgumentTypeError(f"--warmup takes steps (int) or a fraction < 1, got {value!r}")
     return number
 
@@ -30,6 +71,8 @@ def _steps_or_fraction(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of steps or a fraction < 1, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a number of steps or a fraction < 1, got {value!r}")
     return number
 
 
@@ -66,6 +109,8 @@ def _read_messages(source: str) -> list[dict]:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except OSError as error:
         raise InputError(f"--messages: cannot read {where}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"--messages: {where} is not UTF-8 text (byte {error.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -77,6 +122,8 @@ def _read_messages(source: str) -> list[dict]:
     for index, message in enumerate(data):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise InputError(f"--messages: {where}, message {index}: needs 'role' and 'content'")
+        if message["content"] is None:  # a template would print it as the word None
+            raise InputError(f"--messages: {where}, message {index}: content is null")
     return data
 
 
@@ -176,10 +223,39 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole(value, minimum: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+def check_training_numbers(recipe) -> None:
+    """The recipe's counts and rates once the key=value overrides are in, checked before anything loads.
+    Counts are whole numbers >= 1; learning_rate, and num_train_epochs unless max_steps > 0, are finite and > 0.
+    The message names the setting: `per_device_train_batch_size=0: must be a whole number >= 1`."""
+    arguments = recipe.training_arguments
+    counts = {"per_device_train_batch_size": arguments.get("per_device_train_batch_size"),
+              "gradient_accumulation_steps": arguments.get("gradient_accumulation_steps"),
+              "lora.r": recipe.lora.get("r"), "sft.max_seq_length": recipe.sft.get("max_seq_length")}
+    for name, value in counts.items():
+        if value is not None and not _whole(value, 1):
+            raise InputError(f"{name}={value!r}: must be a whole number >= 1")
+    max_steps = arguments.get("max_steps", -1)
+    if not _whole(max_steps):
+        raise InputError(f"max_steps={max_steps!r}: must be a whole number (<= 0: train num_train_epochs)")
+    rates = {"learning_rate": arguments.get("learning_rate")}
+    if max_steps <= 0:
+        rates["num_train_epochs"] = arguments.get("num_train_epochs")
+    for name, value in rates.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise InputError(f"{name}={value!r}: must be a finite number > 0")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from reference import recipes, train
 
     recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
+    check_training_numbers(recipe)
     record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns),
                        resume=args.resume)
     _print_run(record)
@@ -191,6 +267,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
     from reference import lora, recipes, train
 
     recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
+    check_training_numbers(recipe)
     if args.mode == "adapter":
         record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns),
                            adapter=args.adapter, resume=args.resume)
@@ -244,7 +321,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_preference(args: argparse.Namespace) -> int:
-    from reference import preference
+    from reference import paths, preference
 
     config = preference.PreferenceConfig(max_length=args.max_length, batch_size=args.batch_size,
                                          spread_max_length=args.spread_max_length, tta=getattr(args, "tta", False))
@@ -260,9 +337,8 @@ def cmd_preference(args: argparse.Namespace) -> int:
         model = lora.load_adapter(model, args.adapter, trainable=False)
     rows = preference.read_rows(args.data, need_labels=False)
     probabilities = preference.predict(model, tokenizer, rows, config).tolist()
-    with open(args.output, "w", encoding="utf-8") as f:
-        for row in probabilities:
-            f.write(json.dumps(dict(zip(preference.LABELS, row, strict=True))) + "\n")
+    lines = [json.dumps(dict(zip(preference.LABELS, row, strict=True))) + "\n" for row in probabilities]
+    paths.write_text_atomic(args.output, "".join(lines))
     print(json.dumps({"output": args.output, "rows": len(rows), "config": config.__dict__}, indent=2))
     return 0
 
@@ -283,6 +359,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if getattr(args, name):
             setattr(pipeline, name, getattr(args, name))
     pipeline.overrides += args.set
+    from reference import recipes
+
+    check_training_numbers(recipes.apply_overrides(recipes.load_recipe(pipeline.recipe), pipeline.overrides))
     summary = reproduce.run(pipeline, args.output, say=lambda text: print(text, file=sys.stderr))
     print(json.dumps({k: summary[k] for k in ("filter", "training_records", "output")}, ensure_ascii=False, indent=2))
     return 0
@@ -293,7 +372,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from reference import dpo, lora, models
+    from reference import dpo, lora, models, paths
     from reference.shapes import PROJECTIONS
 
     pairs = dpo.read_pairs(args.data)
@@ -310,7 +389,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(out)
     result = {**asdict(record), "model": asdict(identity), "pairs": len(pairs), "adapter": args.adapter,
               "reference": f"the starting adapter ({args.adapter or 'fresh, B = 0: the base'}), frozen"}
-    (out / "dpo.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    paths.write_text_atomic(out / "dpo.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     print(json.dumps({"output": str(out), "losses": record.losses, "margins": record.margins}, indent=2))
     return 0
 
@@ -358,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", type=int, required=True, help="rows in the training set")
     p.add_argument("--batch-size", type=int, required=True, help="per_device_train_batch_size")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient_accumulation_steps (default 1)")
-    p.add_argument("--epochs", type=float, default=3.0, help="num_train_epochs, may be fractional (default 3.0)")
+    p.add_argument("--epochs", type=finite, default=3.0, help="num_train_epochs, may be fractional (default 3.0)")
     p.add_argument("--max-steps", type=int, default=-1, help="total optimizer steps; overrides --epochs when > 0")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel processes (default 1)")
     p.add_argument("--warmup", type=_warmup, default=0, help="warmup steps (int) or fraction < 1 of total (default 0)")
@@ -393,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rejects", required=True, help="JSONL of dropped rows with the rule that dropped each")
     p.add_argument("--recipe", default="llm2024", help="recipe whose [filter] constants to use (default llm2024, the seed's)")
     p.add_argument("--strict", action="store_true", help="an unreadable line is an error (exit 2) instead of a reject")
-    p.add_argument("--workers", type=int, default=None, help="processes to use (default: one per available core)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="processes to use, >= 1 (default: one per available core)")
     p.add_argument("--json", action="store_true", help="print counts and the character table as JSON")
     p.set_defaults(func=cmd_filter)
 
@@ -431,13 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", required=True, help="JSONL shot pool with 'input' and 'output' (Japanese-QA111 style)")
     p.add_argument("--embedder", default=str(Path(__file__).resolve().parent.parent / "fixtures" / "models" / "tiny-embedder"),
                    help="local sentence-transformers directory (default: the fixture embedder)")
-    p.add_argument("--k", type=int, default=retrieval.DEFAULT_K,
-                   help="shots retrieved per task (default %(default)s, the seed's)")
-    p.add_argument("--window", type=int, default=retrieval.DEFAULT_WINDOW,
+    p.add_argument("--k", type=positive_int, default=retrieval.DEFAULT_K,
+                   help="shots retrieved per task, >= 1: always few-shot, there is no zero-shot mode "
+                        "(default %(default)s, the seed's)")
+    p.add_argument("--window", type=positive_int, default=retrieval.DEFAULT_WINDOW,
                    help="prompt tokens at most; least similar shots are dropped (default %(default)s, the seed's)")
-    p.add_argument("--max-new-tokens", type=int, default=generation.GenerationSettings.max_new_tokens,
-                   help="default %(default)s (the seed's)")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call, left-padded (default 1)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=generation.GenerationSettings.max_new_tokens,
+                   help=">= 1 (default %(default)s, the seed's)")
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="prompts per generate call, left-padded (default 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype (default float32)")
     p.add_argument("--output", required=True, help="JSONL of {task_id, output}")
     p.set_defaults(func=cmd_generate)
@@ -448,20 +530,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="competition-format JSONL: prompt, response_a, response_b (+ winner_* to train)")
     p.add_argument("--output", required=True, help="train: directory for adapter + preference.json; predict: JSONL of probabilities")
     p.add_argument("--adapter", default=None, help="predict: a trained classifier adapter")
-    p.add_argument("--max-length", type=int, default=preference.PreferenceConfig.max_length,
-                   help="tokens per input (default %(default)s, the thread's)")
-    p.add_argument("--batch-size", type=int, default=preference.PreferenceConfig.batch_size,
+    p.add_argument("--max-length", type=at_least(3), default=preference.PreferenceConfig.max_length,
+                   help="tokens per input, >= 3 so each of the 3 parts gets one when spread "
+                        "(default %(default)s, the thread's)")
+    p.add_argument("--batch-size", type=positive_int, default=preference.PreferenceConfig.batch_size,
                    help="default %(default)s (the thread's)")
     p.add_argument("--spread-max-length", action="store_true", help="cut each part to max_length // 3 instead of the joined input")
     p.add_argument("--tta", action="store_true", help="predict: average with a and b swapped")
-    p.add_argument("--epochs", type=float, default=3.0, help="train: epochs (default 3)")
-    p.add_argument("--lr", type=float, default=1e-3, help="train: learning rate (default 1e-3)")
+    p.add_argument("--epochs", type=positive_float, default=3.0, help="train: epochs (default 3)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="train: learning rate (default 1e-3)")
     p.set_defaults(func=cmd_preference)
 
     p = sub.add_parser("verify", help="does run B reproduce run A? compares two manifests (claim X2)")
     p.add_argument("run_a", help="a run directory (or its manifest.json)")
     p.add_argument("run_b", help="another run directory (or its manifest.json)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance on per-step losses (default 1e-5)")
+    p.add_argument("--rtol", type=at_least(0.0, float), default=1e-5,
+                   help="relative tolerance on per-step losses, >= 0 (default 1e-5)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("reproduce", help="the LLM2024 pipeline end to end: filter, QLoRA SFT, continue, few-shot generation")
@@ -478,10 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the adapter, tokenizer and dpo.json")
     p.add_argument("--adapter", default=None,
                    help="start from this saved adapter (e.g. the SFT one): the policy, and frozen, the reference")
-    p.add_argument("--beta", type=float, default=0.1, help="KL strength beta (default 0.1)")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps over all pairs (default 10)")
-    p.add_argument("--r", type=int, default=8, help="rank of a fresh adapter, alpha = 2r (default 8)")
+    p.add_argument("--beta", type=positive_float, default=0.1, help="KL strength beta (default 0.1)")
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    p.add_argument("--steps", type=positive_int, default=10, help="optimizer steps over all pairs (default 10)")
+    p.add_argument("--r", type=positive_int, default=8, help="rank of a fresh adapter, alpha = 2r (default 8)")
     p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("quantize", help="quantise a local model once and save it (claim C1)")
@@ -502,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_paths(args)
         code = args.func(args)
         end_process_group()
         return code
@@ -511,6 +596,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ftref {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+INPUT_ARGUMENTS = ("input", "model", "adapter", "data", "tasks", "shots", "embedder", "magpie", "qa", "recipe",
+                   "messages", "tokenizer")
+OUTPUT_ARGUMENTS = ("output", "rejects")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Before any work: no output over an input, every output writable (X6; reference/paths.py)."""
+    from reference import paths
+
+    def given(names, existing):
+        values = {f"--{name}": getattr(args, name, None) for name in names}
+        return {flag: v for flag, v in values.items() if v is not None and (not existing or Path(v).exists())}
+
+    # A recipe or messages argument may be a name or "-", not a path: only paths that exist are inputs.
+    paths.check_outputs(given(OUTPUT_ARGUMENTS, existing=False), given(INPUT_ARGUMENTS, existing=True))
 
 
 def end_process_group() -> None:

@@ -82,9 +82,10 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
 
 def write_outputs(path: str | Path, outputs: list[str], task_ids: list | None = None) -> None:
     """JSONL {"task_id": i, "output": text}, UTF-8 and not ASCII-escaped (the seed's output.jsonl)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for i, text in enumerate(outputs):
-            f.write(json.dumps({"task_id": task_ids[i] if task_ids else i, "output": text}, ensure_ascii=False) + "\n")
+    from reference.paths import write_text_atomic
+
+    rows = [{"task_id": task_ids[i] if task_ids else i, "output": text} for i, text in enumerate(outputs)]
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def settings_record(settings: GenerationSettings) -> dict:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reference.errors import InputError
+from reference.paths import write_text_atomic
 
 LABELS = ("winner_model_a", "winner_model_b", "winner_tie")
 COLUMNS = ("prompt", "response_a", "response_b", *LABELS)
@@ -186,7 +187,7 @@ def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceCon
               "log_loss_before": before, "log_loss_after": after,
               "uniform_log_loss": math.log(3), "train_loss_first": losses[0], "train_loss_last": losses[-1],
               "config": config.__dict__, "epochs": epochs, "learning_rate": learning_rate}
-    (out / "preference.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / "preference.json", json.dumps(result, indent=2) + "\n")
     say(f"held-out log-loss {before:.4f} -> {after:.4f} (uniform guess: {math.log(3):.4f})")
     return result
 

@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from reference.paths import write_text_atomic
+
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
@@ -100,7 +102,7 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
     summary = {"pipeline": shown, "filter": kept.counts, "training_records": len(table),
                "sft": _run_summary(sft), "continued": _run_summary(continued), "tasks": len(tasks),
                "prompt_tokens": [f.tokens for f in fitted], "output": str(out / "output.jsonl")}
-    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     write_report(out, summary, sft, continued)
     say(f"done: {out / 'output.jsonl'}, report {out / 'report.md'}")
     return summary
@@ -147,4 +149,4 @@ def write_report(out: Path, summary: dict, sft, continued) -> None:
                   f"- manifest: {Path(record.output) / 'manifest.json'}", ""]
     lines += ["![loss per step](loss.svg)", "", f"## Generation: {summary['tasks']} tasks -> {summary['output']}", "",
               f"Prompt tokens per task: {summary['prompt_tokens']}", ""]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(out / "report.md", "\n".join(lines))

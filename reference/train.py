@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reference.errors import InputError
+from reference.paths import write_text_atomic
 
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
@@ -299,5 +300,5 @@ def save(trainer, tokenizer, record: RunRecord, out: Path, say) -> None:
         return
     trainer.model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / MANIFEST).write_text(json.dumps(asdict(record), ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomic(out / MANIFEST, json.dumps(asdict(record), ensure_ascii=False, indent=2, default=str) + "\n")
     say(f"saved {'adapter' if record.adapter.get('mode') != 'none (full fine-tuning)' else 'model'}, tokenizer and {MANIFEST} to {out}")

@@ -464,10 +464,13 @@ def test_render_refuses_a_tokenizer_that_is_not_a_local_directory(ftref_render):
 
 
 @pytest.mark.parametrize("content,named", [("not json", "not JSON"), ('{"a": 1}', "JSON list"),
-                                           ('[{"role": "user"}]', "message 0")])
+                                           ('[{"role": "user"}]', "message 0"),
+                                           ('[{"role": "user", "content": null}]', "message 0: content is null"),
+                                           (b"\xff\xfe[]", "not UTF-8")])
 def test_render_rejects_malformed_messages_naming_the_problem(ftref_render, tmp_path, content, named):
+    """A null content would render as the word None (Jinja's trim of None), so it is refused instead."""
     path = tmp_path / "bad.json"
-    path.write_text(content, encoding="utf-8")
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     code, _, err = ftref_render("gemma2", str(path))
     assert code == 2 and named in err and str(path) in err
 

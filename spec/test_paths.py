@@ -56,3 +56,32 @@ def test_an_output_appears_under_its_final_name_only_when_complete(tmp_path, mon
     with pytest.raises(OSError):
         write_text_atomic(target, "half")
     assert target.read_text() == "whole\n" and [p.name for p in target.parent.iterdir()] == ["result.json"]
+
+
+@pytest.mark.claim("X6")
+@pytest.mark.parametrize("command", [
+    ["merge", "--model", "{model}", "--adapter", "{adapter}", "--output", "{model}"],
+    ["quantize", "--model", "{model}", "--output", "{model}"],
+    ["add-tokens", "--model", "{model}", "--tokens", "<user_name>", "--output", "{model}"],
+    ["generate", "--model", "{model}", "--tasks", "{tasks}", "--shots", "{tasks}", "--output", "{tasks}"],
+    ["train", "--recipe", "llm2024", "--model", "{model}", "--data", "{tasks}", "--output", "{tasks}"],
+    ["continue", "--model", "{model}", "--adapter", "{adapter}", "--data", "{tasks}", "--output", "{adapter}/more"],
+    ["filter", "--input", "{tasks}", "--output", "{tasks}", "--rejects", "{tmp}/rejects.jsonl"],
+    ["dpo", "--model", "{model}", "--data", "{tasks}", "--output", "{model}/dpo"],
+    ["preference", "train", "--model", "{model}", "--data", "{tasks}", "--output", "{model}"],
+])
+def test_every_writing_command_refuses_an_output_over_an_input_before_any_work(tmp_path, capsys, command):
+    """The inputs are copies whose bytes are compared after the refusal: nothing was touched."""
+    from reference import cli
+
+    model, adapter, tasks = tmp_path / "model", tmp_path / "adapter", tmp_path / "tasks.jsonl"
+    for folder in (model, adapter):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    tasks.write_text('{"input": "日本の首都は？"}\n', encoding="utf-8")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv = [part.format(model=model, adapter=adapter, tasks=tasks, tmp=tmp_path) for part in command]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "an output never overwrites an input" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -1,0 +1,209 @@
+"""Every number the command line reads is checked where it is read (issue 11).
+
+A bad number ends the command with exit code 2 and one message on stderr that names the argument (or, for a
+recipe override, the setting), with no traceback, and before any expensive work: no file is read, no model is
+loaded, no output is written. The file and model paths in these commands do not exist, so a number that slipped
+through would end in a different message (one naming --model, --tasks, --data, ...) and the test would fail.
+
+The ranges, by argument:
+* counts are whole numbers >= 1: generate --k (always few-shot: there is no zero-shot mode), --window,
+  --max-new-tokens, --batch-size; preference --batch-size; dpo --r, --steps; filter --workers;
+* preference --max-length >= 3: spread cuts each of the 3 parts to max_length // 3, which must be >= 1;
+* rates and epochs are finite and > 0: preference --epochs, --lr; dpo --beta, --lr;
+* steps --epochs is finite (0 or less is refused by the step plan unless --max-steps is set);
+* verify --rtol is finite and >= 0 (0: the losses must match exactly);
+* train/continue/reproduce overrides: per_device_train_batch_size, gradient_accumulation_steps, lora.r and
+  sft.max_seq_length are whole numbers >= 1; learning_rate, and num_train_epochs unless max_steps > 0, are
+  finite and > 0; max_steps is a whole number.
+Each range is pinned on both sides: the first refused value and the first accepted one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from reference import cli, recipes
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """The command's exit code, stdout and stderr; argparse's own errors arrive as SystemExit."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(argv: list[str], named: str, capsys, *outputs) -> None:
+    """Exit 2, one error message naming `named`, no traceback, nothing printed to stdout, no output written.
+    Values are passed as --flag=VALUE: argparse reads a separate '-1e-4' or '-inf' as an option and would refuse
+    it ('expected one argument') before the range check this file pins."""
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, err
+    assert named in error_lines[0], err
+    assert "Traceback" not in err and out == ""
+    for output in outputs:
+        assert not output.exists()
+
+
+@pytest.fixture
+def nowhere(tmp_path):
+    """Paths that do not exist: reaching any of them would change the error message."""
+    return tmp_path / "missing"
+
+
+STEPS = ["steps", "--records", "10", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--epochs", "inf"), ("--epochs", "-inf"), ("--epochs", "nan"), ("--epochs", "0"), ("--epochs", "-1"),
+    ("--save-steps", "inf"), ("--logging-steps", "inf"), ("--warmup", "inf"), ("--warmup", "nan"),
+])
+def test_steps_refuses_an_endless_undefined_or_empty_number_of_epochs_or_steps(flag, value, capsys):
+    assert_refused([*STEPS, f"{flag}={value}"], flag, capsys)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["steps", "--records", "10", "--batch-size", "2", "--epochs", "inf"], "argument --epochs:"),
+    (["generate", "--model", "m", "--tasks", "t", "--shots", "s", "--output", "o", "--k", "-1"], "argument --k:"),
+])
+def test_the_reviewers_commands_as_typed_end_with_the_argument_named(argv, named, tmp_path, monkeypatch, capsys):
+    """`generate --k -1` used to take 23 of 24 shots (a [:-1] slice); `steps --epochs inf` ended in a traceback."""
+    monkeypatch.chdir(tmp_path)
+    assert_refused(argv, named, capsys, tmp_path / "o")
+
+
+def test_steps_still_takes_fractional_epochs(capsys):
+    """10 records / batch 2 = 5 steps an epoch; 0.5 epochs = ceil(2.5) = 3 optimizer steps."""
+    code, out, _ = run_cli([*STEPS, "--epochs", "0.5", "--json"], capsys)
+    assert code == 0 and '"total_optimizer_steps": 3' in out
+
+
+def generate_argv(nowhere, output):
+    return ["generate", "--model", nowhere / "model", "--tasks", nowhere / "tasks.jsonl",
+            "--shots", nowhere / "shots.jsonl", "--output", output]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--k", "-1"), ("--k", "0"), ("--k", "1.5"), ("--window", "0"), ("--window", "-5"),
+    ("--max-new-tokens", "-1"), ("--max-new-tokens", "0"), ("--batch-size", "0"),
+])
+def test_generate_refuses_counts_below_one_before_reading_or_loading_anything(flag, value, nowhere, tmp_path,
+                                                                               capsys):
+    output = tmp_path / "outputs.jsonl"
+    assert_refused([*generate_argv(nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys, output)
+
+
+def preference_argv(action, nowhere, output):
+    return ["preference", action, "--model", nowhere / "model", "--data", nowhere / "data.jsonl", "--output", output]
+
+
+@pytest.mark.parametrize("action, flag, value", [
+    ("train", "--epochs", "0"), ("train", "--epochs", "-1"), ("train", "--epochs", "inf"),
+    ("train", "--lr", "0"), ("train", "--lr", "nan"), ("train", "--batch-size", "0"),
+    ("train", "--max-length", "2"), ("predict", "--max-length", "0"), ("predict", "--batch-size", "0"),
+])
+def test_preference_refuses_empty_training_and_a_max_length_that_spread_cannot_cut_in_three(
+        action, flag, value, nowhere, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert_refused([*preference_argv(action, nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys,
+                   output)
+
+
+def dpo_argv(nowhere, output):
+    return ["dpo", "--model", nowhere / "model", "--data", nowhere / "pairs.jsonl", "--output", output]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--r", "0"), ("--beta", "0"), ("--beta", "-0.1"), ("--beta", "nan"),
+    ("--steps", "0"), ("--steps", "-3"), ("--lr", "0"), ("--lr", "-1e-4"), ("--lr", "inf"),
+])
+def test_dpo_refuses_a_zero_rank_beta_step_count_or_learning_rate(flag, value, nowhere, tmp_path, capsys):
+    """--steps 0 would save the fresh adapter untrained; --beta 0 divides the margin's scale away."""
+    output = tmp_path / "adapter"
+    assert_refused([*dpo_argv(nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys, output)
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_filter_refuses_fewer_than_one_worker(value, nowhere, tmp_path, capsys):
+    output, rejects = tmp_path / "kept.jsonl", tmp_path / "rejects.jsonl"
+    argv = ["filter", "--input", nowhere / "in.jsonl", "--output", output, "--rejects", rejects, f"--workers={value}"]
+    assert_refused(argv, "argument --workers:", capsys, output, rejects)
+
+
+@pytest.mark.parametrize("value", ["-1", "-1e-9", "nan", "inf"])
+def test_verify_refuses_a_negative_or_undefined_tolerance(value, nowhere, capsys):
+    assert_refused(["verify", nowhere / "a", nowhere / "b", f"--rtol={value}"], "argument --rtol:", capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--model", "m", "--tasks", "t", "--shots", "s", "--output", "o",
+     "--k", "1", "--window", "1", "--max-new-tokens", "1", "--batch-size", "1"],
+    ["preference", "train", "--model", "m", "--data", "d", "--output", "o", "--max-length", "3", "--batch-size", "1",
+     "--epochs", "1e-9", "--lr", "1e-9"],
+    ["dpo", "--model", "m", "--data", "d", "--output", "o", "--r", "1", "--steps", "1", "--beta", "1e-9",
+     "--lr", "1e-9"],
+    ["filter", "--input", "i", "--output", "o", "--rejects", "r", "--workers", "1"],
+    ["verify", "a", "b", "--rtol", "0"],
+    ["steps", "--records", "1", "--batch-size", "1", "--epochs", "0.5"],
+], ids=["generate", "preference", "dpo", "filter", "verify", "steps"])
+def test_the_smallest_allowed_values_are_accepted(argv):
+    """The edges of the ranges above: 1 for counts, 3 for --max-length, any rate > 0, --rtol 0."""
+    args = cli.build_parser().parse_args(argv)
+    assert args.func is not None
+
+
+def test_the_parsed_numbers_keep_their_type_and_value():
+    args = cli.build_parser().parse_args(["dpo", "--model", "m", "--data", "d", "--output", "o", "--r", "4",
+                                          "--steps", "7", "--beta", "0.25", "--lr", "1e-3"])
+    assert (args.r, args.steps, args.beta, args.lr) == (4, 7, 0.25, 1e-3)
+    assert type(args.r) is int and type(args.steps) is int and type(args.beta) is float
+
+
+@pytest.mark.parametrize("override, named", [
+    ("per_device_train_batch_size=-4", "per_device_train_batch_size=-4"),
+    ("per_device_train_batch_size=0", "per_device_train_batch_size=0"),
+    ("per_device_train_batch_size=2.5", "per_device_train_batch_size=2.5"),
+    ("gradient_accumulation_steps=0", "gradient_accumulation_steps=0"),
+    ("num_train_epochs=0", "num_train_epochs=0"),
+    ("num_train_epochs=-1.5", "num_train_epochs=-1.5"),
+    ("num_train_epochs=inf", "num_train_epochs=inf"),
+    ("learning_rate=0", "learning_rate=0"),
+    ("learning_rate=nan", "learning_rate=nan"),
+    ("max_steps=many", "max_steps='many'"),
+    ("lora.r=0", "lora.r=0"),
+    ("sft.max_seq_length=0", "sft.max_seq_length=0"),
+])
+@pytest.mark.parametrize("command", ["train", "continue"])
+def test_train_and_continue_name_the_override_that_is_out_of_range(command, override, named, nowhere, tmp_path,
+                                                                   capsys):
+    output = tmp_path / "run"
+    argv = [command, "--recipe", "llm2024", "--model", nowhere / "model", "--data", nowhere / "data.jsonl",
+            "--output", output, override]
+    if command == "continue":
+        argv[1:1] = ["--adapter", nowhere / "adapter"]
+    assert_refused(argv, f"{named}: must be", capsys, output)
+
+
+def test_reproduce_names_an_out_of_range_set_override(tmp_path, capsys):
+    output = tmp_path / "reproduce"
+    assert_refused(["reproduce", "--output", output, "--set", "per_device_train_batch_size=0"],
+                   "per_device_train_batch_size=0: must be", capsys, output)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["per_device_train_batch_size=1", "gradient_accumulation_steps=1", "lora.r=1", "sft.max_seq_length=1"],
+    ["num_train_epochs=0", "max_steps=1"],
+    ["num_train_epochs=1e-9", "learning_rate=1e-9"],
+], ids=["counts of one", "epochs ignored when max_steps is set", "tiny rates"])
+def test_the_smallest_allowed_overrides_are_accepted(overrides):
+    """Trainer ignores num_train_epochs when max_steps > 0, so 0 epochs is refused only without max_steps."""
+    cli.check_training_numbers(recipes.apply_overrides(recipes.load_recipe("llm2024"), overrides))
+
+
+@pytest.mark.parametrize("name", ["primer", "llm2024"])
+def test_the_shipped_recipes_pass_the_check(name):
+    cli.check_training_numbers(recipes.load_recipe(name))
