@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
     check_training_numbers(recipe)
     record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns),
-                       resume=args.resume)
+                       resume=args.resume, overwrite=args.overwrite)
     _print_run(record)
     return 0
 
@@ -270,11 +271,18 @@ def cmd_continue(args: argparse.Namespace) -> int:
     check_training_numbers(recipe)
     if args.mode == "adapter":
         record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns),
-                           adapter=args.adapter, resume=args.resume)
+                           adapter=args.adapter, resume=args.resume, overwrite=args.overwrite)
     else:
-        merged = Path(args.output) / "merged-base"
-        lora.merge(args.model, args.adapter, merged, quantization=train.quantization_of(recipe))
-        print(f"merged {args.adapter} into {args.model} -> {merged}; training a new adapter on it", file=sys.stderr)
+        from reference import rundir
+
+        output = Path(args.output)
+        if args.overwrite and rundir.holds_a_run(output):
+            shutil.rmtree(output)  # before the merge writes its base into it
+        rundir.check_reuse(output, args.resume, overwrite=False)
+        merged = output / "merged-base"
+        if not (args.resume and merged.is_dir()):  # resuming: the base the run was merged onto is there
+            lora.merge(args.model, args.adapter, merged, quantization=train.quantization_of(recipe))
+            print(f"merged {args.adapter} into {args.model} -> {merged}; training a new adapter on it", file=sys.stderr)
         record = train.run(recipe, str(merged), args.data, args.output, columns=train.parse_columns(args.columns),
                            resume=args.resume)
     _print_run(record)
@@ -424,7 +432,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json")
     p.add_argument("--columns", default=None, help="column map, e.g. instruction=input,response=output (default: "
                                                    "magpie conversations or instruction/response)")
-    p.add_argument("--resume", action="store_true", help="carry on from the newest complete checkpoint in OUTPUT/checkpoints")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="carry on from the newest complete checkpoint in OUTPUT/checkpoints (the same model, data "
+                            "and settings, checked)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start again in an OUTPUT that holds a run: its files are removed first")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="recipe overrides: a TrainingArguments name, or section.key (lora.r=16, sft.max_seq_length=512)")
 

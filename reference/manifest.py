@@ -108,11 +108,9 @@ def _span(steps: list[int]) -> str:
     return f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps, {steps[0]} to {steps[-1]}"
 
 
-def compare(a: dict, b: dict, rtol: float = 1e-5) -> Verdict:
-    if not (isinstance(rtol, int | float) and math.isfinite(rtol) and rtol >= 0):
-        raise InputError(f"--rtol {rtol!r}: a relative tolerance is a finite number >= 0 (0: losses equal)")
-    verdict = Verdict()
-    diffs = verdict.differences
+def what_ran_differences(a: dict, b: dict) -> dict[str, list[str]]:
+    """Model, data and settings of two records (manifests, or run.json): what differs, by part."""
+    diffs: dict[str, list[str]] = {"model": [], "data": [], "settings": []}
     if a["model"].get("weights_sha256") != b["model"].get("weights_sha256"):
         diffs["model"].append(f"weights: {a['model'].get('path')} vs {b['model'].get('path')} (different SHA-256)")
     if a["data"].get("sha256") != b["data"].get("sha256"):
@@ -123,6 +121,15 @@ def compare(a: dict, b: dict, rtol: float = 1e-5) -> Verdict:
             diffs["settings"] += _dict_differences(part, sa[part], sb[part])
         elif sa[part] != sb[part]:
             diffs["settings"].append(f"{part}: {sa[part]!r} vs {sb[part]!r}")
+    return diffs
+
+
+def compare(a: dict, b: dict, rtol: float = 1e-5) -> Verdict:
+    if not (isinstance(rtol, int | float) and math.isfinite(rtol) and rtol >= 0):
+        raise InputError(f"--rtol {rtol!r}: a relative tolerance is a finite number >= 0 (0: losses equal)")
+    verdict = Verdict()
+    diffs = verdict.differences
+    diffs.update(what_ran_differences(a, b))
     diffs["step plan"] += _dict_differences("step_plan", a["step_plan"], b["step_plan"])
     verdict.notes += _dict_differences("versions", a["settings"].get("versions", {}), b["settings"].get("versions", {}))
     _compare_losses(a, b, rtol, verdict)

@@ -75,12 +75,12 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
             f.write(json.dumps({"instruction": row["instruction"], "response": row["response"]}, ensure_ascii=False) + "\n")
 
     say("3/5 QLoRA SFT")
-    sft = train.run(recipe, pipeline.model, str(out / "train.jsonl"), str(out / "sft"), say=say)
+    sft = train.run(recipe, pipeline.model, str(out / "train.jsonl"), str(out / "sft"), say=say, overwrite=True)
 
     say("4/5 continue the adapter on QA111")
     more = recipes.apply_overrides(recipe, [f"max_steps={pipeline.continue_steps}"])
     continued = train.run(more, pipeline.model, pipeline.qa, str(out / "continued"), columns=dict(data.QA111_COLUMNS),
-                          adapter=str(out / "sft"), say=say)
+                          adapter=str(out / "sft"), say=say, overwrite=True)
 
     say("5/5 retrieved few-shot generation")
     from reference import lora, models

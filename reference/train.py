@@ -218,17 +218,28 @@ def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dty
 
 
 def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict | None = None, say=stderr_line,
-        callbacks=(), before_train=None, adapter: str | None = None, resume: bool = False) -> RunRecord:
+        callbacks=(), before_train=None, adapter: str | None = None, resume: bool = False,
+        overwrite: bool = False) -> RunRecord:
     """Train as the recipe says and save; returns the run record also written to output/manifest.json.
 
     `adapter`: continue training that saved adapter (a new schedule from step 0). `resume`: carry on
     from the newest complete checkpoint in output/checkpoints (optimizer, scheduler, RNG state and
-    step restored). `before_train(trainer)` is called once the Trainer is built (tests observe the run)."""
+    step restored), refused when the model, data or settings differ from the run's. `overwrite`: start
+    again in a directory that holds a run. The directory is held by this run alone (reference.rundir).
+    `before_train(trainer)` is called once the Trainer is built (tests observe the run)."""
+    from reference import models, rundir
+
+    models.require_model_dir(model_dir)  # first: a wrong model fails before any work
+    with rundir.claimed(output_dir, resume, overwrite, say):
+        return _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume)
+
+
+def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume):
     from transformers import AutoTokenizer, PrinterCallback
 
-    from reference import checkpoints, lora, models, recipes, sft
+    from reference import checkpoints, lora, models, recipes, rundir, sft
 
-    directory = models.require_model_dir(model_dir)  # first: a wrong model fails before any work
+    directory = models.require_model_dir(model_dir)
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
     args = recipes.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
@@ -249,6 +260,8 @@ def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict |
     record = RunRecord(settings=settings, model=asdict(identity), trainable_parameters=trainable, all_parameters=total,
                        weight_bytes=weight_bytes, step_plan={}, data=data_info, adapter=adapter_info,
                        resumed_from=str(resume_from) if resume_from else None, output=str(Path(output_dir).resolve()))
+    if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
+        rundir.record_or_check(output_dir, {"model": record.model, "data": data_info, "settings": settings}, resume)
     RecordingTrainer, Reporter = _trainer_classes()
     reporter = Reporter(record, len(encoded), say)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=encoded, data_collator=sft.Collator(tokenizer.pad_token_id),

@@ -1,0 +1,110 @@
+"""A run directory belongs to one run (claim X5).
+
+* While a run writes its directory it holds `.lock` (created exclusively, holding its process id); a second
+  run into the directory is refused at once, naming the holder. A lock whose process is gone is stale: it is
+  named and taken over.
+* A directory that holds a run (its `run.json`, written when training starts, or a finished run's
+  `manifest.json`) is used again only with `--resume` (carry on from its newest complete checkpoint) or
+  `--overwrite` (start again: the old files are removed first).
+* `--resume` compares what the checkpoint's run recorded in `run.json` (model weights, data and settings)
+  with what the new command would train, and refuses on any difference, naming each.
+
+Under torchrun only the main process (RANK 0) takes the lock and writes `run.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from reference.errors import InputError
+from reference.paths import write_text_atomic
+
+LOCK = ".lock"
+RUN = "run.json"
+FINISHED = "manifest.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(directory: Path, say) -> Path:
+    lock = directory / LOCK
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            text = lock.read_text(errors="replace").strip()
+            holder = int(text) if text.isdigit() else None
+            if holder is not None and _alive(holder):
+                raise InputError(f"--output {directory}: another run (process {holder}) is writing this directory; "
+                                 f"wait for it, or choose another directory") from None
+            say(f"--output {directory}: removing a stale lock of process {text or '?'}, which is gone")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(handle, "w") as file:
+            file.write(str(os.getpid()))
+        return lock
+    raise InputError(f"--output {directory}: could not take the run lock {lock}")
+
+
+def holds_a_run(directory: Path) -> bool:
+    return (directory / RUN).is_file() or (directory / FINISHED).is_file()
+
+
+def check_reuse(directory: Path, resume: bool, overwrite: bool) -> None:
+    """A directory holding a run is used again only with --resume or --overwrite; --resume needs a run."""
+    if holds_a_run(directory) and not (resume or overwrite):
+        raise InputError(f"--output {directory} holds a run already: add --resume to carry it on, or "
+                         "--overwrite to start again (its files are removed first)")
+    if resume and not holds_a_run(directory):
+        raise InputError(f"--resume: {directory} holds no run to carry on ({RUN} missing)")
+
+
+@contextlib.contextmanager
+def claimed(directory: str | Path, resume: bool = False, overwrite: bool = False, say=print):
+    """Hold `directory` for one run: the lock while the body runs, the reuse rules checked first."""
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite: choose one (carry the run on, or start it again)")
+    directory = Path(directory)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: the main process holds the directory for all
+        yield directory
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(directory, say)
+    try:
+        check_reuse(directory, resume, overwrite)
+        if overwrite:
+            for entry in directory.iterdir():
+                if entry != lock:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        yield directory
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def record_or_check(directory: str | Path, what_runs: dict, resume: bool) -> None:
+    """Write run.json (model, data, settings) for a new run; on --resume, refuse a different one."""
+    from reference import manifest
+
+    path = Path(directory) / RUN
+    what_runs = json.loads(json.dumps(what_runs, default=str))  # compared as run.json holds it
+    if not resume:
+        write_text_atomic(path, json.dumps(what_runs, ensure_ascii=False, indent=1, default=str) + "\n")
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    differences = [f"{part}: {line}" for part, lines in manifest.what_ran_differences(recorded, what_runs).items()
+                   for line in lines]
+    if differences:
+        raise InputError("--resume: this command differs from the run it would carry on; "
+                         + "; ".join(differences) + " (use --overwrite to start a new run instead)")

@@ -1,0 +1,100 @@
+"""A run directory belongs to one run (reference/rundir.py, claim X5): a lock while a run writes it, reuse only
+with --resume or --overwrite, and --resume refused when the model, data or settings differ from the run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from reference import cli, rundir
+from reference.errors import InputError
+from spec.conftest import FIXTURES
+
+MODEL, QA = FIXTURES / "models" / "tiny-gemma2", FIXTURES / "data" / "qa111_sample.jsonl"
+TINY = ["max_steps=2", "per_device_train_batch_size=2", "gradient_accumulation_steps=1", "warmup_steps=0",
+        "save_steps=1", "sft.max_seq_length=48", "use_cpu=true"]
+
+
+def train(output, *extra, data=QA) -> tuple[int, str]:
+    process = subprocess.run([sys.executable, "-m", "reference", "train", "--recipe", "llm2024", "--model", str(MODEL),
+                              "--data", str(data), "--columns", "instruction=input,response=output",
+                              "--output", str(output), *extra, *TINY], capture_output=True, text=True, timeout=600)
+    return process.returncode, process.stderr
+
+
+@pytest.mark.claim("X5")
+def test_a_second_run_into_a_directory_being_written_is_refused_naming_the_holder(tmp_path):
+    with rundir.claimed(tmp_path / "run", say=lambda text: None):
+        assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(InputError, match=f"another run \\(process {os.getpid()}\\) is writing this directory"):
+            with rundir.claimed(tmp_path / "run"):
+                pass
+    assert not (tmp_path / "run" / ".lock").exists()  # released when the run ends
+
+
+@pytest.mark.claim("X5")
+def test_a_stale_lock_of_a_process_that_is_gone_is_named_and_taken_over(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / ".lock").write_text(str(gone.pid))
+    said = []
+    with rundir.claimed(tmp_path, say=said.append):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert said == [f"--output {tmp_path}: removing a stale lock of process {gone.pid}, which is gone"]
+
+
+@pytest.mark.claim("X5")
+@pytest.mark.parametrize("marker", ["run.json", "manifest.json"])
+def test_a_directory_holding_a_run_is_reused_only_with_resume_or_overwrite(tmp_path, marker):
+    (tmp_path / marker).write_text("{}")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(InputError, match="holds a run already: add --resume .* or --overwrite"):
+        with rundir.claimed(tmp_path):
+            pass
+    with rundir.claimed(tmp_path, resume=True):
+        assert (tmp_path / marker).exists()
+    with rundir.claimed(tmp_path, overwrite=True):
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # the old files went first
+
+
+@pytest.mark.claim("X5")
+def test_resume_needs_a_run_and_excludes_overwrite(tmp_path):
+    with pytest.raises(InputError, match="holds no run to carry on"):
+        with rundir.claimed(tmp_path, resume=True):
+            pass
+    with pytest.raises(InputError, match="choose one"):
+        with rundir.claimed(tmp_path, resume=True, overwrite=True):
+            pass
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--recipe", "llm2024", "--model", str(MODEL), "--data", str(QA), "--output",
+                  str(tmp_path / "o"), "--resume", "--overwrite"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X5")
+def test_reusing_a_finished_runs_directory_needs_a_flag_and_resume_checks_data_and_settings(tmp_path):
+    """The reviewer's case: a finished run in D; `train --output D` again is refused (it used to mix the two
+    runs' checkpoints, and a later --resume carried on the first run's); --resume with other data or another
+    learning rate is refused naming each; --overwrite starts again with the old checkpoints gone."""
+    code, err = train(tmp_path / "d")
+    assert code == 0, err
+    first = json.loads((tmp_path / "d" / "run.json").read_text())
+    code, err = train(tmp_path / "d")
+    assert code == 2 and "holds a run already" in err and "Traceback" not in err
+    other = tmp_path / "other.jsonl"
+    other.write_text(QA.read_text(encoding="utf-8").replace("。", "！"), encoding="utf-8")
+    code, err = train(tmp_path / "d", "--resume", "learning_rate=0.5", data=other)
+    assert code == 2 and "--resume: this command differs" in err
+    assert f"data: {QA} vs {other}" in err and "training_arguments.learning_rate: 0.0002 vs 0.5" in err
+    (tmp_path / "d" / "checkpoints" / "checkpoint-1" / "stale-file").write_text("from the first run")
+    code, err = train(tmp_path / "d", "--overwrite", "learning_rate=1e-3")
+    assert code == 0, err
+    assert not (tmp_path / "d" / "checkpoints" / "checkpoint-1" / "stale-file").exists()
+    again = json.loads((tmp_path / "d" / "run.json").read_text())
+    assert again["settings"]["training_arguments"]["learning_rate"] == 1e-3 != first["settings"][
+        "training_arguments"]["learning_rate"]
