@@ -97,6 +97,8 @@ def cmd_steps(args: argparse.Namespace) -> int:
         drop_last=args.drop_last,
     )
     result = steps.plan(settings)
+    if result.warmup_warning():
+        print(result.warmup_warning(), file=sys.stderr)
     if args.json:
         print(json.dumps({**result.to_dict(), "settings": settings.__dict__}, indent=2))
     else:

@@ -143,11 +143,14 @@ def load_table(path: str | Path):
     if not source.exists():
         raise InputError(f"{path}: no such file or folder")
     kind = _format(source)
+    raw = source.read_bytes() if source.is_file() else None
+    if raw is not None and not raw.strip():
+        raise InputError(f"{path}: the file is empty: no records")
     import datasets
 
     datasets.disable_progress_bars()
     if kind in ("json", "csv"):  # the loaders may read bytes that are not UTF-8 and fail only when a row is read
-        fault = _not_utf8(source.read_bytes())
+        fault = _not_utf8(raw)
         if fault:
             raise InputError(f"{path}, {fault}")
     try:

@@ -15,6 +15,7 @@ model); nothing here contacts a hub, so nothing can hang on one, and a token is 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,12 @@ def require_model_dir(path: str | Path) -> Path:
             f"{token}.")
     if not (directory / "config.json").is_file():
         raise InputError(f"model {path!s}: no config.json in the directory")
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"model {path!s}: config.json is not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"model {path!s}: config.json is not a JSON object")
     return directory.resolve()  # what the model records as its name: an adapter's base, valid from any folder
 
 

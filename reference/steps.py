@@ -114,6 +114,14 @@ class StepPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def warmup_warning(self) -> str | None:
+        """Said when warmup lasts the whole run: every step then trains below the peak learning rate (the
+        first at 0), e.g. warmup 300 with max_steps=4 trains at about 1% of it."""
+        if self.warmup_steps >= self.total_optimizer_steps > 0:
+            return (f"warning: warmup of {self.warmup_steps} steps is not shorter than the run's "
+                    f"{self.total_optimizer_steps} steps: the learning rate never reaches its peak")
+        return None
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:

@@ -134,6 +134,8 @@ def _trainer_classes():
             self.say(f"step plan: batch {batch} x accumulation {args.gradient_accumulation_steps} x {args.world_size} "
                      f"process(es) = {plan.effective_batch_size} records per step; {plan.total_optimizer_steps} steps "
                      f"over {plan.epochs_run} epoch(s), warmup {plan.warmup_steps}")
+            if plan.warmup_warning():
+                self.say(plan.warmup_warning())
             self.run.use_cache["during_training"] = getattr(model.config, "use_cache", None) if model is not None else None
             self.started = self.last = time.perf_counter()
 

@@ -155,3 +155,12 @@ def test_the_training_set_is_filtered_magpie_then_qa111_mapped(tmp_path, fixture
     assert len(combined) == 1 + len(qa_rows) == 25
     assert combined[0] == {"instruction": "指示", "response": "応答"}
     assert combined[1] == {"instruction": qa_rows[0]["input"], "response": qa_rows[0]["output"]}
+
+
+@pytest.mark.claim("P2")
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_file_is_named_as_empty(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(InputError, match="the file is empty: no records"):
+        load_records(path)

@@ -249,3 +249,12 @@ def test_nf4_memory_measured_from_what_bitsandbytes_allocates(tiny_gemma2_dir, d
     assert sum(layers.values()) + rest == total == memory.weight_memory(memory.parameters(config),
                                                                          "nf4-dq" if double_quant else "nf4")
     assert memory.nf4_constants(64 * 64, double_quant) + 64 * 64 // 2 == q_proj_bytes
+
+
+@pytest.mark.parametrize("config", ["{bad", "[1, 2]"])
+def test_a_model_whose_config_is_not_a_json_object_is_refused_by_name(tmp_path, tiny_gemma2_dir, config):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gemma2_dir, model)
+    (model / "config.json").write_text(config)
+    with pytest.raises(InputError, match=f"model {model}: config.json is not"):
+        models.require_model_dir(model)

@@ -298,3 +298,16 @@ def test_step_plan_equals_a_real_trainer_on_random_configurations(seed, tmp_path
     expected = (p.micro_batches, p.total_optimizer_steps, p.epochs_run, p.checkpoints_written,
                 p.checkpoint_steps_kept, p.log_lines)
     assert observed == expected, s
+
+
+@pytest.mark.claim("P10")
+@pytest.mark.parametrize("warmup,max_steps,warned", [(300, 4, True), (4, 4, True), (3, 4, False), (0, 4, False)])
+def test_warmup_that_lasts_the_whole_run_is_warned_about(capsys, warmup, max_steps, warned):
+    """The README's old example: warmup 300 and max_steps 4 train at 0, 1/300, 2/300, 3/300 of the rate.
+    Warmup 4 of 4 steps never reaches the peak either (the last step runs at 3/4); warmup 3 of 4 does."""
+    from reference import cli
+
+    assert cli.main(["steps", "--records", "100", "--batch-size", "4", "--max-steps", str(max_steps),
+                     "--warmup", str(warmup)]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: warmup of" in err and "never reaches its peak" in err) is warned
