@@ -48,8 +48,11 @@ def require_writable(name: str, path: Path) -> None:
         existing = path.parent
     if not existing.is_dir():
         raise InputError(f"{name} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{name} {path}: {existing} is not writable")
+    try:  # a file made and removed there: os.access says yes to root even where the file system says no
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(f"{name} {path}: {existing} is not writable ({error.strerror})") from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -85,3 +85,10 @@ def test_every_writing_command_refuses_an_output_over_an_input_before_any_work(t
     err = capsys.readouterr().err
     assert "an output never overwrites an input" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.claim("X6")
+def test_an_output_where_the_file_system_refuses_files_is_refused_before_any_work():
+    """/proc takes no new files, even from root (for whom os.access says yes)."""
+    with pytest.raises(InputError, match="/proc is not writable"):
+        check_outputs({"--output": "/proc/ftref-test/out"}, {})
