@@ -395,8 +395,9 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     settings = dpo.DPOSettings(beta=args.beta, learning_rate=args.lr, steps=args.steps)
     record = dpo.train(policy, tokenizer, pairs, settings, say=lambda text: print(text, file=sys.stderr))
     out = Path(args.output)
-    policy.save_pretrained(out, safe_serialization=True, selected_adapters=[policy.active_adapter])  # the policy only
-    tokenizer.save_pretrained(out)
+    with paths.complete_directory(out) as partial:
+        policy.save_pretrained(partial, safe_serialization=True, selected_adapters=[policy.active_adapter])  # policy only
+        tokenizer.save_pretrained(partial)
     result = {**asdict(record), "model": asdict(identity), "pairs": len(pairs), "adapter": args.adapter,
               "reference": f"the starting adapter ({args.adapter or 'fresh, B = 0: the base'}), frozen"}
     paths.write_text_atomic(out / "dpo.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")

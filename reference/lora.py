@@ -160,14 +160,16 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path,
     from transformers import AutoTokenizer
 
     from reference import models
+    from reference.paths import complete_directory
 
     model, identity = models.load_causal_lm(base_dir, dtype="bfloat16", quantization=quantization)
     if identity.quantization != "none":
         model = model.dequantize()
     merged = load_adapter(model, adapter_dir, trainable=False).merge_and_unload()
     target = Path(output_dir)
-    merged.save_pretrained(target, safe_serialization=True)
     tokenizer_dir = Path(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() else Path(base_dir)
-    AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(target)
+    with complete_directory(target) as partial:
+        merged.save_pretrained(partial, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(partial)
     return {"base": identity.path, "base_quantization": identity.quantization, "adapter": str(Path(adapter_dir).resolve()),
             "merged": str(target.resolve())}

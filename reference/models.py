@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reference.errors import InputError
+from reference.paths import complete_directory
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "8bit", "nf4")
@@ -142,9 +143,10 @@ def quantize_and_save(path: str | Path, output: str | Path, quantization: str = 
         raise InputError(f"model {path!s} is already quantised ({saved_quantization(directory)}); nothing to do")
     model, _ = load_causal_lm(directory, dtype="bfloat16", quantization=quantization, quantization_section=quantization_section)
     target = Path(output)
-    model.save_pretrained(target, safe_serialization=True)
-    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
-        AutoTokenizer.from_pretrained(str(directory), local_files_only=True).save_pretrained(target)
+    with complete_directory(target) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(str(directory), local_files_only=True).save_pretrained(partial)
     return identity(target, quantization)
 
 

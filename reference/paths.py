@@ -11,7 +11,9 @@ Every command that writes names its inputs and outputs once, before any work sta
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -67,3 +69,22 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def complete_directory(target: str | Path):
+    """A folder to save into (`save_pretrained`) whose files are moved into `target` only once all are
+    written: a crash mid-save leaves `target` as it was, never a model with half its weights."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        yield partial
+        target.mkdir(exist_ok=True)
+        for entry in sorted(partial.iterdir()):
+            destination = target / entry.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reference.errors import InputError
-from reference.paths import write_text_atomic
+from reference.paths import complete_directory, write_text_atomic
 
 LABELS = ("winner_model_a", "winner_model_b", "winner_tie")
 COLUMNS = ("prompt", "response_a", "response_b", *LABELS)
@@ -181,8 +181,9 @@ def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceCon
     after = log_loss(predict(model, tokenizer, eval_rows, config), labels)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out = Path(output_dir)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with complete_directory(out) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
     result = {"train_rows": len(train_rows), "eval_rows": len(eval_rows),
               "log_loss_before": before, "log_loss_after": after,
               "uniform_log_loss": math.log(3), "train_loss_first": losses[0], "train_loss_last": losses[-1],

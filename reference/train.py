@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reference.errors import InputError
-from reference.paths import write_text_atomic
+from reference.paths import complete_directory, write_text_atomic
 
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
@@ -313,7 +313,8 @@ def save(trainer, tokenizer, record: RunRecord, out: Path, say) -> None:
     """Adapter (or model) and tokenizer, reloadable (C16), and the run record; on the main process only."""
     if not trainer.args.should_save:
         return
-    trainer.model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with complete_directory(out) as partial:
+        trainer.model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
     write_text_atomic(out / MANIFEST, json.dumps(asdict(record), ensure_ascii=False, indent=2, default=str) + "\n")
     say(f"saved {'adapter' if record.adapter.get('mode') != 'none (full fine-tuning)' else 'model'}, tokenizer and {MANIFEST} to {out}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reference.errors import InputError
+from reference.paths import complete_directory
 
 GEMMA2_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 LLAMA3_SPECIAL_TOKENS = [
@@ -107,8 +108,8 @@ def add_special_tokens(model_dir: str, tokens: list[str], output_dir: str) -> di
     model, _ = load_causal_lm(model_dir)
     report = register_tokens(tokenizer, model, tokens)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with complete_directory(out) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
     report["output"] = str(out)
     return report

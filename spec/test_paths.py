@@ -92,3 +92,24 @@ def test_an_output_where_the_file_system_refuses_files_is_refused_before_any_wor
     """/proc takes no new files, even from root (for whom os.access says yes)."""
     with pytest.raises(InputError, match="/proc is not writable"):
         check_outputs({"--output": "/proc/ftref-test/out"}, {})
+
+
+@pytest.mark.claim("X6")
+def test_a_saved_model_directory_gets_its_files_only_once_all_are_written(tmp_path):
+    """Files are saved into a hidden folder beside the target and moved in at the end; a save that fails
+    half-way leaves the target as it was and no hidden folder behind."""
+    from reference.paths import complete_directory
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "kept.txt").write_text("a file of the user's")
+    with pytest.raises(RuntimeError):
+        with complete_directory(target) as partial:
+            (partial / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("killed mid-save")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and [p.name for p in target.iterdir()] == ["kept.txt"]
+    with complete_directory(target) as partial:
+        (partial / "model.safetensors").write_bytes(b"whole")
+        assert not (target / "model.safetensors").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["kept.txt", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
