@@ -188,8 +188,6 @@ def cmd_filter(args: argparse.Namespace) -> int:
     source = Path(args.input)
     if not source.is_file():
         raise InputError(f"--input {args.input}: no such file")
-    if source.resolve() in (Path(args.output).resolve(), Path(args.rejects).resolve()):
-        raise InputError(f"--output/--rejects must not overwrite --input {args.input}")
     _writable(args.output, "--output")
     _writable(args.rejects, "--rejects")
     if Path(args.output).resolve() == Path(args.rejects).resolve():
