@@ -98,3 +98,24 @@ def test_reusing_a_finished_runs_directory_needs_a_flag_and_resume_checks_data_a
     again = json.loads((tmp_path / "d" / "run.json").read_text())
     assert again["settings"]["training_arguments"]["learning_rate"] == 1e-3 != first["settings"][
         "training_arguments"]["learning_rate"]
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X5")
+def test_a_second_train_into_a_directory_another_train_is_writing_is_refused_and_the_first_finishes(tmp_path):
+    """Two real processes: while the first trains (its step plan printed, so it holds the directory), the second
+    is refused at once naming the first's process id; the first ends normally with its own manifest."""
+    first = subprocess.Popen([sys.executable, "-m", "reference", "train", "--recipe", "llm2024", "--model", str(MODEL),
+                              "--data", str(QA), "--columns", "instruction=input,response=output",
+                              "--output", str(tmp_path / "d"), *TINY, "max_steps=40"],
+                             stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in first.stderr:
+        seen.append(line)
+        if line.startswith("step plan"):
+            break
+    code, err = train(tmp_path / "d")
+    seen += first.stderr.readlines()
+    assert first.wait(timeout=300) == 0, "".join(seen)
+    assert code == 2 and f"another run (process {first.pid}) is writing this directory" in err
+    assert len(json.loads((tmp_path / "d" / "manifest.json").read_text())["steps"]) == 40
