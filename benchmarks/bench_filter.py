@@ -38,8 +38,18 @@ def compare(records: int, repeats: int, response_lines=(4, 9), seed_repeats: int
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "magpie.jsonl"
         write_jsonl(magpie_records(records, seed=0, response_lines=tuple(response_lines)), corpus)
-        ours = [sys.executable, "-m", "reference", "filter", "--input", str(corpus),
-                "--output", f"{tmp}/ours.jsonl", "--rejects", f"{tmp}/rejects.jsonl"]
+        ours = [
+            sys.executable,
+            "-m",
+            "reference",
+            "filter",
+            "--input",
+            str(corpus),
+            "--output",
+            f"{tmp}/ours.jsonl",
+            "--rejects",
+            f"{tmp}/rejects.jsonl",
+        ]
         seed = [sys.executable, "benchmarks/seed_filter.py", "--input", str(corpus), "--output", f"{tmp}/seed.jsonl"]
         timed(ours)  # warm-up: page cache, imports
         ours_times = [timed(ours) for _ in range(repeats)]
@@ -49,10 +59,15 @@ def compare(records: int, repeats: int, response_lines=(4, 9), seed_repeats: int
         size = corpus.stat().st_size
     ours_median, seed_median = statistics.median(ours_times), statistics.median(seed_times)
     return {
-        "records": records, "corpus_bytes": size, "response_lines": list(response_lines), "kept": kept,
+        "records": records,
+        "corpus_bytes": size,
+        "response_lines": list(response_lines),
+        "kept": kept,
         "identical_output": identical,
-        "ours_seconds": ours_times, "seed_seconds": seed_times,
-        "ours_median_s": round(ours_median, 3), "seed_median_s": round(seed_median, 3),
+        "ours_seconds": ours_times,
+        "seed_seconds": seed_times,
+        "ours_median_s": round(ours_median, 3),
+        "seed_median_s": round(seed_median, 3),
         "speedup": round(seed_median / ours_median, 2),
     }
 
@@ -61,9 +76,15 @@ def machine() -> dict:
     from importlib import metadata
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(), "cores": cores,
-            "python": platform.python_version(), "numpy": metadata.version("numpy"), "pycld2": metadata.version("pycld2"),
-            "date": time.strftime("%Y-%m-%d")}
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": cores,
+        "python": platform.python_version(),
+        "numpy": metadata.version("numpy"),
+        "pycld2": metadata.version("pycld2"),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def test_filter_is_faster_than_the_seeds_algorithm_with_identical_output(benchmark):

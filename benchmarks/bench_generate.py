@@ -1,8 +1,8 @@
 """Prefill and decode tokens/s with the seed's generation settings, bf16 against NF4, batch 1 and batched.
 
     python benchmarks/bench_generate.py --shape gemma-2-9b [--prompt 1024] [--new 128] [--batch 8] [--json FILE]  # GPU
-    python benchmarks/bench_generate.py --shape tiny-gemma2 --prompt 64 --new 16 --batch 4                        # CPU
-    pytest benchmarks/bench_generate.py --benchmark-only                                                          # CI smoke
+    python benchmarks/bench_generate.py --shape tiny-gemma2 --prompt 64 --new 16 --batch 4  # CPU
+    pytest benchmarks/bench_generate.py --benchmark-only  # CI smoke
 
 A random-weight model of the shape is loaded through reference.models (bf16, or NF4 with double
 quantisation), and generation runs through reference.generation with the seed's processors on:
@@ -54,7 +54,9 @@ def time_generation(model, batch: int, prompt: int, new: int, repeats: int, devi
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch, prompt), generator=generator).to(device)
-    banned = [[int(t)] for t in torch.randint(3, vocab, (8,), generator=generator)]  # eight banned sequences, as the seed
+    banned = [
+        [int(t)] for t in torch.randint(3, vocab, (8,), generator=generator)
+    ]  # eight banned sequences, as the seed
     prefill, total = [], []
     for run in range(repeats + 1):
         sync(device)
@@ -64,9 +66,17 @@ def time_generation(model, batch: int, prompt: int, new: int, repeats: int, devi
         sync(device)
         middle = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                           repetition_penalty=settings.repetition_penalty, use_cache=settings.use_cache,
-                           do_sample=settings.do_sample, bad_words_ids=banned, pad_token_id=0)
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                repetition_penalty=settings.repetition_penalty,
+                use_cache=settings.use_cache,
+                do_sample=settings.do_sample,
+                bad_words_ids=banned,
+                pad_token_id=0,
+            )
         sync(device)
         end = time.perf_counter()
         if run:  # the first is the warm-up
@@ -74,9 +84,15 @@ def time_generation(model, batch: int, prompt: int, new: int, repeats: int, devi
             total.append(end - middle)
     prefill_s, generate_s = statistics.median(prefill), statistics.median(total)
     decode_s = max(generate_s - prefill_s, 1e-9) / new
-    return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new, "prefill_s": prefill_s,
-            "prefill_tokens_per_s": batch * prompt / prefill_s, "decode_s_per_token": decode_s,
-            "decode_tokens_per_s": batch / decode_s}
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": new,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": batch * prompt / prefill_s,
+        "decode_s_per_token": decode_s,
+        "decode_tokens_per_s": batch / decode_s,
+    }
 
 
 def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device: str) -> dict:
@@ -93,15 +109,29 @@ def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device:
             weight_bytes = models.weight_bytes(model)
             runs = [time_generation(model, b, prompt, new, repeats, device) for b in sorted({1, batch})]
             for run in runs:
-                run["bandwidth_bound_tokens_per_s"] = flops.decode_bandwidth_bound(bandwidth, weight_bytes, run["batch"])
-                run["fraction_of_bound"] = flops.fraction_of_bandwidth_bound(run["decode_tokens_per_s"], bandwidth,
-                                                                             weight_bytes, run["batch"])
-            variants.append({"quantization": "bf16" if quantization == "none" else "nf4", "weight_bytes": weight_bytes,
-                             "runs": runs})
+                run["bandwidth_bound_tokens_per_s"] = flops.decode_bandwidth_bound(
+                    bandwidth, weight_bytes, run["batch"]
+                )
+                run["fraction_of_bound"] = flops.fraction_of_bandwidth_bound(
+                    run["decode_tokens_per_s"], bandwidth, weight_bytes, run["batch"]
+                )
+            variants.append(
+                {
+                    "quantization": "bf16" if quantization == "none" else "nf4",
+                    "weight_bytes": weight_bytes,
+                    "runs": runs,
+                }
+            )
             del model
-    return {"benchmark": "generate", "shape": shape, "config_layers": shape_config(shape)["num_hidden_layers"],
-            "processors": "repetition_penalty 1.1, 8 banned sequences, greedy, KV cache",
-            "bandwidth_bytes_per_s": bandwidth, "variants": variants, **info}
+    return {
+        "benchmark": "generate",
+        "shape": shape,
+        "config_layers": shape_config(shape)["num_hidden_layers"],
+        "processors": "repetition_penalty 1.1, 8 banned sequences, greedy, KV cache",
+        "bandwidth_bytes_per_s": bandwidth,
+        "variants": variants,
+        **info,
+    }
 
 
 def test_generate_cpu_smoke(benchmark):

@@ -28,8 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import report  # noqa: E402
 
-LORA = {"r": 64, "lora_alpha": 64, "lora_dropout": 0.0, "bias": "none", "random_state": 3407,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+LORA = {
+    "r": 64,
+    "lora_alpha": 64,
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "random_state": 3407,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 def shape_config(shape: str) -> dict:
@@ -96,10 +102,17 @@ def train_steps(model_dir: Path, quantization: str, device: str, batch: int, seq
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return {"quantization": quantization, "first_step_s": times[0], "step_s": times[1:],
-            "median_step_s": statistics.median(times[1:]), "tokens_per_s": batch * seq / statistics.median(times[1:]),
-            "lora_parameters": sum(p.numel() for p in trainable), "weight_bytes": weight_bytes,
-            "peak_memory_bytes": peak_memory, "final_loss": float(loss.detach())}
+    return {
+        "quantization": quantization,
+        "first_step_s": times[0],
+        "step_s": times[1:],
+        "median_step_s": statistics.median(times[1:]),
+        "tokens_per_s": batch * seq / statistics.median(times[1:]),
+        "lora_parameters": sum(p.numel() for p in trainable),
+        "weight_bytes": weight_bytes,
+        "peak_memory_bytes": peak_memory,
+        "final_loss": float(loss.detach()),
+    }
 
 
 def device_info(device: str) -> dict:
@@ -109,8 +122,12 @@ def device_info(device: str) -> dict:
 
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or platform.machine()
     versions = {p: metadata.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")}
-    return {"device": name, "cuda": torch.version.cuda if device.startswith("cuda") else None, **versions,
-            "date": time.strftime("%Y-%m-%d")}
+    return {
+        "device": name,
+        "cuda": torch.version.cuda if device.startswith("cuda") else None,
+        **versions,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def compare(shape: str, seq: int, batch: int, steps: int, device: str, r: int = 64) -> dict:
@@ -133,10 +150,22 @@ def compare(shape: str, seq: int, batch: int, steps: int, device: str, r: int = 
         run["model_flops_per_s"] = run["tokens_per_s"] * per_token
         run["mfu"] = flops.model_flops_utilisation(run["tokens_per_s"], per_token, peak)
     nf4, bf16 = runs
-    return {"benchmark": "train_step", "shape": shape, "seq_len": seq, "batch": batch, "lora_r": r,
-            "gradient_checkpointing": True, "optimizer": "bitsandbytes AdamW 8-bit", "compute_dtype": "bfloat16",
-            "flops_per_token": per_token, "peak_flops": peak, "peak_source": peak_source,
-            "runs": runs, "nf4_over_bf16_tokens_per_s": nf4["tokens_per_s"] / bf16["tokens_per_s"], **info}
+    return {
+        "benchmark": "train_step",
+        "shape": shape,
+        "seq_len": seq,
+        "batch": batch,
+        "lora_r": r,
+        "gradient_checkpointing": True,
+        "optimizer": "bitsandbytes AdamW 8-bit",
+        "compute_dtype": "bfloat16",
+        "flops_per_token": per_token,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "runs": runs,
+        "nf4_over_bf16_tokens_per_s": nf4["tokens_per_s"] / bf16["tokens_per_s"],
+        **info,
+    }
 
 
 def test_train_step_cpu_smoke(benchmark):

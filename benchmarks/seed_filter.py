@@ -94,7 +94,8 @@ def seed_filter(records: list[dict], section: dict) -> list[dict]:
     print(f"ng:{len(ng_list)}")
 
     filtered_dataset = [
-        text for text in filtered_dataset
+        text
+        for text in filtered_dataset
         if not any(ng_word in text["response"] or ng_word in text["instruction"] for ng_word in ng_list)
     ]
 

@@ -25,7 +25,9 @@ PREFIX = "checkpoint-"
 
 def file_hashes(directory: Path) -> dict[str, str]:
     hashes = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")):
+    for path in sorted(
+        p for p in directory.rglob("*") if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
+    ):
         with open(path, "rb") as handle:
             hashes[str(path.relative_to(directory))] = hashlib.file_digest(handle, "sha256").hexdigest()
     return hashes
@@ -61,7 +63,7 @@ def why_incomplete(directory: str | Path) -> str | None:
 
 def step_of(directory: Path) -> int:
     try:
-        return int(directory.name[len(PREFIX):])
+        return int(directory.name[len(PREFIX) :])
     except ValueError:
         return -1
 
@@ -69,7 +71,9 @@ def step_of(directory: Path) -> int:
 def last_complete(checkpoints: str | Path, say=print) -> Path:
     """The newest complete checkpoint under `checkpoints`; incomplete newer ones are reported and skipped."""
     folder = Path(checkpoints)
-    candidates = sorted((p for p in folder.glob(PREFIX + "*") if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True)
+    candidates = sorted(
+        (p for p in folder.glob(PREFIX + "*") if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True
+    )
     for candidate in candidates:
         problem = why_incomplete(candidate)
         if problem is None:

@@ -21,8 +21,9 @@ def _number(value: str, kind: type) -> int | float:
     try:
         number = kind(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                         f"got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'a whole number' if kind is int else 'a number'}, got {value!r}"
+        ) from None
     if not math.isfinite(number):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
     return number
@@ -35,6 +36,7 @@ def finite(value: str) -> float:
 
 def at_least(minimum: int | float, kind: type = int):
     """An argparse type: a finite `kind` >= minimum; argparse reports 'argument --NAME: must be >= ...', exit 2."""
+
     def check(value: str) -> int | float:
         number = _number(value, kind)
         if number < minimum:
@@ -117,11 +119,15 @@ def _read_messages(source: str) -> list[dict]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise InputError(f"--messages: {where} is not JSON (line {error.lineno}, column {error.colno}): {error.msg}") from None
+        raise InputError(
+            f"--messages: {where} is not JSON (line {error.lineno}, column {error.colno}): {error.msg}"
+        ) from None
     if isinstance(data, dict) and "messages" in data:
         data = data["messages"]
     if not isinstance(data, list):
-        raise InputError(f"--messages: {where} must hold a JSON list of {{role, content}} objects (or {{\"messages\": [...]}})")
+        raise InputError(
+            f'--messages: {where} must hold a JSON list of {{role, content}} objects (or {{"messages": [...]}})'
+        )
     for index, message in enumerate(data):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise InputError(f"--messages: {where}, message {index}: needs 'role' and 'content'")
@@ -148,7 +154,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         text = formats.render_with_tokenizer(tokenizer, args.format, messages, args.add_generation_prompt, args.date)
     ids = formats.encode_prompt(tokenizer, text)
     if args.json:
-        print(json.dumps({"text": text, "input_ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids)}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"text": text, "input_ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids)}, ensure_ascii=False
+            )
+        )
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -194,20 +204,39 @@ def cmd_filter(args: argparse.Namespace) -> int:
         raise InputError(f"--output and --rejects are the same file: {args.output}")
     filters.keep_freed_memory()
     bar = _progress(source.stat().st_size // 800, "filter: language check")  # about 800 bytes a record
-    result = filters.filter_file(args.input, args.output, args.rejects, config, workers=args.workers,
-                                 strict=args.strict, progress=bar.update if bar else None)
+    result = filters.filter_file(
+        args.input,
+        args.output,
+        args.rejects,
+        config,
+        workers=args.workers,
+        strict=args.strict,
+        progress=bar.update if bar else None,
+    )
     if bar:
         bar.close()
     counts = result.counts
     if args.json:
-        print(json.dumps({"counts": counts, "ng_list_size": result.ng_list_size, "pass2_ng_size": result.pass2_ng_size,
-                          "output": args.output, "rejects": args.rejects,
-                          "char_table": result.char_table}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "counts": counts,
+                    "ng_list_size": result.ng_list_size,
+                    "pass2_ng_size": result.pass2_ng_size,
+                    "output": args.output,
+                    "rejects": args.rejects,
+                    "char_table": result.char_table,
+                },
+                ensure_ascii=False,
+            )
+        )
         return 0
     lines = [f"{rule:>16}: {count}" for rule, count in counts.items()]
-    lines += [f"pass-1 NG list: {result.ng_list_size} strings; pass-2 rare characters: {result.pass2_ng_size}",
-              f"kept {counts['kept']} of {counts['input_rows']} rows -> {args.output}; rejects -> {args.rejects}",
-              "character frequencies of the kept records:"]
+    lines += [
+        f"pass-1 NG list: {result.ng_list_size} strings; pass-2 rare characters: {result.pass2_ng_size}",
+        f"kept {counts['kept']} of {counts['input_rows']} rows -> {args.output}; rejects -> {args.rejects}",
+        "character frequencies of the kept records:",
+    ]
     lines += [f"{char}: {count}" for char, count in result.char_table]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
@@ -218,7 +247,11 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     recipe = recipes.load_recipe(args.name)
     if args.resolved:
-        print(json.dumps(recipes.resolved_settings(recipe, output_dir=args.output_dir), ensure_ascii=False, indent=2, default=str))
+        print(
+            json.dumps(
+                recipes.resolved_settings(recipe, output_dir=args.output_dir), ensure_ascii=False, indent=2, default=str
+            )
+        )
     else:
         print(recipes.describe(recipe))
     return 0
@@ -233,9 +266,12 @@ def check_training_numbers(recipe) -> None:
     Counts are whole numbers >= 1; learning_rate, and num_train_epochs unless max_steps > 0, are finite and > 0.
     The message names the setting: `per_device_train_batch_size=0: must be a whole number >= 1`."""
     arguments = recipe.training_arguments
-    counts = {"per_device_train_batch_size": arguments.get("per_device_train_batch_size"),
-              "gradient_accumulation_steps": arguments.get("gradient_accumulation_steps"),
-              "lora.r": recipe.lora.get("r"), "sft.max_seq_length": recipe.sft.get("max_seq_length")}
+    counts = {
+        "per_device_train_batch_size": arguments.get("per_device_train_batch_size"),
+        "gradient_accumulation_steps": arguments.get("gradient_accumulation_steps"),
+        "lora.r": recipe.lora.get("r"),
+        "sft.max_seq_length": recipe.sft.get("max_seq_length"),
+    }
     for name, value in counts.items():
         if value is not None and not _whole(value, 1):
             raise InputError(f"{name}={value!r}: must be a whole number >= 1")
@@ -257,8 +293,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
     check_training_numbers(recipe)
-    record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns),
-                       resume=args.resume, overwrite=args.overwrite)
+    record = train.run(
+        recipe,
+        args.model,
+        args.data,
+        args.output,
+        columns=train.parse_columns(args.columns),
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
     _print_run(record)
     return 0
 
@@ -270,8 +313,16 @@ def cmd_continue(args: argparse.Namespace) -> int:
     recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
     check_training_numbers(recipe)
     if args.mode == "adapter":
-        record = train.run(recipe, args.model, args.data, args.output, columns=train.parse_columns(args.columns),
-                           adapter=args.adapter, resume=args.resume, overwrite=args.overwrite)
+        record = train.run(
+            recipe,
+            args.model,
+            args.data,
+            args.output,
+            columns=train.parse_columns(args.columns),
+            adapter=args.adapter,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
     else:
         from reference import rundir
 
@@ -283,8 +334,9 @@ def cmd_continue(args: argparse.Namespace) -> int:
         if not (args.resume and merged.is_dir()):  # resuming: the base the run was merged onto is there
             lora.merge(args.model, args.adapter, merged, quantization=train.quantization_of(recipe))
             print(f"merged {args.adapter} into {args.model} -> {merged}; training a new adapter on it", file=sys.stderr)
-        record = train.run(recipe, str(merged), args.data, args.output, columns=train.parse_columns(args.columns),
-                           resume=args.resume)
+        record = train.run(
+            recipe, str(merged), args.data, args.output, columns=train.parse_columns(args.columns), resume=args.resume
+        )
     _print_run(record)
     return 0
 
@@ -314,8 +366,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for number, task in enumerate(tasks):
         fitted = retrieval.fit(pool.top(task["input"], args.k), task["input"], tokenizer, args.window)
         if fitted.dropped:
-            print(f"task {number}: prompt over {args.window} tokens; dropped the {fitted.dropped} least similar shots",
-                  file=sys.stderr)
+            print(
+                f"task {number}: prompt over {args.window} tokens; dropped the {fitted.dropped} least similar shots",
+                file=sys.stderr,
+            )
         prompts.append(fitted.prompt)
     settings = generation.GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     bar = _progress(len(prompts), "generate")
@@ -323,19 +377,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if bar:
         bar.close()
     generation.write_outputs(args.output, outputs, [t.get("task_id", i) for i, t in enumerate(tasks)])
-    print(json.dumps({"output": args.output, "tasks": len(tasks), "settings": generation.settings_record(settings)},
-                     ensure_ascii=False, indent=2))
+    print(
+        json.dumps(
+            {"output": args.output, "tasks": len(tasks), "settings": generation.settings_record(settings)},
+            ensure_ascii=False,
+            indent=2,
+        )
+    )
     return 0
 
 
 def cmd_preference(args: argparse.Namespace) -> int:
     from reference import paths, preference
 
-    config = preference.PreferenceConfig(max_length=args.max_length, batch_size=args.batch_size,
-                                         spread_max_length=args.spread_max_length, tta=getattr(args, "tta", False))
+    config = preference.PreferenceConfig(
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        spread_max_length=args.spread_max_length,
+        tta=getattr(args, "tta", False),
+    )
     if args.action == "train":
-        result = preference.train(args.model, args.data, args.output, config, epochs=args.epochs, learning_rate=args.lr,
-                                  say=lambda text: print(text, file=sys.stderr))
+        result = preference.train(
+            args.model,
+            args.data,
+            args.output,
+            config,
+            epochs=args.epochs,
+            learning_rate=args.lr,
+            say=lambda text: print(text, file=sys.stderr),
+        )
         print(json.dumps(result, indent=2))
         return 0
     from reference import lora
@@ -394,10 +464,17 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     record = dpo.train(policy, tokenizer, pairs, settings, say=lambda text: print(text, file=sys.stderr))
     out = Path(args.output)
     with paths.complete_directory(out) as partial:
-        policy.save_pretrained(partial, safe_serialization=True, selected_adapters=[policy.active_adapter])  # policy only
+        policy.save_pretrained(
+            partial, safe_serialization=True, selected_adapters=[policy.active_adapter]
+        )  # policy only
         tokenizer.save_pretrained(partial)
-    result = {**asdict(record), "model": asdict(identity), "pairs": len(pairs), "adapter": args.adapter,
-              "reference": f"the starting adapter ({args.adapter or 'fresh, B = 0: the base'}), frozen"}
+    result = {
+        **asdict(record),
+        "model": asdict(identity),
+        "pairs": len(pairs),
+        "adapter": args.adapter,
+        "reference": f"the starting adapter ({args.adapter or 'fresh, B = 0: the base'}), frozen",
+    }
     paths.write_text_atomic(out / "dpo.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     print(json.dumps({"output": str(out), "losses": record.losses, "margins": record.margins}, indent=2))
     return 0
@@ -411,36 +488,67 @@ def _print_run(record) -> None:
     if os.environ.get("RANK", "0") != "0":  # torchrun: one summary, from the main process
         return
     last = record.steps[-1] if record.steps else {}
-    print(json.dumps({"output": record.output, "manifest": str(Path(record.output) / train.MANIFEST),
-                      "steps": len(record.steps), "first_loss": record.steps[0]["loss"] if record.steps else None,
-                      "last_loss": last.get("loss"), "steady_tokens_per_second": record.steady_tokens_per_second,
-                      "trainable_parameters": record.trainable_parameters, "adapter": record.adapter,
-                      "resumed_from": record.resumed_from}, indent=2))
+    print(
+        json.dumps(
+            {
+                "output": record.output,
+                "manifest": str(Path(record.output) / train.MANIFEST),
+                "steps": len(record.steps),
+                "first_loss": record.steps[0]["loss"] if record.steps else None,
+                "last_loss": last.get("loss"),
+                "steady_tokens_per_second": record.steady_tokens_per_second,
+                "trainable_parameters": record.trainable_parameters,
+                "adapter": record.adapter,
+                "resumed_from": record.resumed_from,
+            },
+            indent=2,
+        )
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from reference import models
 
     identity = models.quantize_and_save(args.model, args.output, {4: "nf4", 8: "8bit"}[args.bits])
-    print(json.dumps({"output": identity.path, "quantization": identity.quantization,
-                      "weights_sha256": identity.weights_sha256}, indent=2))
+    print(
+        json.dumps(
+            {"output": identity.path, "quantization": identity.quantization, "weights_sha256": identity.weights_sha256},
+            indent=2,
+        )
+    )
     return 0
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     """What every training command takes besides its model: data, output, columns, resume, overrides."""
     p.add_argument("--data", required=True, help="records: JSONL/JSON/CSV/Parquet or a saved dataset folder")
-    p.add_argument("--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json")
-    p.add_argument("--columns", default=None, help="column map, e.g. instruction=input,response=output (default: "
-                                                   "magpie conversations or instruction/response)")
+    p.add_argument(
+        "--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json"
+    )
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="column map, e.g. instruction=input,response=output (default: "
+        "magpie conversations or instruction/response)",
+    )
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="carry on from the newest complete checkpoint in OUTPUT/checkpoints (the same model, data "
-                            "and settings, checked)")
-    again.add_argument("--overwrite", action="store_true",
-                       help="start again in an OUTPUT that holds a run: its files are removed first")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="recipe overrides: a TrainingArguments name, or section.key (lora.r=16, sft.max_seq_length=512)")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="carry on from the newest complete checkpoint in OUTPUT/checkpoints (the same model, data "
+        "and settings, checked)",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an OUTPUT that holds a run: its files are removed first",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe overrides: a TrainingArguments name, or section.key (lora.r=16, sft.max_seq_length=512)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -456,10 +564,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="data-parallel processes (default 1)")
     p.add_argument("--warmup", type=_warmup, default=0, help="warmup steps (int) or fraction < 1 of total (default 0)")
     p.add_argument("--save-strategy", default="steps", help="steps | epoch | no (default steps)")
-    p.add_argument("--save-steps", type=_steps_or_fraction, default=500, help="steps between checkpoints, or a fraction < 1 (default 500)")
+    p.add_argument(
+        "--save-steps",
+        type=_steps_or_fraction,
+        default=500,
+        help="steps between checkpoints, or a fraction < 1 (default 500)",
+    )
     p.add_argument("--save-total-limit", type=int, default=None, help="newest checkpoints kept (default: all)")
     p.add_argument("--logging-strategy", default="steps", help="steps | epoch | no (default steps)")
-    p.add_argument("--logging-steps", type=_steps_or_fraction, default=500, help="steps between loss log lines, or a fraction < 1 (default 500)")
+    p.add_argument(
+        "--logging-steps",
+        type=_steps_or_fraction,
+        default=500,
+        help="steps between loss log lines, or a fraction < 1 (default 500)",
+    )
     p.add_argument("--logging-first-step", action="store_true", help="also log after step 1")
     p.add_argument("--drop-last", action="store_true", help="dataloader_drop_last")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -469,8 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["gemma2", "llama3.1", "alpaca-ja"])
     p.add_argument("--messages", required=True, help="JSON file with a list of {role, content}, or - for stdin")
     p.add_argument("--add-generation-prompt", action="store_true", help="end with the assistant/model turn opener")
-    p.add_argument("--tokenizer", default=None, help="local tokenizer directory: render with its chat template and print ids")
-    p.add_argument("--date", default=None, help="llama3.1 'Today Date' (default: 26 Jul 2024, as the official template)")
+    p.add_argument(
+        "--tokenizer", default=None, help="local tokenizer directory: render with its chat template and print ids"
+    )
+    p.add_argument(
+        "--date", default=None, help="llama3.1 'Today Date' (default: 26 Jul 2024, as the official template)"
+    )
     p.add_argument("--json", action="store_true", help="with --tokenizer: print {text, input_ids, tokens} as JSON")
     p.set_defaults(func=cmd_render)
 
@@ -484,10 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL: magpie rows (conversations) or instruction/response rows")
     p.add_argument("--output", required=True, help="JSONL of kept records: id (if any), instruction, response")
     p.add_argument("--rejects", required=True, help="JSONL of dropped rows with the rule that dropped each")
-    p.add_argument("--recipe", default="llm2024", help="recipe whose [filter] constants to use (default llm2024, the seed's)")
+    p.add_argument(
+        "--recipe", default="llm2024", help="recipe whose [filter] constants to use (default llm2024, the seed's)"
+    )
     p.add_argument("--strict", action="store_true", help="an unreadable line is an error (exit 2) instead of a reject")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="processes to use, >= 1 (default: one per available core)")
+    p.add_argument(
+        "--workers", type=positive_int, default=None, help="processes to use, >= 1 (default: one per available core)"
+    )
     p.add_argument("--json", action="store_true", help="print counts and the character table as JSON")
     p.set_defaults(func=cmd_filter)
 
@@ -501,9 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="llm2024", help="recipe name or TOML file (default llm2024)")
     p.add_argument("--model", required=True, help="the base model directory the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the saved adapter directory")
-    p.add_argument("--mode", choices=["adapter", "merge"], default="adapter",
-                   help="adapter: keep training the same adapter (trainable); merge: fold it into the base, then "
-                        "train a fresh adapter (default adapter)")
+    p.add_argument(
+        "--mode",
+        choices=["adapter", "merge"],
+        default="adapter",
+        help="adapter: keep training the same adapter (trainable); merge: fold it into the base, then "
+        "train a fresh adapter (default adapter)",
+    )
     _run_arguments(p)
     p.set_defaults(func=cmd_continue)
 
@@ -511,9 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model directory")
     p.add_argument("--adapter", required=True, help="the saved adapter directory")
     p.add_argument("--output", required=True, help="directory for the merged bf16 model and tokenizer")
-    p.add_argument("--quantization", choices=["none", "nf4"], default="none",
-                   help="how the base was loaded when the adapter was trained; nf4 dequantises that base before "
-                        "merging (default none; a base saved 4-bit is always dequantised)")
+    p.add_argument(
+        "--quantization",
+        choices=["none", "nf4"],
+        default="none",
+        help="how the base was loaded when the adapter was trained; nf4 dequantises that base before "
+        "merging (default none; a base saved 4-bit is always dequantised)",
+    )
     p.set_defaults(func=cmd_merge)
 
     from reference import generation, preference, retrieval  # light modules: the defaults live there
@@ -523,33 +656,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="a saved LoRA adapter to generate with")
     p.add_argument("--tasks", required=True, help="JSONL with 'input' (and optionally 'task_id') per task")
     p.add_argument("--shots", required=True, help="JSONL shot pool with 'input' and 'output' (Japanese-QA111 style)")
-    p.add_argument("--embedder", default=str(Path(__file__).resolve().parent.parent / "fixtures" / "models" / "tiny-embedder"),
-                   help="local sentence-transformers directory (default: the fixture embedder)")
-    p.add_argument("--k", type=positive_int, default=retrieval.DEFAULT_K,
-                   help="shots retrieved per task, >= 1: always few-shot, there is no zero-shot mode "
-                        "(default %(default)s, the seed's)")
-    p.add_argument("--window", type=positive_int, default=retrieval.DEFAULT_WINDOW,
-                   help="prompt tokens at most; least similar shots are dropped (default %(default)s, the seed's)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=generation.GenerationSettings.max_new_tokens,
-                   help=">= 1 (default %(default)s, the seed's)")
-    p.add_argument("--batch-size", type=positive_int, default=1,
-                   help="prompts per generate call, left-padded (default 1)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype (default float32)")
+    p.add_argument(
+        "--embedder",
+        default=str(Path(__file__).resolve().parent.parent / "fixtures" / "models" / "tiny-embedder"),
+        help="local sentence-transformers directory (default: the fixture embedder)",
+    )
+    p.add_argument(
+        "--k",
+        type=positive_int,
+        default=retrieval.DEFAULT_K,
+        help="shots retrieved per task, >= 1: always few-shot, there is no zero-shot mode "
+        "(default %(default)s, the seed's)",
+    )
+    p.add_argument(
+        "--window",
+        type=positive_int,
+        default=retrieval.DEFAULT_WINDOW,
+        help="prompt tokens at most; least similar shots are dropped (default %(default)s, the seed's)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=generation.GenerationSettings.max_new_tokens,
+        help=">= 1 (default %(default)s, the seed's)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=1, help="prompts per generate call, left-padded (default 1)"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype (default float32)"
+    )
     p.add_argument("--output", required=True, help="JSONL of {task_id, output}")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("preference", help="the LMSYS 3-class preference classifier (claims L1, A5)")
     p.add_argument("action", choices=["train", "predict"])
     p.add_argument("--model", required=True, help="local causal-LM directory (the backbone)")
-    p.add_argument("--data", required=True, help="competition-format JSONL: prompt, response_a, response_b (+ winner_* to train)")
-    p.add_argument("--output", required=True, help="train: directory for adapter + preference.json; predict: JSONL of probabilities")
+    p.add_argument(
+        "--data", required=True, help="competition-format JSONL: prompt, response_a, response_b (+ winner_* to train)"
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="train: directory for adapter + preference.json; predict: JSONL of probabilities",
+    )
     p.add_argument("--adapter", default=None, help="predict: a trained classifier adapter")
-    p.add_argument("--max-length", type=at_least(3), default=preference.PreferenceConfig.max_length,
-                   help="tokens per input, >= 3 so each of the 3 parts gets one when spread "
-                        "(default %(default)s, the thread's)")
-    p.add_argument("--batch-size", type=positive_int, default=preference.PreferenceConfig.batch_size,
-                   help="default %(default)s (the thread's)")
-    p.add_argument("--spread-max-length", action="store_true", help="cut each part to max_length // 3 instead of the joined input")
+    p.add_argument(
+        "--max-length",
+        type=at_least(3),
+        default=preference.PreferenceConfig.max_length,
+        help="tokens per input, >= 3 so each of the 3 parts gets one when spread (default %(default)s, the thread's)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=preference.PreferenceConfig.batch_size,
+        help="default %(default)s (the thread's)",
+    )
+    p.add_argument(
+        "--spread-max-length", action="store_true", help="cut each part to max_length // 3 instead of the joined input"
+    )
     p.add_argument("--tta", action="store_true", help="predict: average with a and b swapped")
     p.add_argument("--epochs", type=positive_float, default=3.0, help="train: epochs (default 3)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="train: learning rate (default 1e-3)")
@@ -558,14 +724,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="does run B reproduce run A? compares two manifests (claim X2)")
     p.add_argument("run_a", help="a run directory (or its manifest.json)")
     p.add_argument("run_b", help="another run directory (or its manifest.json)")
-    p.add_argument("--rtol", type=at_least(0.0, float), default=1e-5,
-                   help="relative tolerance on per-step losses, >= 0 (default 1e-5)")
+    p.add_argument(
+        "--rtol",
+        type=at_least(0.0, float),
+        default=1e-5,
+        help="relative tolerance on per-step losses, >= 0 (default 1e-5)",
+    )
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("reproduce", help="the LLM2024 pipeline end to end: filter, QLoRA SFT, continue, few-shot generation")
+    p = sub.add_parser(
+        "reproduce", help="the LLM2024 pipeline end to end: filter, QLoRA SFT, continue, few-shot generation"
+    )
     p.add_argument("--output", default="runs/reproduce", help="directory for every stage's files and report.md")
-    for name, what in (("model", "base model"), ("magpie", "magpie JSONL to filter"), ("qa", "QA111 JSONL (input/output)"),
-                       ("tasks", "tasks JSONL (input)"), ("embedder", "sentence-transformers directory"), ("recipe", "recipe")):
+    for name, what in (
+        ("model", "base model"),
+        ("magpie", "magpie JSONL to filter"),
+        ("qa", "QA111 JSONL (input/output)"),
+        ("tasks", "tasks JSONL (input)"),
+        ("embedder", "sentence-transformers directory"),
+        ("recipe", "recipe"),
+    ):
         p.add_argument(f"--{name}", default=None, help=f"{what} (default: the fixture's)")
     p.add_argument("--set", action="append", default=[], metavar="key=value", help="more recipe overrides (repeatable)")
     p.set_defaults(func=cmd_reproduce)
@@ -574,8 +752,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
     p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected}")
     p.add_argument("--output", required=True, help="directory for the adapter, tokenizer and dpo.json")
-    p.add_argument("--adapter", default=None,
-                   help="start from this saved adapter (e.g. the SFT one): the policy, and frozen, the reference")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="start from this saved adapter (e.g. the SFT one): the policy, and frozen, the reference",
+    )
     p.add_argument("--beta", type=positive_float, default=0.1, help="KL strength beta (default 0.1)")
     p.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate (default 5e-4)")
     p.add_argument("--steps", type=positive_int, default=10, help="optimizer steps over all pairs (default 10)")
@@ -585,11 +766,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantise a local model once and save it (claim C1)")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
     p.add_argument("--output", required=True, help="directory for the quantised model and tokenizer")
-    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4: NF4 with double quantisation, bf16 compute "
-                                                                        "(seed 001); 8: LLM.int8 (default 4)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=[4, 8],
+        default=4,
+        help="4: NF4 with double quantisation, bf16 compute (seed 001); 8: LLM.int8 (default 4)",
+    )
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("recipe", help="show a named recipe, or its fully resolved settings (claims P7, P12, C13, C17, C22)")
+    p = sub.add_parser(
+        "recipe", help="show a named recipe, or its fully resolved settings (claims P7, P12, C13, C17, C22)"
+    )
     p.add_argument("name", help="recipe name (primer, llm2024) or a TOML file")
     p.add_argument("--resolved", action="store_true", help="print every setting, defaults included, as JSON")
     p.add_argument("--output-dir", default="runs/recipe", help="output_dir to resolve TrainingArguments with")
@@ -612,8 +800,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-INPUT_ARGUMENTS = ("input", "model", "adapter", "data", "tasks", "shots", "embedder", "magpie", "qa", "recipe",
-                   "messages", "tokenizer")
+INPUT_ARGUMENTS = (
+    "input",
+    "model",
+    "adapter",
+    "data",
+    "tasks",
+    "shots",
+    "embedder",
+    "magpie",
+    "qa",
+    "recipe",
+    "messages",
+    "tokenizer",
+)
 OUTPUT_ARGUMENTS = ("output", "rejects")
 
 

@@ -49,7 +49,7 @@ class CharTable:
             pair = changed.get(k)
             if pair is None:
                 start = int(table.starts[k])
-                pieces.append(table.codes[start:start + int(table.lengths[k])])
+                pieces.append(table.codes[start : start + int(table.lengths[k])])
                 lengths.append(int(table.lengths[k]))
                 response_lengths.append(int(table.separators[k]) - start)
             else:
@@ -92,10 +92,16 @@ class CharTable:
         order = np.lexsort((hit_ranks, records))
         records, hit_ranks, codes = records[order], hit_ranks[order], self.codes[positions[order]]
         heads = np.flatnonzero(np.r_[True, records[1:] != records[:-1]])
-        return {r: (low, chr(code)) for r, low, code in
-                zip(records[heads].tolist(), hit_ranks[heads].tolist(), codes[heads].tolist(), strict=True)}
+        return {
+            r: (low, chr(code))
+            for r, low, code in zip(
+                records[heads].tolist(), hit_ranks[heads].tolist(), codes[heads].tolist(), strict=True
+            )
+        }
 
-    def first_hits(self, strings: dict[str, int], counts: dict[str, int], instruction_only: bool = False) -> dict[int, tuple[int, str]]:
+    def first_hits(
+        self, strings: dict[str, int], counts: dict[str, int], instruction_only: bool = False
+    ) -> dict[int, tuple[int, str]]:
         """Record -> (lowest index, string) over the strings of `strings` (string -> index) that occur
         inside one field of the record (the instruction alone when `instruction_only`).
 
@@ -118,7 +124,7 @@ class CharTable:
         positions, anchor_codes = positions[order], anchor_codes[order]
         found_records, found_index = [], []
         for string, (offset, code) in anchors.items():
-            at = positions[np.searchsorted(anchor_codes, code):np.searchsorted(anchor_codes, code, side="right")]
+            at = positions[np.searchsorted(anchor_codes, code) : np.searchsorted(anchor_codes, code, side="right")]
             starts = at - offset
             starts = starts[(starts >= 0) & (starts + len(string) <= self.codes.size)]
             for i, char in enumerate(string):
@@ -154,7 +160,7 @@ def first_appearance(codes):
     seen = np.zeros(UNICODE, dtype=bool)
     start, block = 0, 4096
     while start < len(codes):
-        chunk = codes[start:start + block]
+        chunk = codes[start : start + block]
         fresh = np.flatnonzero(~seen[chunk])
         if fresh.size:
             values, index = np.unique(chunk[fresh], return_index=True)
@@ -189,7 +195,7 @@ def summarize(codes) -> Summary:
 
     counts = np.zeros(UNICODE, dtype=np.int64)
     for start in range(0, len(codes), CHUNK):  # bincount copies its input to int64: a chunk at a time, not all of it
-        counts += np.bincount(codes[start:start + CHUNK], minlength=UNICODE)
+        counts += np.bincount(codes[start : start + CHUNK], minlength=UNICODE)
     present = np.flatnonzero(counts)
     return Summary(present.astype(np.uint32), counts[present], first_appearance(codes)[present], len(codes))
 

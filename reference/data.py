@@ -106,8 +106,13 @@ def parse_jsonl(data, first_line: int = 1, start: int = 0, end: int | None = Non
             except UnicodeDecodeError as error:
                 raw = bytes(view[at:stop])
                 if raw.strip():
-                    items.append(Unreadable(line=number, error=f"not UTF-8 ({error.reason} at byte {error.start})",
-                                            text=raw.decode("utf-8", errors="replace")))
+                    items.append(
+                        Unreadable(
+                            line=number,
+                            error=f"not UTF-8 ({error.reason} at byte {error.start})",
+                            text=raw.decode("utf-8", errors="replace"),
+                        )
+                    )
             else:
                 if text.strip(_BLANK):
                     try:
@@ -160,8 +165,9 @@ def load_table(path: str | Path):
             table = datasets.load_dataset(kind, data_files=str(source), split="train")
     except Exception as error:  # the loaders raise many types; name the file and say what went wrong
         fault = locate_fault(source, kind)  # their messages name a byte position at best: find the row
-        raise InputError(f"{path}, {fault}" if fault else
-                         f"{path}: cannot be read as {kind}: {type(error).__name__}: {error}") from None
+        raise InputError(
+            f"{path}, {fault}" if fault else f"{path}: cannot be read as {kind}: {type(error).__name__}: {error}"
+        ) from None
     if isinstance(table, datasets.DatasetDict):
         raise InputError(f"{path}: holds several splits ({', '.join(table)}); save one split")
     return table
@@ -255,8 +261,10 @@ def load_records(path: str | Path, columns: dict[str, str] | None = None):
     table = load_table(path)
     if columns is None and "conversations" in table.column_names:
         require_magpie_rows(table["conversations"], path)
-        return table.map(lambda row: dict(zip(("instruction", "response"), magpie_pair(row["conversations"]), strict=True)),
-                         remove_columns=table.column_names)
+        return table.map(
+            lambda row: dict(zip(("instruction", "response"), magpie_pair(row["conversations"]), strict=True)),
+            remove_columns=table.column_names,
+        )
     columns = columns or {"instruction": "instruction", "response": "response"}
     missing = [c for c in columns.values() if c not in table.column_names]
     if missing:
@@ -277,8 +285,10 @@ def require_magpie_rows(column: list, path) -> None:
         except (TypeError, KeyError):
             pair = None
         if pair is None or not all(isinstance(text, str) for text in pair):
-            raise InputError(f"{path}, row {row}, column 'conversations': expected a list of {{role, content}} "
-                             f"turns with text contents, got {conversations!r}"[:500])
+            raise InputError(
+                f"{path}, row {row}, column 'conversations': expected a list of {{role, content}} "
+                f"turns with text contents, got {conversations!r}"[:500]
+            )
 
 
 def training_set(filtered_path: str | Path, qa_path: str | Path):

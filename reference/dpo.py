@@ -73,13 +73,16 @@ def encode_pair(tokenizer, pair: PreferencePair, max_length: int):
 
     eos = tokenizer.eos_token
     prompt = encode_prompt(tokenizer, pair.prompt)
-    wholes = [encode_prompt(tokenizer, pair.prompt + answer + ("" if answer.endswith(eos) else eos))
-              for answer in (pair.chosen, pair.rejected)]
+    wholes = [
+        encode_prompt(tokenizer, pair.prompt + answer + ("" if answer.endswith(eos) else eos))
+        for answer in (pair.chosen, pair.rejected)
+    ]
     answer_start = min(shared_prefix(prompt, whole) for whole in wholes)
     if answer_start >= max_length:
         return None
-    return tuple((whole[:max_length], ([IGNORE_INDEX] * answer_start + whole[answer_start:])[:max_length])
-                 for whole in wholes)
+    return tuple(
+        (whole[:max_length], ([IGNORE_INDEX] * answer_start + whole[answer_start:])[:max_length]) for whole in wholes
+    )
 
 
 def sequence_logprobs(model, batch: list[tuple[list[int], list[int]]], pad_token_id: int):
@@ -193,8 +196,13 @@ def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, 
         with torch.no_grad(), reference_of(model):
             reference_chosen = sequence_logprobs(model, chosen, pad)
             reference_rejected = sequence_logprobs(model, rejected, pad)
-        loss, r_w, r_l = dpo_loss(sequence_logprobs(model, chosen, pad), sequence_logprobs(model, rejected, pad),
-                                  reference_chosen, reference_rejected, settings.beta)
+        loss, r_w, r_l = dpo_loss(
+            sequence_logprobs(model, chosen, pad),
+            sequence_logprobs(model, rejected, pad),
+            reference_chosen,
+            reference_rejected,
+            settings.beta,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -202,6 +210,8 @@ def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, 
         record.losses.append(float(loss.detach()))
         record.margins.append(margin)
         record.reference_logps.append([float(reference_chosen.mean()), float(reference_rejected.mean())])
-        say(f"dpo step {step}/{settings.steps} loss {record.losses[-1]:.4f} reward margin {margin:+.4f} "
-            f"(log 2 = {math.log(2):.4f} at the start)")
+        say(
+            f"dpo step {step}/{settings.steps} loss {record.losses[-1]:.4f} reward margin {margin:+.4f} "
+            f"(log 2 = {math.log(2):.4f} at the start)"
+        )
     return record

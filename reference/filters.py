@@ -22,8 +22,9 @@ only where its rarest character stands, comparing its other code points in place
 instruction already fails the language test is not sent to the detector again (the seed drops it
 either way). The input is cut into shards, one per core, that read their own part of the file and go
 through the stages side by side; between passes only per-character counts travel, and each shard
-writes its rows at its own offset of the output files, so they come out in input order. The kept records are the same, byte
-for byte: the spec tests compare with a literal transcription of the seed (benchmarks/seed_filter.py).
+writes its rows at its own offset of the output files, so they come out in input order.
+The kept records are the same, byte for byte: the spec tests compare with a literal transcription
+of the seed (benchmarks/seed_filter.py).
 
 Every dropped record is reported with the rule that dropped it: ``unreadable``, ``ng_string`` (one
 of the seed's strings), ``rare_char_pass1``, ``instruct_ng``, ``detector_error``, ``language`` or
@@ -128,7 +129,11 @@ class FilterResult:
 
 def rule_counts(rejected: Counter, kept: int) -> dict[str, int]:
     """Rows in, rows kept, and rows dropped by each rule (every rule listed, zeros included)."""
-    return {"input_rows": kept + sum(rejected.values()), "kept": kept, **{rule: rejected.get(rule, 0) for rule in RULES}}
+    return {
+        "input_rows": kept + sum(rejected.values()),
+        "kept": kept,
+        **{rule: rejected.get(rule, 0) for rule in RULES},
+    }
 
 
 class StringFinder:
@@ -246,8 +251,9 @@ class Shard:
 
     def __init__(self, items: list):
         self.records: list[Pair] = [item for item in items if isinstance(item, Pair)]
-        self.rejects: list[Reject] = [Reject(item.line, "unreadable", item.error, item)
-                                      for item in items if isinstance(item, Unreadable)]
+        self.rejects: list[Reject] = [
+            Reject(item.line, "unreadable", item.error, item) for item in items if isinstance(item, Unreadable)
+        ]
         self.kept: list[Pair] = []
 
     def first_unreadable(self) -> tuple[int, str] | None:
@@ -299,7 +305,11 @@ class Shard:
                 progress(1000)
         if progress is not None:
             progress(len(passed) % 1000)
-        changed = {k: replaced for (replaced, original), k in zip(self.language_kept, rows, strict=True) if replaced is not original}
+        changed = {
+            k: replaced
+            for (replaced, original), k in zip(self.language_kept, rows, strict=True)
+            if replaced is not original
+        }
         self.table2 = CharTable.subset(self.table, rows, changed)
         del self.table
         return self.table2.summary()
@@ -323,11 +333,21 @@ class Shard:
     def encode(self) -> tuple[int, int, dict[str, int]]:
         """Encode this shard's kept rows and rejects (JSONL, UTF-8, unescaped); return their sizes in
         bytes and the shard's rule counts, so that every shard can write at its place in the files."""
-        self.encoded = ("".join(map(output_line, self.kept)).encode(), "".join(r.to_line() for r in self.rejects).encode())
-        return len(self.encoded[0]), len(self.encoded[1]), dict(Counter(r.rule for r in self.rejects), kept=len(self.kept))
+        self.encoded = (
+            "".join(map(output_line, self.kept)).encode(),
+            "".join(r.to_line() for r in self.rejects).encode(),
+        )
+        return (
+            len(self.encoded[0]),
+            len(self.encoded[1]),
+            dict(Counter(r.rule for r in self.rejects), kept=len(self.kept)),
+        )
 
     def write_at(self, output: str, output_offset: int, rejects: str, rejects_offset: int) -> None:
-        for path, offset, data in ((output, output_offset, self.encoded[0]), (rejects, rejects_offset, self.encoded[1])):
+        for path, offset, data in (
+            (output, output_offset, self.encoded[0]),
+            (rejects, rejects_offset, self.encoded[1]),
+        ):
             fd = os.open(path, os.O_WRONLY)
             try:
                 view = memoryview(data)
@@ -372,10 +392,15 @@ def run_filter(items, config: FilterConfig, shards: int = 1, progress=None) -> F
     """The whole pipeline in this process over `items` (Pairs and Unreadables), cut into `shards`."""
     items = list(items)
     size = -(-len(items) // max(shards, 1)) or 1
-    parts = [Shard(items[i:i + size]) for i in range(0, len(items), size)] or [Shard([])]
+    parts = [Shard(items[i : i + size]) for i in range(0, len(items), size)] or [Shard([])]
     plan, rank2, table = filter_stages(LocalShards(parts, progress), len(parts), config)
-    return FilterResult(kept=[p for part in parts for p in part.kept], rejects=[r for part in parts for r in part.rejects],
-                        ng_list_size=len(plan.ng_strings), pass2_ng_size=len(rank2), char_table=table)
+    return FilterResult(
+        kept=[p for part in parts for p in part.kept],
+        rejects=[r for part in parts for r in part.rejects],
+        ng_list_size=len(plan.ng_strings),
+        pass2_ng_size=len(rank2),
+        char_table=table,
+    )
 
 
 M_TOP_PAD = -2  # glibc mallopt parameter (malloc.h)
@@ -413,7 +438,7 @@ def split_lines(data, parts: int) -> list[tuple[int, int]]:
 
 def lines_before(data, end: int, block: int = 1 << 23) -> int:
     """Newlines in data[:end], read a block at a time (data may be an mmap, which has no count)."""
-    return sum(data[at:min(at + block, end)].count(b"\n") for at in range(0, end, block))
+    return sum(data[at : min(at + block, end)].count(b"\n") for at in range(0, end, block))
 
 
 def _serve(connection, data, start: int, end: int) -> None:
@@ -492,8 +517,15 @@ class FileResult:
     char_table: list = field(default_factory=list)
 
 
-def filter_file(source: str, output: str, rejects: str, config: FilterConfig, workers: int | None = None,
-                strict: bool = False, progress=None) -> FileResult:
+def filter_file(
+    source: str,
+    output: str,
+    rejects: str,
+    config: FilterConfig,
+    workers: int | None = None,
+    strict: bool = False,
+    progress=None,
+) -> FileResult:
     """The filter over a JSONL file, written to `output` and `rejects`, on up to `workers` processes."""
     import mmap
     import multiprocessing
@@ -530,8 +562,10 @@ def filter_file(source: str, output: str, rejects: str, config: FilterConfig, wo
         for path in partial.values():
             open(path, "wb").close()
         offsets = [(sum(e[0] for e in encoded[:i]), sum(e[1] for e in encoded[:i])) for i in range(len(runs))]
-        pool.ask("write_at", [(partial[output], at_output, partial[rejects], at_rejects)
-                              for at_output, at_rejects in offsets])
+        pool.ask(
+            "write_at",
+            [(partial[output], at_output, partial[rejects], at_rejects) for at_output, at_rejects in offsets],
+        )
         for target, path in partial.items():
             os.replace(path, target)
         counts = [e[2] for e in encoded]
@@ -541,5 +575,9 @@ def filter_file(source: str, output: str, rejects: str, config: FilterConfig, wo
     for shard_counts in counts:
         rejected.update(shard_counts)
     kept = rejected.pop("kept")
-    return FileResult(counts=rule_counts(rejected, kept), ng_list_size=len(plan.ng_strings),
-                      pass2_ng_size=len(rank2), char_table=table)
+    return FileResult(
+        counts=rule_counts(rejected, kept),
+        ng_list_size=len(plan.ng_strings),
+        pass2_ng_size=len(rank2),
+        char_table=table,
+    )

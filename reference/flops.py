@@ -75,8 +75,9 @@ def decode_bandwidth_bound(bandwidth_bytes_per_s: float, weight_bytes: float, ba
     return bandwidth_bytes_per_s / weight_bytes * batch
 
 
-def fraction_of_bandwidth_bound(tokens_per_s: float, bandwidth_bytes_per_s: float, weight_bytes: float,
-                                batch: int = 1) -> float:
+def fraction_of_bandwidth_bound(
+    tokens_per_s: float, bandwidth_bytes_per_s: float, weight_bytes: float, batch: int = 1
+) -> float:
     """Decoding's weight bytes read per second (steps/s x weight bytes, steps/s = tokens/s / batch) over the
     bandwidth: how close decoding comes to the memory-bandwidth bound."""
     bytes_per_s = tokens_per_s / batch * weight_bytes

@@ -31,7 +31,7 @@ from reference.errors import InputError
 # the template attached here is the Jinja body alone, which is google/gemma-2-9b's template.
 GEMMA2_CHAT_TEMPLATE_SEED_LITERAL = """
 {{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}
-"""
+"""  # noqa: E501 (the seed's template, one line as the seed writes it)
 GEMMA2_CHAT_TEMPLATE = GEMMA2_CHAT_TEMPLATE_SEED_LITERAL.strip("\n")
 
 ALPACA_PROMPT_JP = """
@@ -193,7 +193,8 @@ def render_with_tokenizer(
     attach_chat_template(tokenizer, fmt)
     extra = {"date_string": date_string} if date_string else {}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **extra)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+        )
     except (jinja2.TemplateError, ValueError) as error:  # ValueError: transformers' own checks (no messages)
         raise TemplateError(str(error)) from None

@@ -65,15 +65,20 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     outputs = []
     model.eval()
     for start in range(0, len(prompts), settings.batch_size):
-        chunk = prompts[start:start + settings.batch_size]
+        chunk = prompts[start : start + settings.batch_size]
         tokenizer.padding_side = "left"
         inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(device)  # BOS added, as the seed's call
         with torch.no_grad():
-            generated = model.generate(**inputs, max_new_tokens=settings.max_new_tokens,
-                                       repetition_penalty=settings.repetition_penalty, use_cache=settings.use_cache,
-                                       do_sample=settings.do_sample, bad_words_ids=banned or None,
-                                       pad_token_id=tokenizer.pad_token_id)
-        new = generated[:, inputs["input_ids"].shape[1]:]
+            generated = model.generate(
+                **inputs,
+                max_new_tokens=settings.max_new_tokens,
+                repetition_penalty=settings.repetition_penalty,
+                use_cache=settings.use_cache,
+                do_sample=settings.do_sample,
+                bad_words_ids=banned or None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = generated[:, inputs["input_ids"].shape[1] :]
         outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
         if progress is not None:
             progress(len(chunk))

@@ -74,8 +74,11 @@ def prepare_base(model, gradient_checkpointing: bool):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+            return peft.prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         if gradient_checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
             model.enable_input_require_grads()
@@ -89,8 +92,10 @@ def require_trainable(model) -> int:
 
     trainable, _ = count_trainable(model)
     if trainable == 0:
-        raise InputError("no weight is trainable: an adapter loaded with peft's default is_trainable=False is frozen, "
-                         "and training it changes nothing (load it with is_trainable=True)")
+        raise InputError(
+            "no weight is trainable: an adapter loaded with peft's default is_trainable=False is frozen, "
+            "and training it changes nothing (load it with is_trainable=True)"
+        )
     return trainable
 
 
@@ -115,10 +120,15 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
     if not (directory / "adapter_config.json").is_file():
         raise InputError(f"adapter {adapter_dir}: no adapter_config.json (not a saved peft adapter)")
     if not (directory / SAFE_WEIGHTS).is_file():
-        pickled = " only a pickled adapter_model.bin, which is never unpickled here" if (
-            directory / "adapter_model.bin").is_file() else ""
-        raise InputError(f"adapter {adapter_dir}: no {SAFE_WEIGHTS};{pickled} (convert a trusted one with "
-                         "peft: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True))")
+        pickled = (
+            " only a pickled adapter_model.bin, which is never unpickled here"
+            if (directory / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise InputError(
+            f"adapter {adapter_dir}: no {SAFE_WEIGHTS};{pickled} (convert a trusted one with "
+            "peft: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True))"
+        )
     check_recorded_base(directory, model.config.to_dict())
     try:
         with warnings.catch_warnings():
@@ -130,8 +140,16 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
         raise InputError(f"adapter {adapter_dir} does not fit {base}: {str(error).splitlines()[0]}") from None
 
 
-SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "vocab_size")
+SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
 
 
 def check_recorded_base(adapter_dir: Path, config: dict) -> None:
@@ -148,7 +166,9 @@ def check_recorded_base(adapter_dir: Path, config: dict) -> None:
     theirs = json.loads((Path(recorded) / "config.json").read_text())
     differ = [f"{k} {theirs.get(k)!r} vs {config.get(k)!r}" for k in SHAPE_KEYS if theirs.get(k) != config.get(k)]
     if differ:
-        raise InputError(f"adapter {adapter_dir} does not fit this base: it was made for {recorded} ({'; '.join(differ)})")
+        raise InputError(
+            f"adapter {adapter_dir} does not fit this base: it was made for {recorded} ({'; '.join(differ)})"
+        )
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path, quantization: str = "none") -> dict:
@@ -171,5 +191,9 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path,
     with complete_directory(target) as partial:
         merged.save_pretrained(partial, safe_serialization=True)
         AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(partial)
-    return {"base": identity.path, "base_quantization": identity.quantization, "adapter": str(Path(adapter_dir).resolve()),
-            "merged": str(target.resolve())}
+    return {
+        "base": identity.path,
+        "base_quantization": identity.quantization,
+        "adapter": str(Path(adapter_dir).resolve()),
+        "merged": str(target.resolve()),
+    }

@@ -54,8 +54,9 @@ def load(path: str | Path) -> dict:
     except (ValueError, UnicodeDecodeError) as error:
         raise InputError(f"{file}: not a readable manifest: {error}") from None
     if not isinstance(manifest, dict):
-        raise InputError(f"{file}: not a manifest (a JSON object written by `train`), but a JSON "
-                         f"{type(manifest).__name__}")
+        raise InputError(
+            f"{file}: not a manifest (a JSON object written by `train`), but a JSON {type(manifest).__name__}"
+        )
     wrong = [key for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
     if wrong:
         raise InputError(f"{file}: not a manifest written by `train`: {', '.join(wrong)} missing or malformed")
@@ -139,8 +140,11 @@ def compare(a: dict, b: dict, rtol: float = 1e-5) -> Verdict:
 def report(verdict: Verdict, a: str, b: str) -> str:
     head = f"{b} reproduces {a}" if verdict.reproduces else f"{b} does not reproduce {a}"
     compared = verdict.steps_compared
-    lines = [head, f"losses compared at {_span(compared) if compared else 'no step'}; largest difference "
-                   f"{verdict.max_loss_difference:.3g}"]
+    lines = [
+        head,
+        f"losses compared at {_span(compared) if compared else 'no step'}; largest difference "
+        f"{verdict.max_loss_difference:.3g}",
+    ]
     for part in PARTS:
         found = verdict.differences[part]
         lines.append(f"  {part}: " + ("same" if not found else f"{len(found)} difference(s)"))

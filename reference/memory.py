@@ -87,8 +87,9 @@ def weight_memory(params: Parameters, scheme: str, other_bytes: int = 2) -> int:
     if scheme == "int8":
         quantised = sum(out * inp + out * 4 for out, inp in params.linear_shapes)
     elif scheme in ("nf4", "nf4-dq"):
-        quantised = sum(math.ceil(out * inp / 2) + nf4_constants(out * inp, scheme == "nf4-dq")
-                        for out, inp in params.linear_shapes)
+        quantised = sum(
+            math.ceil(out * inp / 2) + nf4_constants(out * inp, scheme == "nf4-dq") for out, inp in params.linear_shapes
+        )
     else:
         raise ValueError(f"scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     return quantised + params.other * other_bytes

@@ -36,7 +36,8 @@ def require_model_dir(path: str | Path) -> Path:
             f"model {path!s}: not a local directory. Models are read from local directories only; download it "
             f"first, e.g. `hf download {path!s} --local-dir DIR`. A gated or private model needs an access "
             f"token: set HF_TOKEN or pass token=... to the download (`use_auth_token` is deprecated); "
-            f"{token}.")
+            f"{token}."
+        )
     if not (directory / "config.json").is_file():
         raise InputError(f"model {path!s}: no config.json in the directory")
     try:
@@ -88,7 +89,13 @@ def saved_quantization(directory: Path) -> str | None:
     settings = config.get("quantization_config")
     if not settings:
         return None
-    return "nf4" if settings.get("load_in_4bit") else "8bit" if settings.get("load_in_8bit") else settings.get("quant_method")
+    return (
+        "nf4"
+        if settings.get("load_in_4bit")
+        else "8bit"
+        if settings.get("load_in_8bit")
+        else settings.get("quant_method")
+    )
 
 
 def bnb_config(quantization: str, section: dict | None = None):
@@ -104,8 +111,16 @@ def bnb_config(quantization: str, section: dict | None = None):
     return BitsAndBytesConfig(**settings, bnb_4bit_compute_dtype=getattr(torch, compute))
 
 
-def load_causal_lm(path: str | Path, dtype: str = "float32", quantization: str = "none", quantization_section=None,
-                   trust_remote_code: bool = False, model_class=None, device: str | None = None, **model_kwargs):
+def load_causal_lm(
+    path: str | Path,
+    dtype: str = "float32",
+    quantization: str = "none",
+    quantization_section=None,
+    trust_remote_code: bool = False,
+    model_class=None,
+    device: str | None = None,
+    **model_kwargs,
+):
     """A model from a local directory, weights from safetensors only; returns (model, identity).
 
     `quantization` is none, 8bit or nf4; a directory saved already quantised loads as saved. `device`
@@ -125,14 +140,23 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", quantization: str =
         extra["quantization_config"] = bnb_config(quantization, quantization_section)
     try:
         model = (model_class or AutoModelForCausalLM).from_pretrained(
-            str(directory), dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True,
-            trust_remote_code=trust_remote_code, **({"device_map": {"": device}} if device else {}), **extra, **model_kwargs)
+            str(directory),
+            dtype=getattr(torch, dtype),
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            **({"device_map": {"": device}} if device else {}),
+            **extra,
+            **model_kwargs,
+        )
     except (OSError, ValueError) as error:
         raise InputError(f"model {path!s}: cannot be loaded: {error}") from None
     return model, identity(directory, saved or quantization)
 
 
-def quantize_and_save(path: str | Path, output: str | Path, quantization: str = "nf4", quantization_section=None) -> ModelIdentity:
+def quantize_and_save(
+    path: str | Path, output: str | Path, quantization: str = "nf4", quantization_section=None
+) -> ModelIdentity:
     """Load once with bitsandbytes, save the quantised weights (safetensors) and the tokenizer beside them."""
     from transformers import AutoTokenizer
 
@@ -141,7 +165,9 @@ def quantize_and_save(path: str | Path, output: str | Path, quantization: str = 
     directory = require_model_dir(path)
     if saved_quantization(directory):
         raise InputError(f"model {path!s} is already quantised ({saved_quantization(directory)}); nothing to do")
-    model, _ = load_causal_lm(directory, dtype="bfloat16", quantization=quantization, quantization_section=quantization_section)
+    model, _ = load_causal_lm(
+        directory, dtype="bfloat16", quantization=quantization, quantization_section=quantization_section
+    )
     target = Path(output)
     with complete_directory(target) as partial:
         model.save_pretrained(partial, safe_serialization=True)

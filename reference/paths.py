@@ -38,8 +38,10 @@ def check_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, str |
         for in_name, source in given_inputs.items():
             relation = _overlap(output, source)
             if relation:
-                raise InputError(f"{out_name} {outputs[out_name]} {relation} {in_name} {inputs[in_name]}: an output "
-                                 "never overwrites an input; choose another path")
+                raise InputError(
+                    f"{out_name} {outputs[out_name]} {relation} {in_name} {inputs[in_name]}: an output "
+                    "never overwrites an input; choose another path"
+                )
         require_writable(out_name, output)
 
 

@@ -116,9 +116,16 @@ def predict(model, tokenizer, rows: list[dict], config: PreferenceConfig):
     def probabilities(swap: bool):
         out = []
         for start in range(0, len(rows), config.batch_size):
-            chunk = rows[start:start + config.batch_size]
-            encoded = [encode(tokenizer, r["prompt"], *((r["response_b"], r["response_a"]) if swap else
-                                                          (r["response_a"], r["response_b"])), config) for r in chunk]
+            chunk = rows[start : start + config.batch_size]
+            encoded = [
+                encode(
+                    tokenizer,
+                    r["prompt"],
+                    *((r["response_b"], r["response_a"]) if swap else (r["response_a"], r["response_b"])),
+                    config,
+                )
+                for r in chunk
+            ]
             ids, mask = pad_batch(encoded, tokenizer.pad_token_id)
             device = next(model.parameters()).device
             with torch.no_grad():
@@ -142,8 +149,18 @@ def log_loss(probabilities, labels: list[int]) -> float:
     return total / len(labels)
 
 
-def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceConfig, epochs: float = 3.0,
-          learning_rate: float = 1e-3, eval_fraction: float = 0.25, r: int = 8, seed: int = 0, say=print) -> dict:
+def train(
+    model_dir: str,
+    data_path: str,
+    output_dir: str,
+    config: PreferenceConfig,
+    epochs: float = 3.0,
+    learning_rate: float = 1e-3,
+    eval_fraction: float = 0.25,
+    r: int = 8,
+    seed: int = 0,
+    say=print,
+) -> dict:
     """LoRA on the projections plus a fully trained head, with a real Trainer; log-loss before and after
     on a held-out split (the last `eval_fraction` of the rows after a seeded shuffle). The seed also
     draws the new head's first weights, so repeated runs start from the same head."""
@@ -167,15 +184,27 @@ def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceCon
     before = log_loss(predict(model, tokenizer, eval_rows, config), labels)
     lora_config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=list(PROJECTIONS))
     model = peft.get_peft_model(model, lora_config)
-    features = [{"input_ids": encode(tokenizer, x["prompt"], x["response_a"], x["response_b"], config),
-                 "labels": x["label"]} for x in train_rows]
-    args = TrainingArguments(output_dir=str(Path(output_dir) / "checkpoints"),
-                             per_device_train_batch_size=config.batch_size,
-                             num_train_epochs=epochs, learning_rate=learning_rate, bf16=True, use_cpu=_no_cuda(),
-                             save_strategy="no", report_to="none", logging_steps=1, seed=seed, disable_tqdm=True,
-                             remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=features,
-                      data_collator=_ClassCollator(Collator(tokenizer.pad_token_id)))
+    features = [
+        {"input_ids": encode(tokenizer, x["prompt"], x["response_a"], x["response_b"], config), "labels": x["label"]}
+        for x in train_rows
+    ]
+    args = TrainingArguments(
+        output_dir=str(Path(output_dir) / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        bf16=True,
+        use_cpu=_no_cuda(),
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        seed=seed,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=features, data_collator=_ClassCollator(Collator(tokenizer.pad_token_id))
+    )
     trainer.remove_callback(PrinterCallback)  # stdout carries the JSON result only
     trainer.train()
     after = log_loss(predict(model, tokenizer, eval_rows, config), labels)
@@ -184,10 +213,18 @@ def train(model_dir: str, data_path: str, output_dir: str, config: PreferenceCon
     with complete_directory(out) as partial:
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
-    result = {"train_rows": len(train_rows), "eval_rows": len(eval_rows),
-              "log_loss_before": before, "log_loss_after": after,
-              "uniform_log_loss": math.log(3), "train_loss_first": losses[0], "train_loss_last": losses[-1],
-              "config": config.__dict__, "epochs": epochs, "learning_rate": learning_rate}
+    result = {
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "log_loss_before": before,
+        "log_loss_after": after,
+        "uniform_log_loss": math.log(3),
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "config": config.__dict__,
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+    }
     write_text_atomic(out / "preference.json", json.dumps(result, indent=2) + "\n")
     say(f"held-out log-loss {before:.4f} -> {after:.4f} (uniform guess: {math.log(3):.4f})")
     return result

@@ -122,8 +122,11 @@ def shown(override: str) -> str:
 
 
 def builtin_names() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("reference").joinpath("recipes").iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml")
+        for p in resources.files("reference").joinpath("recipes").iterdir()
+        if p.name.endswith(".toml")
+    )
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -172,8 +175,10 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         if section not in SECTIONS:
             raise InputError(f"override {shown(item)!r}: unknown section {section!r}; use one of {', '.join(SECTIONS)}")
         if section != "training_arguments" and name not in getattr(result, section):
-            raise InputError(f"override {shown(item)!r}: recipe {recipe.name!r} has no key {name!r} in [{section}] "
-                             f"(known: {', '.join(sorted(getattr(result, section)))})")
+            raise InputError(
+                f"override {shown(item)!r}: recipe {recipe.name!r} has no key {name!r} in [{section}] "
+                f"(known: {', '.join(sorted(getattr(result, section)))})"
+            )
         getattr(result, section)[name] = _parse_value(value)
     return result
 
@@ -189,12 +194,16 @@ def _migrate(kwargs: dict, fields: set[str], version: str) -> list[str]:
     if "warmup_ratio" in kwargs and "warmup_ratio" not in fields:
         ratio = kwargs.pop("warmup_ratio")
         if kwargs.get("warmup_steps", 0):
-            raise InputError(f"recipe sets both warmup_ratio={ratio} and warmup_steps={kwargs['warmup_steps']}; keep one")
+            raise InputError(
+                f"recipe sets both warmup_ratio={ratio} and warmup_steps={kwargs['warmup_steps']}; keep one"
+            )
         if not 0 <= ratio < 1:
             raise InputError(f"warmup_ratio={ratio}: must be in [0, 1)")
         kwargs["warmup_steps"] = ratio
-        notes.append(f"warmup_ratio={ratio} -> warmup_steps={ratio} (transformers {version} reads warmup_steps < 1 "
-                     "as a fraction of the total steps)")
+        notes.append(
+            f"warmup_ratio={ratio} -> warmup_steps={ratio} (transformers {version} reads warmup_steps < 1 "
+            "as a fraction of the total steps)"
+        )
     return notes
 
 
@@ -204,8 +213,11 @@ def _withhold_tokens(kwargs: dict) -> list[str]:
     secrets = sorted(key for key, value in kwargs.items() if is_secret(key, value))
     for key in secrets:
         del kwargs[key]
-    return [f"{key}={REDACTED} withheld from the Trainer: nothing is pushed to a hub, and the Trainer saves its "
-            "arguments into every checkpoint (training_args.bin)" for key in secrets]
+    return [
+        f"{key}={REDACTED} withheld from the Trainer: nothing is pushed to a hub, and the Trainer saves its "
+        "arguments into every checkpoint (training_args.bin)"
+        for key in secrets
+    ]
 
 
 def _adapt_to_device(kwargs: dict) -> list[str]:
@@ -238,8 +250,10 @@ def map_training_arguments(recipe: Recipe, output_dir: str | None = None, adapt:
     missing = sorted(set(kwargs) - fields)
     if missing:
         hints = "; ".join(f"{k}: {REMOVED_HINTS.get(k, 'not an argument of this version')}" for k in missing)
-        raise InputError(f"recipe {recipe.name!r}: TrainingArguments of transformers {transformers.__version__} "
-                         f"has no argument(s) {missing} ({hints})")
+        raise InputError(
+            f"recipe {recipe.name!r}: TrainingArguments of transformers {transformers.__version__} "
+            f"has no argument(s) {missing} ({hints})"
+        )
     withheld = _withhold_tokens(kwargs)
     adaptations = _adapt_to_device(kwargs) if adapt else []
     return Mapping(kwargs=kwargs, migrations=migrations, adaptations=adaptations, withheld=withheld)
@@ -271,15 +285,26 @@ def gradient_checkpointing(recipe: Recipe, kwargs: dict) -> bool:
 def run_arguments(recipe: Recipe, output_dir: str | None = None):
     """The TrainingArguments a `train` run uses: the recipe's, RUN_SETTINGS, and activation checkpointing."""
     kwargs = map_training_arguments(recipe, output_dir).kwargs
-    return to_training_arguments(recipe, output_dir, **RUN_SETTINGS,
-                                 activation_checkpointing=gradient_checkpointing(recipe, kwargs))
+    return to_training_arguments(
+        recipe, output_dir, **RUN_SETTINGS, activation_checkpointing=gradient_checkpointing(recipe, kwargs)
+    )
 
 
 def package_versions() -> dict[str, str]:
     from importlib import metadata
 
-    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers",
-             "safetensors", "sentence-transformers", "pycld2")
+    names = (
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+        "tokenizers",
+        "safetensors",
+        "sentence-transformers",
+        "pycld2",
+    )
     versions = {}
     for name in names:
         try:
@@ -297,19 +322,27 @@ def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe", args=None
     `*_token` field as a placeholder). Every other part is recorded with its access tokens redacted (X7)."""
     mapping = map_training_arguments(recipe, output_dir)
     args = run_arguments(recipe, output_dir) if args is None else args
-    given = redacted({
-        "recipe": {"name": recipe.name, "source": recipe.source, "path": recipe.path, "sha256": recipe.sha256,
-                   "format": recipe.format, "base_model": recipe.base_model},
-        "training_arguments_given": recipe.training_arguments,
-        "migrations": mapping.migrations,
-        "adaptations": mapping.adaptations,
-        "withheld": mapping.withheld,
-        "run_settings": {**RUN_SETTINGS, "activation_checkpointing": args.activation_checkpointing},
-        "departures": recipe.departures,
-        "lora": _lora_resolved(recipe.lora) if recipe.lora else {},
-        "quantization": recipe.quantization,
-        "sft": recipe.sft,
-    })
+    given = redacted(
+        {
+            "recipe": {
+                "name": recipe.name,
+                "source": recipe.source,
+                "path": recipe.path,
+                "sha256": recipe.sha256,
+                "format": recipe.format,
+                "base_model": recipe.base_model,
+            },
+            "training_arguments_given": recipe.training_arguments,
+            "migrations": mapping.migrations,
+            "adaptations": mapping.adaptations,
+            "withheld": mapping.withheld,
+            "run_settings": {**RUN_SETTINGS, "activation_checkpointing": args.activation_checkpointing},
+            "departures": recipe.departures,
+            "lora": _lora_resolved(recipe.lora) if recipe.lora else {},
+            "quantization": recipe.quantization,
+            "sft": recipe.sft,
+        }
+    )
     recipe_identity = given.pop("recipe")
     return {"recipe": recipe_identity, "training_arguments": args.to_dict(), **given, "versions": package_versions()}
 
@@ -336,12 +369,15 @@ def trial_report(recipe: Recipe, shape: str = "gemma-2-27b") -> list[dict]:
     for trial in recipe.trials:
         model = by_name.get(trial.get("same_model_as"), trial)
         r, alpha = model.get("r"), model.get("lora_alpha")
-        rows.append({
-            **trial,
-            "r": r, "lora_alpha": alpha,
-            "alpha_over_r": alpha / r,
-            "trainable_parameters": lora.trainable_parameters(config, r, targets),
-        })
+        rows.append(
+            {
+                **trial,
+                "r": r,
+                "lora_alpha": alpha,
+                "alpha_over_r": alpha / r,
+                "trainable_parameters": lora.trainable_parameters(config, r, targets),
+            }
+        )
     return rows
 
 
@@ -357,9 +393,14 @@ def describe(recipe: Recipe) -> str:
         departures = redacted(recipe.departures)
         lines += [f"  {k}: source {v['source_value']!r} - {v['reason']}" for k, v in departures.items()]
     if recipe.trials:
-        lines += ["", "trials (gemma-2-27b shape, LoRA on the recipe's target modules):",
-                  f"  {'trial':<20} {'r':>4} {'alpha':>5} {'alpha/r':>7} {'trainable':>13}  result"]
+        lines += [
+            "",
+            "trials (gemma-2-27b shape, LoRA on the recipe's target modules):",
+            f"  {'trial':<20} {'r':>4} {'alpha':>5} {'alpha/r':>7} {'trainable':>13}  result",
+        ]
         for row in trial_report(recipe):
-            lines.append(f"  {row['trial']:<20} {row['r']:>4} {row['lora_alpha']:>5} {row['alpha_over_r']:>7.2f} "
-                         f"{row['trainable_parameters']:>13,}  {row['result']}")
+            lines.append(
+                f"  {row['trial']:<20} {row['r']:>4} {row['lora_alpha']:>5} {row['alpha_over_r']:>7.2f} "
+                f"{row['trainable_parameters']:>13,}  {row['result']}"
+            )
     return "\n".join(lines)

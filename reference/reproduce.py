@@ -36,9 +36,18 @@ class Pipeline:
     embedder: str = str(FIXTURES / "models" / "tiny-embedder")
     """Sentence-transformers model for retrieval."""
     recipe: str = "llm2024"
-    overrides: list = field(default_factory=lambda: ["max_steps=6", "per_device_train_batch_size=4",
-                                                     "gradient_accumulation_steps=1", "warmup_steps=1", "save_steps=3",
-                                                     "logging_steps=1", "learning_rate=2e-3", "sft.max_seq_length=96"])
+    overrides: list = field(
+        default_factory=lambda: [
+            "max_steps=6",
+            "per_device_train_batch_size=4",
+            "gradient_accumulation_steps=1",
+            "warmup_steps=1",
+            "save_steps=3",
+            "logging_steps=1",
+            "learning_rate=2e-3",
+            "sft.max_seq_length=96",
+        ]
+    )
     """CPU-sized cuts of the recipe (the recipe's own values for everything else)."""
     continue_steps: int = 3
     """Optimizer steps when continuing the adapter on QA111."""
@@ -65,22 +74,34 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
     if kept.counts["kept"] == 0:
         from reference.errors import InputError
 
-        raise InputError(f"{magpie}: the filter kept no record (see {out / 'rejects.jsonl'}); too few records for its "
-                         f"rare-character rule?")
+        raise InputError(
+            f"{magpie}: the filter kept no record (see {out / 'rejects.jsonl'}); too few records for its "
+            f"rare-character rule?"
+        )
 
     say("2/5 training set = kept records + QA111")
     table = data.training_set(out / "filtered.jsonl", pipeline.qa)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for row in table:
-            f.write(json.dumps({"instruction": row["instruction"], "response": row["response"]}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"instruction": row["instruction"], "response": row["response"]}, ensure_ascii=False) + "\n"
+            )
 
     say("3/5 QLoRA SFT")
     sft = train.run(recipe, pipeline.model, str(out / "train.jsonl"), str(out / "sft"), say=say, overwrite=True)
 
     say("4/5 continue the adapter on QA111")
     more = recipes.apply_overrides(recipe, [f"max_steps={pipeline.continue_steps}"])
-    continued = train.run(more, pipeline.model, pipeline.qa, str(out / "continued"), columns=dict(data.QA111_COLUMNS),
-                          adapter=str(out / "sft"), say=say, overwrite=True)
+    continued = train.run(
+        more,
+        pipeline.model,
+        pipeline.qa,
+        str(out / "continued"),
+        columns=dict(data.QA111_COLUMNS),
+        adapter=str(out / "sft"),
+        say=say,
+        overwrite=True,
+    )
 
     say("5/5 retrieved few-shot generation")
     from reference import lora, models
@@ -94,14 +115,25 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
     tasks = data.read_text_rows(pipeline.tasks, ("input",))
     pool = retrieval.ShotPool([(s["input"], s["output"]) for s in shots], retrieval.load_embedder(pipeline.embedder))
     fitted = [retrieval.fit(pool.top(t["input"], pipeline.k), t["input"], tokenizer) for t in tasks]
-    outputs = generation.generate(model, tokenizer, [f.prompt for f in fitted],
-                                  generation.GenerationSettings(max_new_tokens=pipeline.max_new_tokens))
+    outputs = generation.generate(
+        model,
+        tokenizer,
+        [f.prompt for f in fitted],
+        generation.GenerationSettings(max_new_tokens=pipeline.max_new_tokens),
+    )
     generation.write_outputs(out / "output.jsonl", outputs, [t.get("task_id", i) for i, t in enumerate(tasks)])
 
     shown = {**asdict(pipeline), "overrides": [recipes.shown(o) for o in pipeline.overrides]}  # X7: no token
-    summary = {"pipeline": shown, "filter": kept.counts, "training_records": len(table),
-               "sft": _run_summary(sft), "continued": _run_summary(continued), "tasks": len(tasks),
-               "prompt_tokens": [f.tokens for f in fitted], "output": str(out / "output.jsonl")}
+    summary = {
+        "pipeline": shown,
+        "filter": kept.counts,
+        "training_records": len(table),
+        "sft": _run_summary(sft),
+        "continued": _run_summary(continued),
+        "tasks": len(tasks),
+        "prompt_tokens": [f.tokens for f in fitted],
+        "output": str(out / "output.jsonl"),
+    }
     write_text_atomic(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     write_report(out, summary, sft, continued)
     say(f"done: {out / 'output.jsonl'}, report {out / 'report.md'}")
@@ -109,9 +141,15 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
 
 
 def _run_summary(record) -> dict:
-    return {"steps": len(record.steps), "first_loss": record.steps[0]["loss"], "last_loss": record.steps[-1]["loss"],
-            "steady_tokens_per_second": record.steady_tokens_per_second, "step_plan": record.step_plan,
-            "adapter": record.adapter, "output": record.output}
+    return {
+        "steps": len(record.steps),
+        "first_loss": record.steps[0]["loss"],
+        "last_loss": record.steps[-1]["loss"],
+        "steady_tokens_per_second": record.steady_tokens_per_second,
+        "step_plan": record.step_plan,
+        "adapter": record.adapter,
+        "output": record.output,
+    }
 
 
 def loss_svg(curves: dict[str, list[float]], width: int = 480, height: int = 200) -> str:
@@ -121,11 +159,16 @@ def loss_svg(curves: dict[str, list[float]], width: int = 480, height: int = 200
     span = (high - low) or 1.0
     steps = max(len(losses) for losses in curves.values())
     colours = ["#1f77b4", "#d62728", "#2ca02c"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-             f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>',
+    ]
     for n, (name, losses) in enumerate(curves.items()):
-        points = " ".join(f"{40 + i * (width - 60) / max(steps - 1, 1):.1f},{height - 25 - (v - low) / span * (height - 50):.1f}"
-                          for i, v in enumerate(losses))
+        points = " ".join(
+            f"{40 + i * (width - 60) / max(steps - 1, 1):.1f},{height - 25 - (v - low) / span * (height - 50):.1f}"
+            for i, v in enumerate(losses)
+        )
         parts.append(f'<polyline fill="none" stroke="{colours[n % 3]}" stroke-width="2" points="{points}"/>')
         parts.append(f'<text x="{width - 150}" y="{18 + 14 * n}" fill="{colours[n % 3]}">{name}</text>')
     parts.append(f'<text x="4" y="20">{high:.3f}</text><text x="4" y="{height - 22}">{low:.3f}</text>')
@@ -141,12 +184,23 @@ def write_report(out: Path, summary: dict, sft, continued) -> None:
     lines += ["", f"Training set: {summary['training_records']} records (kept magpie + QA111).", ""]
     for name, record in (("SFT", sft), ("Continued", continued)):
         plan = record.step_plan
-        lines += [f"## {name} ({record.adapter.get('mode')} adapter)", "",
-                  f"- step plan: {plan['total_optimizer_steps']} optimizer steps, effective batch {plan['effective_batch_size']}, "
-                  f"warmup {plan['warmup_steps']}",
-                  "- loss: " + ", ".join(f"{step['loss']:.4f}" for step in record.steps),
-                  f"- first step {record.warmup_step_seconds:.2f} s (warm-up); steady {record.steady_tokens_per_second or 0:,.0f} tokens/s",
-                  f"- manifest: {Path(record.output) / 'manifest.json'}", ""]
-    lines += ["![loss per step](loss.svg)", "", f"## Generation: {summary['tasks']} tasks -> {summary['output']}", "",
-              f"Prompt tokens per task: {summary['prompt_tokens']}", ""]
+        lines += [
+            f"## {name} ({record.adapter.get('mode')} adapter)",
+            "",
+            f"- step plan: {plan['total_optimizer_steps']} optimizer steps, "
+            f"effective batch {plan['effective_batch_size']}, warmup {plan['warmup_steps']}",
+            "- loss: " + ", ".join(f"{step['loss']:.4f}" for step in record.steps),
+            f"- first step {record.warmup_step_seconds:.2f} s (warm-up); "
+            f"steady {record.steady_tokens_per_second or 0:,.0f} tokens/s",
+            f"- manifest: {Path(record.output) / 'manifest.json'}",
+            "",
+        ]
+    lines += [
+        "![loss per step](loss.svg)",
+        "",
+        f"## Generation: {summary['tasks']} tasks -> {summary['output']}",
+        "",
+        f"Prompt tokens per task: {summary['prompt_tokens']}",
+        "",
+    ]
     write_text_atomic(out / "report.md", "\n".join(lines))

@@ -29,9 +29,11 @@ from pathlib import Path
 from reference.errors import InputError
 
 HEADER = "質問・文章をよく読んで、正確で親切な回答を書きなさい。\n"
-INSTRUCTIONS = ("あなたは日本語が堪能な優秀な人間です。\n"
-                "**文脈**を踏まえて、改行と箇条書きを駆使して、日本語で**詳細に**書きなさい。\n"
-                "優秀な人間になりきって、推測をいれずに根拠をもってわかりやすく答えてください。")
+INSTRUCTIONS = (
+    "あなたは日本語が堪能な優秀な人間です。\n"
+    "**文脈**を踏まえて、改行と箇条書きを駆使して、日本語で**詳細に**書きなさい。\n"
+    "優秀な人間になりきって、推測をいれずに根拠をもってわかりやすく答えてください。"
+)
 DEFAULT_K = 20
 DEFAULT_WINDOW = 4096
 
@@ -46,8 +48,12 @@ def task_text(task: str) -> str:
 
 def build_prompt(shots_most_similar_first: list[Shot], task: str) -> str:
     """The seed's prompt: header, the shots with the most similar last, the instructions, the task."""
-    return (HEADER + "".join(shot_text(s.input, s.output) for s in reversed(shots_most_similar_first))
-            + INSTRUCTIONS + task_text(task))
+    return (
+        HEADER
+        + "".join(shot_text(s.input, s.output) for s in reversed(shots_most_similar_first))
+        + INSTRUCTIONS
+        + task_text(task)
+    )
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class FittedPrompt:
 
 def fit(shots: list[Shot], task: str, tokenizer, window: int = DEFAULT_WINDOW) -> FittedPrompt:
     """The prompt with as many of the most similar shots as fit in `window` tokens (BOS included)."""
+
     def length(prompt: str) -> int:
         return len(tokenizer(prompt)["input_ids"])
 

@@ -47,8 +47,10 @@ def _take_lock(directory: Path, say) -> Path:
             text = lock.read_text(errors="replace").strip()
             holder = int(text) if text.isdigit() else None
             if holder is not None and _alive(holder):
-                raise InputError(f"--output {directory}: another run (process {holder}) is writing this directory; "
-                                 f"wait for it, or choose another directory") from None
+                raise InputError(
+                    f"--output {directory}: another run (process {holder}) is writing this directory; "
+                    f"wait for it, or choose another directory"
+                ) from None
             say(f"--output {directory}: removing a stale lock of process {text or '?'}, which is gone")
             lock.unlink(missing_ok=True)
             continue
@@ -65,8 +67,10 @@ def holds_a_run(directory: Path) -> bool:
 def check_reuse(directory: Path, resume: bool, overwrite: bool) -> None:
     """A directory holding a run is used again only with --resume or --overwrite; --resume needs a run."""
     if holds_a_run(directory) and not (resume or overwrite):
-        raise InputError(f"--output {directory} holds a run already: add --resume to carry it on, or "
-                         "--overwrite to start again (its files are removed first)")
+        raise InputError(
+            f"--output {directory} holds a run already: add --resume to carry it on, or "
+            "--overwrite to start again (its files are removed first)"
+        )
     if resume and not holds_a_run(directory):
         raise InputError(f"--resume: {directory} holds no run to carry on ({RUN} missing)")
 
@@ -103,8 +107,14 @@ def record_or_check(directory: str | Path, what_runs: dict, resume: bool) -> Non
         write_text_atomic(path, json.dumps(what_runs, ensure_ascii=False, indent=1, default=str) + "\n")
         return
     recorded = json.loads(path.read_text(encoding="utf-8"))
-    differences = [f"{part}: {line}" for part, lines in manifest.what_ran_differences(recorded, what_runs).items()
-                   for line in lines]
+    differences = [
+        f"{part}: {line}"
+        for part, lines in manifest.what_ran_differences(recorded, what_runs).items()
+        for line in lines
+    ]
     if differences:
-        raise InputError("--resume: this command differs from the run it would carry on; "
-                         + "; ".join(differences) + " (use --overwrite to start a new run instead)")
+        raise InputError(
+            "--resume: this command differs from the run it would carry on; "
+            + "; ".join(differences)
+            + " (use --overwrite to start a new run instead)"
+        )

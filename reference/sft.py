@@ -29,7 +29,9 @@ IGNORE_INDEX = -100
 LOSS_ON = ("response", "all")
 
 
-def prompt_and_text(fmt: str, instruction: str, response: str, eos_token: str | None, bos_token: str | None = None) -> tuple[str, str]:
+def prompt_and_text(
+    fmt: str, instruction: str, response: str, eos_token: str | None, bos_token: str | None = None
+) -> tuple[str, str]:
     """(the prompt alone, the whole training text) in the record's format.
 
     alpaca-ja: the seed's text, EOS appended only after a non-empty response. Chat formats: the
@@ -37,8 +39,11 @@ def prompt_and_text(fmt: str, instruction: str, response: str, eos_token: str | 
     (its end-of-turn token closes the response)."""
     if fmt == "alpaca-ja":
         prompt = ALPACA_PROMPT_JP.format(instruction, "")
-        return prompt, render(fmt, [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
-                              eos_token=eos_token)
+        return prompt, render(
+            fmt,
+            [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
+            eos_token=eos_token,
+        )
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     user = [{"role": "user", "content": instruction}]
@@ -46,8 +51,9 @@ def prompt_and_text(fmt: str, instruction: str, response: str, eos_token: str | 
     return prompt, render(fmt, user + [{"role": "assistant", "content": response}], bos_token=bos_token)
 
 
-def encode_record(tokenizer, fmt: str, instruction: str, response: str, max_seq_length: int,
-                  loss_on: str = "response") -> dict[str, list[int]]:
+def encode_record(
+    tokenizer, fmt: str, instruction: str, response: str, max_seq_length: int, loss_on: str = "response"
+) -> dict[str, list[int]]:
     """input_ids, attention_mask and labels of one record (see the module docstring)."""
     if loss_on not in LOSS_ON:
         raise InputError(f"loss_on {loss_on!r}: choose one of {', '.join(LOSS_ON)}")
@@ -63,8 +69,10 @@ def encode_record(tokenizer, fmt: str, instruction: str, response: str, max_seq_
         labels = list(ids)
         labels[0] = IGNORE_INDEX  # nothing predicts the first token
     else:
-        labels = [token if start >= len(prompt) and end > start else IGNORE_INDEX
-                  for token, (start, end) in zip(ids, offsets, strict=True)]
+        labels = [
+            token if start >= len(prompt) and end > start else IGNORE_INDEX
+            for token, (start, end) in zip(ids, offsets, strict=True)
+        ]
     ids, labels = ids[:max_seq_length], labels[:max_seq_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 

@@ -82,11 +82,18 @@ class StepSettings:
         _require(self.logging_strategy in LOGGING_STRATEGIES, f"--logging-strategy must be one of {LOGGING_STRATEGIES}")
         _require(self.save_steps > 0, "--save-steps must be > 0")
         _require(self.logging_steps > 0, "--logging-steps must be > 0")
-        _require(self.save_steps < 1 or self.save_steps == int(self.save_steps), "--save-steps >= 1 must be a whole number")
-        _require(self.logging_steps < 1 or self.logging_steps == int(self.logging_steps), "--logging-steps >= 1 must be a whole number")
+        _require(
+            self.save_steps < 1 or self.save_steps == int(self.save_steps), "--save-steps >= 1 must be a whole number"
+        )
+        _require(
+            self.logging_steps < 1 or self.logging_steps == int(self.logging_steps),
+            "--logging-steps >= 1 must be a whole number",
+        )
         batches = self.records // self.batch_size if self.drop_last else self.records
-        _require(batches // self.world_size >= 1 or not self.drop_last,
-                 "with --drop-last there are fewer full batches than processes: no process gets a micro-batch")
+        _require(
+            batches // self.world_size >= 1 or not self.drop_last,
+            "with --drop-last there are fewer full batches than processes: no process gets a micro-batch",
+        )
 
 
 @dataclass(frozen=True)
@@ -118,8 +125,10 @@ class StepPlan:
         """Said when warmup lasts the whole run: every step then trains below the peak learning rate (the
         first at 0), e.g. warmup 300 with max_steps=4 trains at about 1% of it."""
         if self.warmup_steps >= self.total_optimizer_steps > 0:
-            return (f"warning: warmup of {self.warmup_steps} steps is not shorter than the run's "
-                    f"{self.total_optimizer_steps} steps: the learning rate never reaches its peak")
+            return (
+                f"warning: warmup of {self.warmup_steps} steps is not shorter than the run's "
+                f"{self.total_optimizer_steps} steps: the learning rate never reaches its peak"
+            )
         return None
 
 
@@ -212,13 +221,20 @@ def format_table(s: StepSettings, p: StepPlan) -> str:
         ("epochs run", p.epochs_run),
         ("micro-batches in the whole run", p.micro_batches),
         ("warmup steps", p.warmup_steps),
-        ("checkpoints written / kept",
-         f"{p.checkpoints_written} / {p.checkpoints_kept} ({s.save_strategy}"
-         + (f", every {p.save_every}" if p.save_every else "") + ")"),
-        ("loss log lines", f"{p.log_lines} ({s.logging_strategy}"
-         + (f", every {p.logging_every}" if p.logging_every else "") + ")"),
-        ("custom loop STEPS_PER_EPOCH = records // (batch x devices)",
-         f"{p.custom_loop_steps_per_epoch} (drops {p.custom_loop_dropped_records} records)"),
+        (
+            "checkpoints written / kept",
+            f"{p.checkpoints_written} / {p.checkpoints_kept} ({s.save_strategy}"
+            + (f", every {p.save_every}" if p.save_every else "")
+            + ")",
+        ),
+        (
+            "loss log lines",
+            f"{p.log_lines} ({s.logging_strategy}" + (f", every {p.logging_every}" if p.logging_every else "") + ")",
+        ),
+        (
+            "custom loop STEPS_PER_EPOCH = records // (batch x devices)",
+            f"{p.custom_loop_steps_per_epoch} (drops {p.custom_loop_dropped_records} records)",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -229,9 +245,18 @@ def settings_from_training_arguments(args, records: int, batch_size: int | None 
     auto_find_batch_size halved it)."""
     strategy = lambda value: getattr(value, "value", value)  # noqa: E731 - IntervalStrategy or str
     return StepSettings(
-        records=records, batch_size=batch_size or args.per_device_train_batch_size,
-        grad_accum=args.gradient_accumulation_steps, epochs=args.num_train_epochs, max_steps=args.max_steps,
-        world_size=args.world_size, warmup=args.warmup_steps,
-        save_strategy=strategy(args.save_strategy), save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-        logging_strategy=strategy(args.logging_strategy), logging_steps=args.logging_steps,
-        logging_first_step=args.logging_first_step, drop_last=args.dataloader_drop_last)
+        records=records,
+        batch_size=batch_size or args.per_device_train_batch_size,
+        grad_accum=args.gradient_accumulation_steps,
+        epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        world_size=args.world_size,
+        warmup=args.warmup_steps,
+        save_strategy=strategy(args.save_strategy),
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        logging_strategy=strategy(args.logging_strategy),
+        logging_steps=args.logging_steps,
+        logging_first_step=args.logging_first_step,
+        drop_last=args.dataloader_drop_last,
+    )

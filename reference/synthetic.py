@@ -3,7 +3,8 @@
     python -m reference.synthetic --records 30000 --output /tmp/magpie.jsonl [--seed 0]
 
 Records are built from the Japanese lines of fixtures/corpus.txt (instruction: 1-2 lines, response:
-4-9 lines by default, about 250 characters; magpie-sft responses run longer, see --response-lines). About one record in five carries a random CJK ideograph from the whole unified block, so
+4-9 lines by default, about 250 characters; magpie-sft responses run longer, see --response-lines).
+About one record in five carries a random CJK ideograph from the whole unified block, so
 the pass-1 NG list holds thousands of rare characters as it does on real data. A few percent carry each
 fault the seed's filter exists for: Chinese drift, Korean, English, NG words, URLs and code fences,
 replacement keys, missing turns, and text pycld2 rejects (a control character). Deterministic per seed.
@@ -18,7 +19,11 @@ from pathlib import Path
 
 CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "corpus.txt"
 
-CHINESE = ["这个问题的关键在于我们需要进一步讨论。", "因此我们应该从实际出发，认真研究这个现象。", "总之，这种方法在实践中非常有效。"]
+CHINESE = [
+    "这个问题的关键在于我们需要进一步讨论。",
+    "因此我们应该从实际出发，认真研究这个现象。",
+    "总之，这种方法在实践中非常有效。",
+]
 KOREAN = ["안녕하세요, 오늘은 날씨가 좋네요.", "이 문제에 대해 자세히 설명해 드리겠습니다."]
 ENGLISH = ["Sure, here is a detailed explanation of the topic.", "In summary, the approach works well in practice."]
 NG_WORDS = ["翻訳", "英訳", "ドイツ語", "AI assistant", "私は「Claude」", ".com", "韓国語"]
@@ -31,7 +36,9 @@ def japanese_lines() -> list[str]:
     return [line for line in lines if sum("\u3040" <= c <= "\u30ff" for c in line) >= 5]
 
 
-def magpie_records(n: int, seed: int = 0, rare_rate: float = 0.2, response_lines: tuple[int, int] = (4, 9)) -> list[dict]:
+def magpie_records(
+    n: int, seed: int = 0, rare_rate: float = 0.2, response_lines: tuple[int, int] = (4, 9)
+) -> list[dict]:
     rng = random.Random(seed)
     lines = japanese_lines()
     rows = []
@@ -77,8 +84,14 @@ def main() -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rare-rate", type=float, default=0.2)
-    parser.add_argument("--response-lines", type=int, nargs=2, default=(4, 9), metavar=("MIN", "MAX"),
-                        help="corpus lines per response (default 4 9: about 250 characters; 18 30: about 900)")
+    parser.add_argument(
+        "--response-lines",
+        type=int,
+        nargs=2,
+        default=(4, 9),
+        metavar=("MIN", "MAX"),
+        help="corpus lines per response (default 4 9: about 250 characters; 18 30: about 900)",
+    )
     args = parser.parse_args()
     write_jsonl(magpie_records(args.records, args.seed, args.rare_rate, tuple(args.response_lines)), args.output)
     return 0

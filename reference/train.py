@@ -131,12 +131,16 @@ def _trainer_classes():
             plan = steps.plan(steps.settings_from_training_arguments(args, self.records, batch))
             self.run.step_plan = plan.to_dict()
             self.run.steps.clear()
-            self.say(f"step plan: batch {batch} x accumulation {args.gradient_accumulation_steps} x {args.world_size} "
-                     f"process(es) = {plan.effective_batch_size} records per step; {plan.total_optimizer_steps} steps "
-                     f"over {plan.epochs_run} epoch(s), warmup {plan.warmup_steps}")
+            self.say(
+                f"step plan: batch {batch} x accumulation {args.gradient_accumulation_steps} x {args.world_size} "
+                f"process(es) = {plan.effective_batch_size} records per step; {plan.total_optimizer_steps} steps "
+                f"over {plan.epochs_run} epoch(s), warmup {plan.warmup_steps}"
+            )
             if plan.warmup_warning():
                 self.say(plan.warmup_warning())
-            self.run.use_cache["during_training"] = getattr(model.config, "use_cache", None) if model is not None else None
+            self.run.use_cache["during_training"] = (
+                getattr(model.config, "use_cache", None) if model is not None else None
+            )
             self.started = self.last = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -146,9 +150,15 @@ def _trainer_classes():
             now = time.perf_counter()
             trainer = self.trainer
             seconds, tokens = now - self.last, trainer.window_tokens
-            record = StepRecord(step=state.global_step, epoch=round(state.epoch or 0.0, 4), loss=trainer.window_loss,
-                                learning_rate=self.learning_rate, tokens=tokens, seconds=seconds,
-                                tokens_per_second=tokens / seconds if seconds > 0 else 0.0)
+            record = StepRecord(
+                step=state.global_step,
+                epoch=round(state.epoch or 0.0, 4),
+                loss=trainer.window_loss,
+                learning_rate=self.learning_rate,
+                tokens=tokens,
+                seconds=seconds,
+                tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+            )
             trainer.window_loss, trainer.window_tokens, self.last = 0.0, 0, now
             self.run.steps.append(asdict(record))
             total = self.run.step_plan["total_optimizer_steps"]
@@ -156,13 +166,17 @@ def _trainer_classes():
             where = f"epoch {min(int(state.epoch - 1e-9) + 1, epochs)}/{epochs} step {state.global_step}/{total}"
             if state.global_step == 1:
                 self.run.warmup_step_seconds = seconds
-                self.say(f"{where} loss {record.loss:.4f} - first step {seconds:.2f} s (warm-up, not in the steady rate)")
+                self.say(
+                    f"{where} loss {record.loss:.4f} - first step {seconds:.2f} s (warm-up, not in the steady rate)"
+                )
             else:
                 steady = self.run.steps[1:]
                 rate = sum(s["tokens"] for s in steady) / max(sum(s["seconds"] for s in steady), 1e-9)
                 self.run.steady_tokens_per_second = rate
-                self.say(f"{where} loss {record.loss:.4f} lr {record.learning_rate:.3g} "
-                         f"{record.tokens_per_second:,.0f} tok/s (steady {rate:,.0f} tok/s)")
+                self.say(
+                    f"{where} loss {record.loss:.4f} lr {record.learning_rate:.3g} "
+                    f"{record.tokens_per_second:,.0f} tok/s (steady {rate:,.0f} tok/s)"
+                )
 
     return RecordingTrainer, Reporter
 
@@ -180,11 +194,19 @@ def encode_data(recipe, tokenizer, data_path: str, columns: dict | None) -> tupl
     table = data.load_records(data_path, columns)
     if len(table) == 0:
         raise InputError(f"{data_path}: no records to train on")
-    encoded = [sft.encode_record(tokenizer, recipe.format, row["instruction"], row["response"], max_seq_length, loss_on)
-               for row in table]
-    return encoded, {"path": str(Path(data_path).resolve()), "sha256": sha256_of(data_path), "records": len(encoded),
-                     "tokens": sum(len(e["input_ids"]) for e in encoded), "loss_on": loss_on,
-                     "max_seq_length": max_seq_length, "format": recipe.format}
+    encoded = [
+        sft.encode_record(tokenizer, recipe.format, row["instruction"], row["response"], max_seq_length, loss_on)
+        for row in table
+    ]
+    return encoded, {
+        "path": str(Path(data_path).resolve()),
+        "sha256": sha256_of(data_path),
+        "records": len(encoded),
+        "tokens": sum(len(e["input_ids"]) for e in encoded),
+        "loss_on": loss_on,
+        "max_seq_length": max_seq_length,
+        "format": recipe.format,
+    }
 
 
 def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dtype: str, adapter: str | None, say):
@@ -193,10 +215,13 @@ def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dty
     from reference import lora, models
 
     quantization = quantization_of(recipe)
-    model, identity = models.load_causal_lm(directory, dtype=dtype, quantization=quantization,
-                                            quantization_section={k: v for k, v in recipe.quantization.items()
-                                                                  if k.startswith("bnb_4bit")},
-                                            device=device)  # packed where it trains (a 4-bit model cannot move)
+    model, identity = models.load_causal_lm(
+        directory,
+        dtype=dtype,
+        quantization=quantization,
+        quantization_section={k: v for k, v in recipe.quantization.items() if k.startswith("bnb_4bit")},
+        device=device,
+    )  # packed where it trains (a 4-bit model cannot move)
     weight_bytes = models.weight_bytes(model)
     if adapter is not None:
         model = lora.load_adapter(lora.prepare_base(model, checkpointing), adapter, trainable=True)
@@ -219,9 +244,19 @@ def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dty
     return model, identity, weight_bytes, adapter_info
 
 
-def run(recipe, model_dir: str, data_path: str, output_dir: str, columns: dict | None = None, say=stderr_line,
-        callbacks=(), before_train=None, adapter: str | None = None, resume: bool = False,
-        overwrite: bool = False) -> RunRecord:
+def run(
+    recipe,
+    model_dir: str,
+    data_path: str,
+    output_dir: str,
+    columns: dict | None = None,
+    say=stderr_line,
+    callbacks=(),
+    before_train=None,
+    adapter: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> RunRecord:
     """Train as the recipe says and save; returns the run record also written to output/manifest.json.
 
     `adapter`: continue training that saved adapter (a new schedule from step 0). `resume`: carry on
@@ -246,8 +281,10 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
     args = recipes.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
     settings = recipes.resolved_settings(recipe, str(checkpoint_dir), args=args)
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file()
-                                                  else directory), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else directory),
+        local_files_only=True,
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoded, data_info = encode_data(recipe, tokenizer, data_path, columns)
@@ -256,25 +293,42 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     if args.process_index != 0:  # under torchrun the main process reports for all
         say = lambda text: None  # noqa: E731
     model, identity, weight_bytes, adapter_info = prepare_model(
-        recipe, directory, str(args.device), checkpointing, "bfloat16" if args.bf16 else "float32", adapter, say)
+        recipe, directory, str(args.device), checkpointing, "bfloat16" if args.bf16 else "float32", adapter, say
+    )
     trainable, total = lora.count_trainable(model)
 
-    record = RunRecord(settings=settings, model=asdict(identity), trainable_parameters=trainable, all_parameters=total,
-                       weight_bytes=weight_bytes, step_plan={}, data=data_info, adapter=adapter_info,
-                       resumed_from=str(resume_from) if resume_from else None, output=str(Path(output_dir).resolve()))
+    record = RunRecord(
+        settings=settings,
+        model=asdict(identity),
+        trainable_parameters=trainable,
+        all_parameters=total,
+        weight_bytes=weight_bytes,
+        step_plan={},
+        data=data_info,
+        adapter=adapter_info,
+        resumed_from=str(resume_from) if resume_from else None,
+        output=str(Path(output_dir).resolve()),
+    )
     if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
         rundir.record_or_check(output_dir, {"model": record.model, "data": data_info, "settings": settings}, resume)
     RecordingTrainer, Reporter = _trainer_classes()
     reporter = Reporter(record, len(encoded), say)
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=encoded, data_collator=sft.Collator(tokenizer.pad_token_id),
-                               callbacks=[reporter, checkpoints.marker_callback(), *callbacks])
+    trainer = RecordingTrainer(
+        model=model,
+        args=args,
+        train_dataset=encoded,
+        data_collator=sft.Collator(tokenizer.pad_token_id),
+        callbacks=[reporter, checkpoints.marker_callback(), *callbacks],
+    )
     reporter.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # our per-step lines replace its dict dumps
     if before_train is not None:
         before_train(trainer)
-    say(f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
+    say(
+        f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
         f"weights {weight_bytes:,} bytes, base {identity.quantization} ({identity.path})"
-        + (f", resuming from {resume_from.name}" if resume_from else ""))
+        + (f", resuming from {resume_from.name}" if resume_from else "")
+    )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     record.train_seconds = time.perf_counter() - started
@@ -317,4 +371,5 @@ def save(trainer, tokenizer, record: RunRecord, out: Path, say) -> None:
         trainer.model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
     write_text_atomic(out / MANIFEST, json.dumps(asdict(record), ensure_ascii=False, indent=2, default=str) + "\n")
-    say(f"saved {'adapter' if record.adapter.get('mode') != 'none (full fine-tuning)' else 'model'}, tokenizer and {MANIFEST} to {out}")
+    saved = "model" if record.adapter.get("mode") == "none (full fine-tuning)" else "adapter"
+    say(f"saved {saved}, tokenizer and {MANIFEST} to {out}")

@@ -11,8 +11,16 @@ import torch
 
 from reference import train
 
-SHORT = ["max_steps=4", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "warmup_steps=0",
-         "save_steps=2", "logging_steps=1", "learning_rate=2e-3", "sft.max_seq_length=48"]
+SHORT = [
+    "max_steps=4",
+    "per_device_train_batch_size=4",
+    "gradient_accumulation_steps=1",
+    "warmup_steps=0",
+    "save_steps=2",
+    "logging_steps=1",
+    "learning_rate=2e-3",
+    "sft.max_seq_length=48",
+]
 """The llm2024 recipe cut to 4 steps of 4 short records: seconds on 2 CPU cores."""
 QA_COLUMNS = {"instruction": "input", "response": "output"}
 
@@ -74,8 +82,16 @@ class Observed:
 
 def run_recipe(recipe, model_dir, data, output, observed: Observed, **options):
     """train.run on QA-format data, observed; options: adapter=DIR, resume=True."""
-    return train.run(recipe, str(model_dir), str(data), str(output), columns=QA_COLUMNS, say=observed.lines.append,
-                     before_train=observed.before_train, **options)
+    return train.run(
+        recipe,
+        str(model_dir),
+        str(data),
+        str(output),
+        columns=QA_COLUMNS,
+        say=observed.lines.append,
+        before_train=observed.before_train,
+        **options,
+    )
 
 
 def assert_trained(record, observed) -> None:

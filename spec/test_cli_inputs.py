@@ -58,18 +58,31 @@ def nowhere(tmp_path):
 STEPS = ["steps", "--records", "10", "--batch-size", "2"]
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--epochs", "inf"), ("--epochs", "-inf"), ("--epochs", "nan"), ("--epochs", "0"), ("--epochs", "-1"),
-    ("--save-steps", "inf"), ("--logging-steps", "inf"), ("--warmup", "inf"), ("--warmup", "nan"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--epochs", "inf"),
+        ("--epochs", "-inf"),
+        ("--epochs", "nan"),
+        ("--epochs", "0"),
+        ("--epochs", "-1"),
+        ("--save-steps", "inf"),
+        ("--logging-steps", "inf"),
+        ("--warmup", "inf"),
+        ("--warmup", "nan"),
+    ],
+)
 def test_steps_refuses_an_endless_undefined_or_empty_number_of_epochs_or_steps(flag, value, capsys):
     assert_refused([*STEPS, f"{flag}={value}"], flag, capsys)
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["steps", "--records", "10", "--batch-size", "2", "--epochs", "inf"], "argument --epochs:"),
-    (["generate", "--model", "m", "--tasks", "t", "--shots", "s", "--output", "o", "--k", "-1"], "argument --k:"),
-])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["steps", "--records", "10", "--batch-size", "2", "--epochs", "inf"], "argument --epochs:"),
+        (["generate", "--model", "m", "--tasks", "t", "--shots", "s", "--output", "o", "--k", "-1"], "argument --k:"),
+    ],
+)
 def test_the_reviewers_commands_as_typed_end_with_the_argument_named(argv, named, tmp_path, monkeypatch, capsys):
     """`generate --k -1` used to take 23 of 24 shots (a [:-1] slice); `steps --epochs inf` ended in a traceback."""
     monkeypatch.chdir(tmp_path)
@@ -83,16 +96,33 @@ def test_steps_still_takes_fractional_epochs(capsys):
 
 
 def generate_argv(nowhere, output):
-    return ["generate", "--model", nowhere / "model", "--tasks", nowhere / "tasks.jsonl",
-            "--shots", nowhere / "shots.jsonl", "--output", output]
+    return [
+        "generate",
+        "--model",
+        nowhere / "model",
+        "--tasks",
+        nowhere / "tasks.jsonl",
+        "--shots",
+        nowhere / "shots.jsonl",
+        "--output",
+        output,
+    ]
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--k", "-1"), ("--k", "0"), ("--k", "1.5"), ("--window", "0"), ("--window", "-5"),
-    ("--max-new-tokens", "-1"), ("--max-new-tokens", "0"), ("--batch-size", "0"),
-])
-def test_generate_refuses_counts_below_one_before_reading_or_loading_anything(flag, value, nowhere, tmp_path,
-                                                                               capsys):
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--k", "-1"),
+        ("--k", "0"),
+        ("--k", "1.5"),
+        ("--window", "0"),
+        ("--window", "-5"),
+        ("--max-new-tokens", "-1"),
+        ("--max-new-tokens", "0"),
+        ("--batch-size", "0"),
+    ],
+)
+def test_generate_refuses_counts_below_one_before_reading_or_loading_anything(flag, value, nowhere, tmp_path, capsys):
     output = tmp_path / "outputs.jsonl"
     assert_refused([*generate_argv(nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys, output)
 
@@ -101,26 +131,45 @@ def preference_argv(action, nowhere, output):
     return ["preference", action, "--model", nowhere / "model", "--data", nowhere / "data.jsonl", "--output", output]
 
 
-@pytest.mark.parametrize("action, flag, value", [
-    ("train", "--epochs", "0"), ("train", "--epochs", "-1"), ("train", "--epochs", "inf"),
-    ("train", "--lr", "0"), ("train", "--lr", "nan"), ("train", "--batch-size", "0"),
-    ("train", "--max-length", "2"), ("predict", "--max-length", "0"), ("predict", "--batch-size", "0"),
-])
+@pytest.mark.parametrize(
+    "action, flag, value",
+    [
+        ("train", "--epochs", "0"),
+        ("train", "--epochs", "-1"),
+        ("train", "--epochs", "inf"),
+        ("train", "--lr", "0"),
+        ("train", "--lr", "nan"),
+        ("train", "--batch-size", "0"),
+        ("train", "--max-length", "2"),
+        ("predict", "--max-length", "0"),
+        ("predict", "--batch-size", "0"),
+    ],
+)
 def test_preference_refuses_empty_training_and_a_max_length_that_spread_cannot_cut_in_three(
-        action, flag, value, nowhere, tmp_path, capsys):
+    action, flag, value, nowhere, tmp_path, capsys
+):
     output = tmp_path / "out"
-    assert_refused([*preference_argv(action, nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys,
-                   output)
+    assert_refused([*preference_argv(action, nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys, output)
 
 
 def dpo_argv(nowhere, output):
     return ["dpo", "--model", nowhere / "model", "--data", nowhere / "pairs.jsonl", "--output", output]
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--r", "0"), ("--beta", "0"), ("--beta", "-0.1"), ("--beta", "nan"),
-    ("--steps", "0"), ("--steps", "-3"), ("--lr", "0"), ("--lr", "-1e-4"), ("--lr", "inf"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--r", "0"),
+        ("--beta", "0"),
+        ("--beta", "-0.1"),
+        ("--beta", "nan"),
+        ("--steps", "0"),
+        ("--steps", "-3"),
+        ("--lr", "0"),
+        ("--lr", "-1e-4"),
+        ("--lr", "inf"),
+    ],
+)
 def test_dpo_refuses_a_zero_rank_beta_step_count_or_learning_rate(flag, value, nowhere, tmp_path, capsys):
     """--steps 0 would save the fresh adapter untrained; --beta 0 divides the margin's scale away."""
     output = tmp_path / "adapter"
@@ -139,17 +188,69 @@ def test_verify_refuses_a_negative_or_undefined_tolerance(value, nowhere, capsys
     assert_refused(["verify", nowhere / "a", nowhere / "b", f"--rtol={value}"], "argument --rtol:", capsys)
 
 
-@pytest.mark.parametrize("argv", [
-    ["generate", "--model", "m", "--tasks", "t", "--shots", "s", "--output", "o",
-     "--k", "1", "--window", "1", "--max-new-tokens", "1", "--batch-size", "1"],
-    ["preference", "train", "--model", "m", "--data", "d", "--output", "o", "--max-length", "3", "--batch-size", "1",
-     "--epochs", "1e-9", "--lr", "1e-9"],
-    ["dpo", "--model", "m", "--data", "d", "--output", "o", "--r", "1", "--steps", "1", "--beta", "1e-9",
-     "--lr", "1e-9"],
-    ["filter", "--input", "i", "--output", "o", "--rejects", "r", "--workers", "1"],
-    ["verify", "a", "b", "--rtol", "0"],
-    ["steps", "--records", "1", "--batch-size", "1", "--epochs", "0.5"],
-], ids=["generate", "preference", "dpo", "filter", "verify", "steps"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "generate",
+            "--model",
+            "m",
+            "--tasks",
+            "t",
+            "--shots",
+            "s",
+            "--output",
+            "o",
+            "--k",
+            "1",
+            "--window",
+            "1",
+            "--max-new-tokens",
+            "1",
+            "--batch-size",
+            "1",
+        ],
+        [
+            "preference",
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--output",
+            "o",
+            "--max-length",
+            "3",
+            "--batch-size",
+            "1",
+            "--epochs",
+            "1e-9",
+            "--lr",
+            "1e-9",
+        ],
+        [
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--output",
+            "o",
+            "--r",
+            "1",
+            "--steps",
+            "1",
+            "--beta",
+            "1e-9",
+            "--lr",
+            "1e-9",
+        ],
+        ["filter", "--input", "i", "--output", "o", "--rejects", "r", "--workers", "1"],
+        ["verify", "a", "b", "--rtol", "0"],
+        ["steps", "--records", "1", "--batch-size", "1", "--epochs", "0.5"],
+    ],
+    ids=["generate", "preference", "dpo", "filter", "verify", "steps"],
+)
 def test_the_smallest_allowed_values_are_accepted(argv):
     """The edges of the ranges above: 1 for counts, 3 for --max-length, any rate > 0, --rtol 0."""
     args = cli.build_parser().parse_args(argv)
@@ -157,32 +258,61 @@ def test_the_smallest_allowed_values_are_accepted(argv):
 
 
 def test_the_parsed_numbers_keep_their_type_and_value():
-    args = cli.build_parser().parse_args(["dpo", "--model", "m", "--data", "d", "--output", "o", "--r", "4",
-                                          "--steps", "7", "--beta", "0.25", "--lr", "1e-3"])
+    args = cli.build_parser().parse_args(
+        [
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--output",
+            "o",
+            "--r",
+            "4",
+            "--steps",
+            "7",
+            "--beta",
+            "0.25",
+            "--lr",
+            "1e-3",
+        ]
+    )
     assert (args.r, args.steps, args.beta, args.lr) == (4, 7, 0.25, 1e-3)
     assert type(args.r) is int and type(args.steps) is int and type(args.beta) is float
 
 
-@pytest.mark.parametrize("override, named", [
-    ("per_device_train_batch_size=-4", "per_device_train_batch_size=-4"),
-    ("per_device_train_batch_size=0", "per_device_train_batch_size=0"),
-    ("per_device_train_batch_size=2.5", "per_device_train_batch_size=2.5"),
-    ("gradient_accumulation_steps=0", "gradient_accumulation_steps=0"),
-    ("num_train_epochs=0", "num_train_epochs=0"),
-    ("num_train_epochs=-1.5", "num_train_epochs=-1.5"),
-    ("num_train_epochs=inf", "num_train_epochs=inf"),
-    ("learning_rate=0", "learning_rate=0"),
-    ("learning_rate=nan", "learning_rate=nan"),
-    ("max_steps=many", "max_steps='many'"),
-    ("lora.r=0", "lora.r=0"),
-    ("sft.max_seq_length=0", "sft.max_seq_length=0"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("per_device_train_batch_size=-4", "per_device_train_batch_size=-4"),
+        ("per_device_train_batch_size=0", "per_device_train_batch_size=0"),
+        ("per_device_train_batch_size=2.5", "per_device_train_batch_size=2.5"),
+        ("gradient_accumulation_steps=0", "gradient_accumulation_steps=0"),
+        ("num_train_epochs=0", "num_train_epochs=0"),
+        ("num_train_epochs=-1.5", "num_train_epochs=-1.5"),
+        ("num_train_epochs=inf", "num_train_epochs=inf"),
+        ("learning_rate=0", "learning_rate=0"),
+        ("learning_rate=nan", "learning_rate=nan"),
+        ("max_steps=many", "max_steps='many'"),
+        ("lora.r=0", "lora.r=0"),
+        ("sft.max_seq_length=0", "sft.max_seq_length=0"),
+    ],
+)
 @pytest.mark.parametrize("command", ["train", "continue"])
-def test_train_and_continue_name_the_override_that_is_out_of_range(command, override, named, nowhere, tmp_path,
-                                                                   capsys):
+def test_train_and_continue_name_the_override_that_is_out_of_range(command, override, named, nowhere, tmp_path, capsys):
     output = tmp_path / "run"
-    argv = [command, "--recipe", "llm2024", "--model", nowhere / "model", "--data", nowhere / "data.jsonl",
-            "--output", output, override]
+    argv = [
+        command,
+        "--recipe",
+        "llm2024",
+        "--model",
+        nowhere / "model",
+        "--data",
+        nowhere / "data.jsonl",
+        "--output",
+        output,
+        override,
+    ]
     if command == "continue":
         argv[1:1] = ["--adapter", nowhere / "adapter"]
     assert_refused(argv, f"{named}: must be", capsys, output)
@@ -190,15 +320,23 @@ def test_train_and_continue_name_the_override_that_is_out_of_range(command, over
 
 def test_reproduce_names_an_out_of_range_set_override(tmp_path, capsys):
     output = tmp_path / "reproduce"
-    assert_refused(["reproduce", "--output", output, "--set", "per_device_train_batch_size=0"],
-                   "per_device_train_batch_size=0: must be", capsys, output)
+    assert_refused(
+        ["reproduce", "--output", output, "--set", "per_device_train_batch_size=0"],
+        "per_device_train_batch_size=0: must be",
+        capsys,
+        output,
+    )
 
 
-@pytest.mark.parametrize("overrides", [
-    ["per_device_train_batch_size=1", "gradient_accumulation_steps=1", "lora.r=1", "sft.max_seq_length=1"],
-    ["num_train_epochs=0", "max_steps=1"],
-    ["num_train_epochs=1e-9", "learning_rate=1e-9"],
-], ids=["counts of one", "epochs ignored when max_steps is set", "tiny rates"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["per_device_train_batch_size=1", "gradient_accumulation_steps=1", "lora.r=1", "sft.max_seq_length=1"],
+        ["num_train_epochs=0", "max_steps=1"],
+        ["num_train_epochs=1e-9", "learning_rate=1e-9"],
+    ],
+    ids=["counts of one", "epochs ignored when max_steps is set", "tiny rates"],
+)
 def test_the_smallest_allowed_overrides_are_accepted(overrides):
     """Trainer ignores num_train_epochs when max_steps > 0, so 0 epochs is refused only without max_steps."""
     cli.check_training_numbers(recipes.apply_overrides(recipes.load_recipe("llm2024"), overrides))

@@ -34,14 +34,32 @@ from reference.errors import InputError
 from reference.recipes import apply_overrides, load_recipe
 from spec.observe import Observed, assert_trained, run_recipe
 
-TOLERANCE = 2 ** -7  # bf16 resolution near 1: fp32 norms in training vs bf16 ones in a plain reload
+TOLERANCE = 2**-7  # bf16 resolution near 1: fp32 norms in training vs bf16 ones in a plain reload
 IDS = torch.tensor([[2, 120, 340, 560, 780, 1000, 1200]])
 ON_THE_CPU = "use_cpu=true"  # bit-identical resumption is claimed on the CPU; a GPU machine runs these there too
-SIX_STEPS = ["max_steps=6", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "warmup_steps=2",
-             "save_steps=3", "logging_steps=1", "learning_rate=2e-3", "sft.max_seq_length=40", ON_THE_CPU]
+SIX_STEPS = [
+    "max_steps=6",
+    "per_device_train_batch_size=4",
+    "gradient_accumulation_steps=1",
+    "warmup_steps=2",
+    "save_steps=3",
+    "logging_steps=1",
+    "learning_rate=2e-3",
+    "sft.max_seq_length=40",
+    ON_THE_CPU,
+]
 SCHEDULE = [0.0, 1e-3, 2e-3, 1.5e-3, 1e-3, 5e-4]  # the module docstring's derivation, steps 1..6
-THREE_STEPS = ["max_steps=3", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "warmup_steps=0",
-               "save_steps=100", "logging_steps=1", "learning_rate=2e-3", "sft.max_seq_length=40", ON_THE_CPU]
+THREE_STEPS = [
+    "max_steps=3",
+    "per_device_train_batch_size=4",
+    "gradient_accumulation_steps=1",
+    "warmup_steps=0",
+    "save_steps=100",
+    "logging_steps=1",
+    "learning_rate=2e-3",
+    "sft.max_seq_length=40",
+    ON_THE_CPU,
+]
 QA = ["--columns", "instruction=input,response=output"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -186,8 +204,15 @@ def test_an_adapter_of_other_shapes_is_refused_even_when_its_recorded_base_is_go
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=16, num_hidden_layers=2, vocab_size=2862)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_hidden_layers=2,
+        vocab_size=2862,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "small")
     small, _ = models.load_causal_lm(tmp_path / "small")
     lora.attach(small, {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}).save_pretrained(tmp_path / "adapter")
@@ -223,8 +248,9 @@ class OpensAFile:
 
 
 @pytest.mark.claim("X6")
-def test_an_adapter_with_only_pickled_weights_is_refused_without_unpickling_them(saved_fresh_adapter, fixtures_dir,
-                                                                                 tmp_path):
+def test_an_adapter_with_only_pickled_weights_is_refused_without_unpickling_them(
+    saved_fresh_adapter, fixtures_dir, tmp_path
+):
     """Adapters load from safetensors only: adapter_model.bin is a pickle, and unpickling runs whatever it
     names. Here it would create `unpickled`; the merge command refuses with exit 2 and the file never appears."""
     import pickle
@@ -234,13 +260,21 @@ def test_an_adapter_with_only_pickled_weights_is_refused_without_unpickling_them
     shutil.copytree(saved_fresh_adapter, pickled)
     (pickled / "adapter_model.safetensors").unlink()
     (pickled / "adapter_model.bin").write_bytes(pickle.dumps(OpensAFile(tmp_path / "unpickled")))
-    code, _, err = run_cli("merge", "--model", str(tiny_gemma2(fixtures_dir)), "--adapter", str(pickled),
-                           "--output", str(tmp_path / "merged"))
+    code, _, err = run_cli(
+        "merge",
+        "--model",
+        str(tiny_gemma2(fixtures_dir)),
+        "--adapter",
+        str(pickled),
+        "--output",
+        str(tmp_path / "merged"),
+    )
     assert code == 2 and "no adapter_model.safetensors" in err and "never unpickled" in err
     assert not (tmp_path / "unpickled").exists() and not (tmp_path / "merged").exists()
 
 
 # --- A1, A4 (restart), A6, C15: continuing the saved adapter, on the CPU and on CUDA ---
+
 
 @pytest.fixture(scope="module", params=DEVICES)
 def continued(request, uninterrupted, fixtures_dir, tmp_path_factory):
@@ -254,17 +288,30 @@ def continued(request, uninterrupted, fixtures_dir, tmp_path_factory):
         seen["before"] = logits_of(trainer.model, device)
 
     overrides = [*SIX_STEPS, f"use_cpu={str(device == 'cpu').lower()}"]  # the later setting wins
-    record = train.run(apply_overrides(load_recipe("llm2024"), overrides), str(tiny_gemma2(fixtures_dir)),
-                       str(fixtures_dir / "data" / "magpie_sample.jsonl"), str(output), say=observed.lines.append,
-                       before_train=before_train, adapter=str(uninterrupted.checkpoint))
-    return SimpleNamespace(device=device, record=record, observed=observed, output=output,
-                           before=seen["before"], after=logits_of(observed.trainer.model, device))
+    record = train.run(
+        apply_overrides(load_recipe("llm2024"), overrides),
+        str(tiny_gemma2(fixtures_dir)),
+        str(fixtures_dir / "data" / "magpie_sample.jsonl"),
+        str(output),
+        say=observed.lines.append,
+        before_train=before_train,
+        adapter=str(uninterrupted.checkpoint),
+    )
+    return SimpleNamespace(
+        device=device,
+        record=record,
+        observed=observed,
+        output=output,
+        before=seen["before"],
+        after=logits_of(observed.trainer.model, device),
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.claim("A1", "A6")
-def test_before_the_first_update_the_model_is_base_plus_the_saved_adapter_not_the_base(continued, uninterrupted,
-                                                                                      fixtures_dir):
+def test_before_the_first_update_the_model_is_base_plus_the_saved_adapter_not_the_base(
+    continued, uninterrupted, fixtures_dir
+):
     """The continued model's logits equal peft's base(NF4) + checkpoint-3 within bf16 resolution, and are
     more than ten times that from the bare base's (a fresh adapter, B = 0, would give exactly the base's)."""
     expected = base_plus_adapter_logits(tiny_gemma2(fixtures_dir), uninterrupted.checkpoint, continued.device)
@@ -313,10 +360,24 @@ def test_continuing_from_adapter_weights_starts_a_new_schedule_at_step_0(continu
 
 # --- A4 (resume) and X1: a run killed mid-way carries on from its last complete checkpoint ---
 
+
 def train_command(fixtures_dir, output) -> list[str]:
-    return [sys.executable, "-m", "reference", "train", "--recipe", "llm2024", "--model",
-            str(tiny_gemma2(fixtures_dir)), "--data", str(qa_data(fixtures_dir)), *QA, "--output", str(output),
-            *SIX_STEPS]
+    return [
+        sys.executable,
+        "-m",
+        "reference",
+        "train",
+        "--recipe",
+        "llm2024",
+        "--model",
+        str(tiny_gemma2(fixtures_dir)),
+        "--data",
+        str(qa_data(fixtures_dir)),
+        *QA,
+        "--output",
+        str(output),
+        *SIX_STEPS,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -341,17 +402,22 @@ def killed_and_resumed(fixtures_dir, tmp_path_factory):
     half.mkdir()
     written = (saved / "checkpoint-3" / "adapter_model.safetensors").read_bytes()
     (half / "adapter_model.safetensors").write_bytes(written[:100])
-    resumed = subprocess.run([*train_command(fixtures_dir, output), "--resume"], capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        [*train_command(fixtures_dir, output), "--resume"], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
-    return SimpleNamespace(output=output, stderr=resumed.stderr,
-                           manifest=json.loads((output / "manifest.json").read_text(encoding="utf-8")))
+    return SimpleNamespace(
+        output=output,
+        stderr=resumed.stderr,
+        manifest=json.loads((output / "manifest.json").read_text(encoding="utf-8")),
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.claim("A4")
-def test_resuming_a_checkpoint_goes_on_at_its_step_with_its_optimizer_scheduler_and_rng(killed_and_resumed,
-                                                                                         uninterrupted):
+def test_resuming_a_checkpoint_goes_on_at_its_step_with_its_optimizer_scheduler_and_rng(
+    killed_and_resumed, uninterrupted
+):
     """Resumed from checkpoint-3 the run goes on at step 4 (the global step restored) with lr 1.5e-3 (the
     scheduler), and ends with the uninterrupted run's adapter bit for bit, which needs Adam's moments (the
     optimizer) and NEFTune's noise and the data order (the RNG states) restored as well."""
@@ -407,8 +473,10 @@ def test_resuming_takes_the_newest_complete_checkpoint_by_step_and_names_the_one
     whole_checkpoint(tmp_path / "checkpoint-final", {"adapter_model.safetensors": b"?"})
     said = []
     assert checkpoints.last_complete(tmp_path, say=said.append) == tmp_path / "checkpoint-10"
-    assert said == ["skipping checkpoint-12: no complete.json (the run stopped while writing it)",
-                    "skipping checkpoint-11: changed since written: adapter_model.safetensors"]
+    assert said == [
+        "skipping checkpoint-12: no complete.json (the run stopped while writing it)",
+        "skipping checkpoint-11: changed since written: adapter_model.safetensors",
+    ]
 
 
 @pytest.mark.claim("X1")
@@ -420,12 +488,22 @@ def test_resuming_with_no_complete_checkpoint_is_refused(tmp_path):
 
 # --- A3: merge the adapter into the (dequantised) base, then a fresh adapter on top ---
 
+
 @pytest.fixture(scope="module")
 def merged(uninterrupted, fixtures_dir, tmp_path_factory):
     """`merge --quantization nf4` of checkpoint-3 into tiny-gemma2, through the command line."""
     output = tmp_path_factory.mktemp("merged") / "model"
-    code, out, err = run_cli("merge", "--model", tiny_gemma2(fixtures_dir), "--adapter", uninterrupted.checkpoint,
-                             "--output", output, "--quantization", "nf4")
+    code, out, err = run_cli(
+        "merge",
+        "--model",
+        tiny_gemma2(fixtures_dir),
+        "--adapter",
+        uninterrupted.checkpoint,
+        "--output",
+        output,
+        "--quantization",
+        "nf4",
+    )
     assert code == 0, err
     return SimpleNamespace(output=output, summary=json.loads(out))
 
@@ -455,9 +533,20 @@ def test_merging_dequantises_the_nf4_base_and_gives_base_plus_adapter_logits(mer
 def test_continuing_by_merging_trains_a_fresh_adapter_on_the_merged_base(uninterrupted, fixtures_dir, tmp_path):
     """`continue --mode merge`: the merged base (the recipe's NF4 dequantised, as above) gets a new adapter
     that starts at zero and trains: the run says it created one, and its loss falls."""
-    code, out, err = run_cli("continue", "--mode", "merge", "--model", tiny_gemma2(fixtures_dir), "--adapter",
-                             uninterrupted.checkpoint, "--data", fixtures_dir / "data" / "magpie_sample.jsonl",
-                             "--output", tmp_path, *THREE_STEPS)
+    code, out, err = run_cli(
+        "continue",
+        "--mode",
+        "merge",
+        "--model",
+        tiny_gemma2(fixtures_dir),
+        "--adapter",
+        uninterrupted.checkpoint,
+        "--data",
+        fixtures_dir / "data" / "magpie_sample.jsonl",
+        "--output",
+        tmp_path,
+        *THREE_STEPS,
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["adapter"]["mode"] == "created" and summary["last_loss"] < summary["first_loss"]
@@ -469,9 +558,18 @@ def test_continuing_by_merging_trains_a_fresh_adapter_on_the_merged_base(uninter
 @pytest.mark.slow
 @pytest.mark.claim("A1")
 def test_the_continue_command_keeps_training_the_saved_adapter(uninterrupted, fixtures_dir, tmp_path):
-    code, out, err = run_cli("continue", "--model", tiny_gemma2(fixtures_dir), "--adapter", uninterrupted.checkpoint,
-                             "--data", fixtures_dir / "data" / "magpie_sample.jsonl", "--output", tmp_path,
-                             *THREE_STEPS)
+    code, out, err = run_cli(
+        "continue",
+        "--model",
+        tiny_gemma2(fixtures_dir),
+        "--adapter",
+        uninterrupted.checkpoint,
+        "--data",
+        fixtures_dir / "data" / "magpie_sample.jsonl",
+        "--output",
+        tmp_path,
+        *THREE_STEPS,
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["adapter"]["mode"] == "loaded"
@@ -481,12 +579,23 @@ def test_the_continue_command_keeps_training_the_saved_adapter(uninterrupted, fi
 
 @pytest.mark.claim("A1")
 def test_a_missing_adapter_is_named_with_exit_code_2(fixtures_dir, tmp_path):
-    code, _, err = run_cli("continue", "--model", tiny_gemma2(fixtures_dir), "--adapter", tmp_path / "no-adapter",
-                           "--data", qa_data(fixtures_dir), *QA, "--output", tmp_path / "x")
+    code, _, err = run_cli(
+        "continue",
+        "--model",
+        tiny_gemma2(fixtures_dir),
+        "--adapter",
+        tmp_path / "no-adapter",
+        "--data",
+        qa_data(fixtures_dir),
+        *QA,
+        "--output",
+        tmp_path / "x",
+    )
     assert code == 2 and str(tmp_path / "no-adapter") in err and "no adapter_config.json" in err
 
 
 # --- X3: torchrun ---
+
 
 def rank_logs(log_dir: Path) -> dict[str, str]:
     """Every file torchrun wrote per rank (stdout.log, stderr.log), whole, by path."""
@@ -528,13 +637,45 @@ def test_torchrun_with_two_processes_follows_the_world_size_step_plan_and_keeps_
     logs, hooks = tmp_path / "logs", tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SLOW_RANK_1)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex, "--log-dir", str(logs),
-                "--redirects", "3"]
-    command = ["-m", "reference", "train", "--recipe", "llm2024", "--model", str(tiny_gemma2(fixtures_dir)),
-               "--data", str(qa_data(fixtures_dir)), *QA, "--output", str(tmp_path / "run"), "num_train_epochs=1",
-               "per_device_train_batch_size=2", "gradient_accumulation_steps=2", "warmup_steps=0", "save_steps=100",
-               "learning_rate=2e-3", "sft.max_seq_length=40", ON_THE_CPU]  # gloo, on a GPU machine too
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        "--rdzv-id",
+        uuid.uuid4().hex,
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+    ]
+    command = [
+        "-m",
+        "reference",
+        "train",
+        "--recipe",
+        "llm2024",
+        "--model",
+        str(tiny_gemma2(fixtures_dir)),
+        "--data",
+        str(qa_data(fixtures_dir)),
+        *QA,
+        "--output",
+        str(tmp_path / "run"),
+        "num_train_epochs=1",
+        "per_device_train_batch_size=2",
+        "gradient_accumulation_steps=2",
+        "warmup_steps=0",
+        "save_steps=100",
+        "learning_rate=2e-3",
+        "sft.max_seq_length=40",
+        ON_THE_CPU,
+    ]  # gloo, on a GPU machine too
     path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
     result = subprocess.run([*launcher, *command], capture_output=True, text=True, timeout=600, env=env)

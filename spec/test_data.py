@@ -47,18 +47,30 @@ def test_magpie_rows_load_as_first_user_and_assistant_turns(fixtures_dir):
     and the first assistant turn are taken); m042 has only an assistant turn (instruction ""); m062 is empty."""
     records = load_records(fixtures_dir / "data" / "magpie_sample.jsonl")
     assert len(records) == 80 and records.column_names == ["instruction", "response"]
-    assert records[0] == {"instruction": "肉じゃがをおいしく作るコツを教えてください。", "response": (
-        "肉じゃがをおいしく作るには、最初に牛肉を炒めて香りを出してから野菜を加えるのがポイントです。じゃがいもは"
-        "煮崩れしにくいメークインを使うと、形がきれいに残ります。調味料は砂糖を先に入れ、しょうゆは後から加えると"
-        "味がしみ込みやすくなります。火を止めてからしばらく置くと、さらに味がなじみます。")}
+    assert records[0] == {
+        "instruction": "肉じゃがをおいしく作るコツを教えてください。",
+        "response": (
+            "肉じゃがをおいしく作るには、最初に牛肉を炒めて香りを出してから野菜を加えるのがポイントです。じゃがいもは"
+            "煮崩れしにくいメークインを使うと、形がきれいに残ります。調味料は砂糖を先に入れ、しょうゆは後から加えると"
+            "味がしみ込みやすくなります。火を止めてからしばらく置くと、さらに味がなじみます。"
+        ),
+    }
     assert records[18] == {"instruction": "おいしいコーヒーの入れ方を教えてください。", "response": ""}
-    assert records[22] == {"instruction": "そばとうどんの違いを教えてください。", "response": (
-        "そばはそば粉を主な原料とした麺で、細めで独特の香りがあるのが特徴です。一方、うどんは小麦粉から作られ、"
-        "太くてもちもちとした食感があります。一般に、東日本ではそば、西日本ではうどんが好まれる傾向があるといわれて"
-        "います。")}
-    assert records[41] == {"instruction": "", "response": (
-        "コーヒーをおいしく入れるには、豆を飲む直前にひくことが大切です。お湯は沸騰してから少し冷まし、九十度前後で"
-        "注ぐと苦みが出すぎません。最初に少量のお湯で粉を蒸らすと、香りがしっかり引き出されます。")}
+    assert records[22] == {
+        "instruction": "そばとうどんの違いを教えてください。",
+        "response": (
+            "そばはそば粉を主な原料とした麺で、細めで独特の香りがあるのが特徴です。一方、うどんは小麦粉から作られ、"
+            "太くてもちもちとした食感があります。一般に、東日本ではそば、西日本ではうどんが好まれる傾向があるといわれて"
+            "います。"
+        ),
+    }
+    assert records[41] == {
+        "instruction": "",
+        "response": (
+            "コーヒーをおいしく入れるには、豆を飲む直前にひくことが大切です。お湯は沸騰してから少し冷まし、九十度前後で"
+            "注ぐと苦みが出すぎません。最初に少量のお湯で粉を蒸らすと、香りがしっかり引き出されます。"
+        ),
+    }
     assert records[61] == {"instruction": "", "response": ""}
 
 
@@ -66,15 +78,20 @@ def test_magpie_rows_load_as_first_user_and_assistant_turns(fixtures_dir):
 def test_magpie_turns_are_chosen_by_role_not_by_position(tmp_path):
     """Written here: the assistant speaks first, then the user twice and the assistant again."""
     path = tmp_path / "magpie.jsonl"
-    turns = [{"role": "assistant", "content": "先に答え"}, {"role": "user", "content": "一つ目の質問"},
-             {"role": "user", "content": "二つ目の質問"}, {"role": "assistant", "content": "後の答え"}]
+    turns = [
+        {"role": "assistant", "content": "先に答え"},
+        {"role": "user", "content": "一つ目の質問"},
+        {"role": "user", "content": "二つ目の質問"},
+        {"role": "assistant", "content": "後の答え"},
+    ]
     path.write_text(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert load_records(path).to_list() == [{"instruction": "一つ目の質問", "response": "先に答え"}]
 
 
 @pytest.mark.claim("P2")
-@pytest.mark.parametrize("conversations", ["text, not turns", [{"content": "no role"}],
-                                           [{"role": "user", "content": 3}]])
+@pytest.mark.parametrize(
+    "conversations", ["text, not turns", [{"content": "no role"}], [{"role": "user", "content": 3}]]
+)
 def test_a_magpie_row_that_is_not_a_list_of_turns_names_file_row_and_column(tmp_path, conversations):
     path = tmp_path / "magpie.jsonl"
     rows = [{"conversations": [{"role": "user", "content": "質問"}]}, {"conversations": conversations}]
@@ -85,14 +102,18 @@ def test_a_magpie_row_that_is_not_a_list_of_turns_names_file_row_and_column(tmp_
 
 
 @pytest.mark.claim("P2")
-@pytest.mark.parametrize("suffix, text, where", [
-    (".jsonl", '{"input": "a", "output": "b"}\n\n{"input": "c" "output": "d"}\n', "row 2 (line 3): not JSON"),
-    (".jsonl", '{"input": "a", "output": "b"}\n"just a string"\n', "row 2 (line 2): expected a JSON object"),
-    (".json", '[{"input": "a", "output": "b"},\n {"input": "c" "output": "d"}]\n', "line 2, column 16: not JSON"),
-    (".csv", "input,output\na,b\nc,d,e\n", "row 2 (line 3): 3 fields, the header has 2"),
-    (".csv", 'input,output\n"a,b\n', "row 1 (line 2)"),
-    (".jsonl", b'{"input": "a", "output": "b"}\n{"input": "\xff", "output": "c"}\n', "line 2: not UTF-8"),
-], ids=["jsonl-not-json", "jsonl-not-an-object", "json-document", "csv-extra-field", "csv-open-quote", "not-utf8"])
+@pytest.mark.parametrize(
+    "suffix, text, where",
+    [
+        (".jsonl", '{"input": "a", "output": "b"}\n\n{"input": "c" "output": "d"}\n', "row 2 (line 3): not JSON"),
+        (".jsonl", '{"input": "a", "output": "b"}\n"just a string"\n', "row 2 (line 2): expected a JSON object"),
+        (".json", '[{"input": "a", "output": "b"},\n {"input": "c" "output": "d"}]\n', "line 2, column 16: not JSON"),
+        (".csv", "input,output\na,b\nc,d,e\n", "row 2 (line 3): 3 fields, the header has 2"),
+        (".csv", 'input,output\n"a,b\n', "row 1 (line 2)"),
+        (".jsonl", b'{"input": "a", "output": "b"}\n{"input": "\xff", "output": "c"}\n', "line 2: not UTF-8"),
+    ],
+    ids=["jsonl-not-json", "jsonl-not-an-object", "json-document", "csv-extra-field", "csv-open-quote", "not-utf8"],
+)
 def test_an_unreadable_row_names_the_file_and_the_row(tmp_path, suffix, text, where):
     """Rows count records from 1 (blank lines and the CSV header are no records); lines count the file's lines.
     A JSON document (not JSON Lines) has no rows: its line and column are named."""
@@ -117,8 +138,10 @@ def test_a_missing_column_names_the_file_and_the_column(tmp_path):
 @pytest.mark.claim("P2")
 def test_a_row_that_is_not_text_names_file_row_and_column(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in
-                              [ROWS[0], {"input": "三行目？", "output": None}]) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in [ROWS[0], {"input": "三行目？", "output": None}]) + "\n",
+        encoding="utf-8",
+    )
     with pytest.raises(InputError) as error:
         load_records(path, QA111_COLUMNS)
     assert f"{path}, row 2, column 'output'" in str(error.value)

@@ -23,8 +23,13 @@ def test_the_dpo_loss_equals_the_formula_worked_by_hand():
     r_l = 0.1 * -0.5 = -0.05, margin 0.1, loss log(1 + e^-0.1) = 0.644397. Pair 2: policy (-3, -1),
     reference (-2, -2): r_w = -0.1, r_l = 0.1, margin -0.2, loss log(1 + e^0.2) = 0.798139.
     Mean = 0.721268."""
-    loss, r_w, r_l = dpo.dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0]),
-                                  torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.0]), beta=0.1)
+    loss, r_w, r_l = dpo.dpo_loss(
+        torch.tensor([-1.0, -3.0]),
+        torch.tensor([-2.0, -1.0]),
+        torch.tensor([-1.5, -2.0]),
+        torch.tensor([-1.5, -2.0]),
+        beta=0.1,
+    )
     assert r_w.tolist() == pytest.approx([0.05, -0.1]) and r_l.tolist() == pytest.approx([-0.05, 0.1])
     by_hand = (math.log1p(math.exp(-0.1)) + math.log1p(math.exp(0.2))) / 2
     assert loss.item() == pytest.approx(by_hand, rel=1e-6) == pytest.approx(0.721268, abs=1e-6)
@@ -54,11 +59,14 @@ def test_a_few_dpo_steps_on_a_lora_policy_raise_the_reward_margin(fixtures_dir, 
     pairs = dpo.read_pairs(fixtures_dir / "data" / "preference_pairs.jsonl")
     chosen, rejected, _ = dpo.encode_pairs(gemma_tokenizer, pairs, dpo.DPOSettings().max_length)
     with torch.no_grad():
-        base = [dpo.sequence_logprobs(model, s, gemma_tokenizer.pad_token_id).mean().item()
-                for s in (chosen, rejected)]
-    policy = lora.attach(model, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]})
+        base = [dpo.sequence_logprobs(model, s, gemma_tokenizer.pad_token_id).mean().item() for s in (chosen, rejected)]
+    policy = lora.attach(
+        model, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+    )
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    record = dpo.train(policy, gemma_tokenizer, pairs, dpo.DPOSettings(steps=10, learning_rate=5e-3), say=lambda _: None)
+    record = dpo.train(
+        policy, gemma_tokenizer, pairs, dpo.DPOSettings(steps=10, learning_rate=5e-3), say=lambda _: None
+    )
     assert record.losses[0] == pytest.approx(math.log(2), abs=1e-6) and record.margins[0] == pytest.approx(0, abs=1e-6)
     assert record.margins[-1] > record.margins[0] + 0.05 and record.losses[-1] < record.losses[0]
     assert all(step == pytest.approx(base, rel=1e-6) for step in record.reference_logps)
@@ -69,16 +77,34 @@ def test_a_few_dpo_steps_on_a_lora_policy_raise_the_reward_margin(fixtures_dir, 
 
 def test_preference_pairs_with_a_missing_field_are_named(tmp_path):
     bad = tmp_path / "pairs.jsonl"
-    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', encoding="utf-8")
+    bad.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', encoding="utf-8"
+    )
     with pytest.raises(InputError, match=r"pairs.jsonl, line 2: needs non-empty text in rejected"):
         dpo.read_pairs(bad)
 
 
 @pytest.mark.slow
 def test_dpo_command_trains_and_saves_an_adapter(tmp_path, fixtures_dir):
-    result = subprocess.run([sys.executable, "-m", "reference", "dpo", "--model", str(fixtures_dir / "models" / "tiny-gemma2"),
-                             "--data", str(fixtures_dir / "data" / "preference_pairs.jsonl"), "--output", str(tmp_path),
-                             "--steps", "3"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "dpo",
+            "--model",
+            str(fixtures_dir / "models" / "tiny-gemma2"),
+            "--data",
+            str(fixtures_dir / "data" / "preference_pairs.jsonl"),
+            "--output",
+            str(tmp_path),
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-6) and len(summary["margins"]) == 3
@@ -94,8 +120,13 @@ def saved_adapter(directory, fixtures_dir):
 
     model, _ = models.load_causal_lm(fixtures_dir / "models" / "tiny-gemma2")
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-                             init_lora_weights=False, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft.get_peft_model(model, config).save_pretrained(directory)
     AutoTokenizer.from_pretrained(str(fixtures_dir / "models" / "tiny-gemma2")).save_pretrained(directory)
     return directory
@@ -115,9 +146,24 @@ def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_p
     start = saved_adapter(tmp_path / "sft", fixtures_dir)
     digest = sha256_of(start)
     out = tmp_path / "dpo"
-    command = [sys.executable, "-m", "reference", "dpo", "--model", str(fixtures_dir / "models" / "tiny-gemma2"),
-               "--data", str(fixtures_dir / "data" / "preference_pairs.jsonl"), "--output", str(out),
-               "--adapter", str(start), "--steps", "3", "--lr", "5e-3"]
+    command = [
+        sys.executable,
+        "-m",
+        "reference",
+        "dpo",
+        "--model",
+        str(fixtures_dir / "models" / "tiny-gemma2"),
+        "--data",
+        str(fixtures_dir / "data" / "preference_pairs.jsonl"),
+        "--output",
+        str(out),
+        "--adapter",
+        str(start),
+        "--steps",
+        "3",
+        "--lr",
+        "5e-3",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

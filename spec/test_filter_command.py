@@ -34,8 +34,12 @@ def test_filter_command_output_is_byte_identical_to_the_seeds_and_unescaped_utf8
     ours, rejects, theirs = tmp_path / "ours.jsonl", tmp_path / "rejects.jsonl", tmp_path / "seed.jsonl"
     result = run_cli("--input", source, "--output", ours, "--rejects", rejects, "--json")
     assert result.returncode == 0, result.stderr
-    seed = subprocess.run([sys.executable, "benchmarks/seed_filter.py", "--input", source, "--output", theirs],
-                          capture_output=True, text=True, timeout=600)
+    seed = subprocess.run(
+        [sys.executable, "benchmarks/seed_filter.py", "--input", source, "--output", theirs],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert seed.returncode == 0, seed.stderr
     assert ours.read_bytes() == theirs.read_bytes()
     text = ours.read_text(encoding="utf-8")
@@ -66,13 +70,14 @@ def test_filter_refuses_one_file_for_both_output_and_rejects_with_exit_2(tmp_pat
 
 def test_filter_command_imports_neither_torch_nor_transformers(tmp_path):
     source = small_input(tmp_path)
-    code = ("import sys; from reference.cli import main; "
-            f"main(['filter','--input',{str(source)!r},'--output',{str(tmp_path / 'o')!r},"
-            f"'--rejects',{str(tmp_path / 'r')!r}]); "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys; from reference.cli import main; "
+        f"main(['filter','--input',{str(source)!r},'--output',{str(tmp_path / 'o')!r},"
+        f"'--rejects',{str(tmp_path / 'r')!r}]); "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().endswith("False False"), result.stdout + result.stderr
-
 
 
 @pytest.mark.slow
@@ -92,7 +97,7 @@ def test_forked_workers_write_the_same_bytes_as_one_process(tmp_path):
     assert runs["1"] == runs["3"]
     last = json.loads(runs["3"][1].decode("utf-8").splitlines()[-1])
     assert (last["line"], last["rule"]) == (3001, "unreadable") and "not UTF-8" in last["detail"]
-    strict = run_cli("--input", source, "--output", tmp_path / "s", "--rejects", tmp_path / "t", "--workers", 3,
-                     "--strict")
+    strict = run_cli(
+        "--input", source, "--output", tmp_path / "s", "--rejects", tmp_path / "t", "--workers", 3, "--strict"
+    )
     assert strict.returncode == 2 and f"{source}, line 3001: not UTF-8" in strict.stderr
-

@@ -21,9 +21,12 @@ from reference.recipes import load_recipe
 from reference.synthetic import magpie_records
 
 INSTRUCTION = "日本の四季について簡単に説明してください。"
-RESPONSE = "日本には春夏秋冬の四つの季節があり、それぞれに美しい景色と行事があります。桜の花や紅葉を楽しむ人も多いです。"
-ENGLISH = ("Sure, here is a detailed explanation of the four seasons in Japan and what people enjoy doing in each "
-           "of them.")
+RESPONSE = (
+    "日本には春夏秋冬の四つの季節があり、それぞれに美しい景色と行事があります。桜の花や紅葉を楽しむ人も多いです。"
+)
+ENGLISH = (
+    "Sure, here is a detailed explanation of the four seasons in Japan and what people enjoy doing in each of them."
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +44,15 @@ def with_extra(*extra: tuple[str, str], before: list[Pair] | None = None) -> lis
 
 
 def seed_section(config: FilterConfig) -> dict:
-    return {"instruct_ng_list": config.instruct_ng_list, "whitelist": config.whitelist, "threshold": config.threshold,
-            "replace_pairs": list(config.replace.items()), "ng_list": config.ng_list,
-            "pass1_max_count": config.pass1_max_count, "pass2_min_count": config.pass2_min_count}
+    return {
+        "instruct_ng_list": config.instruct_ng_list,
+        "whitelist": config.whitelist,
+        "threshold": config.threshold,
+        "replace_pairs": list(config.replace.items()),
+        "ng_list": config.ng_list,
+        "pass1_max_count": config.pass1_max_count,
+        "pass2_min_count": config.pass2_min_count,
+    }
 
 
 def filtered(pairs: list[Pair], config: FilterConfig, shards: int = 1):
@@ -60,6 +69,7 @@ def verdict(result, line: int) -> tuple:
 
 # ---------------------------------------------------------------- C3 magpie extraction
 
+
 @pytest.mark.claim("C3")
 def test_magpie_instruction_and_response_are_the_first_user_and_assistant_turns(fixtures_dir):
     path = fixtures_dir / "data" / "magpie_sample.jsonl"
@@ -69,8 +79,8 @@ def test_magpie_instruction_and_response_are_the_first_user_and_assistant_turns(
     assert system_first[0]["role"] == "system"
     assert pairs["m023"].instruction == next(t["content"] for t in system_first if t["role"] == "user")
     assert pairs["m023"].response == next(t["content"] for t in system_first if t["role"] == "assistant")
-    assert pairs["m019"].response == ""      # a user turn only
-    assert pairs["m042"].instruction == ""   # an assistant turn only
+    assert pairs["m019"].response == ""  # a user turn only
+    assert pairs["m042"].instruction == ""  # an assistant turn only
     assert (pairs["m062"].instruction, pairs["m062"].response) == ("", "")  # no turns
     turns = [("assistant", "A1"), ("user", "U1"), ("assistant", "A2"), ("user", "U2")]  # by role, not by place
     pair = pair_from_row({"id": 3, "conversations": [{"role": r, "content": c} for r, c in turns]}, 1)
@@ -78,6 +88,7 @@ def test_magpie_instruction_and_response_are_the_first_user_and_assistant_turns(
 
 
 # ---------------------------------------------------------------- C4 pass 1
+
 
 @pytest.mark.claim("C4")
 def test_a_character_counted_19_times_is_ng_and_20_times_is_not(config):
@@ -133,6 +144,7 @@ def test_pass_1_counts_before_replacement_and_pass_2_after(config, copies, rule)
 
 # ---------------------------------------------------------------- C5 replacements
 
+
 @pytest.mark.claim("C5")
 def test_replace_dict_keeps_the_repeated_key_once_with_python_dict_semantics(config):
     pairs = load_recipe("llm2024").filter["replace_pairs"]
@@ -161,24 +173,30 @@ def test_a_later_replacement_does_not_feed_an_earlier_key(config):
 
 # ---------------------------------------------------------------- C6 NG strings
 
+
 @pytest.mark.claim("C6")
 @pytest.mark.parametrize("field", ["instruction", "response"])
 @pytest.mark.parametrize("note", ["", "♪"])  # "♪" -> "" in the other field: a replaced record, checked on its own
 def test_an_ng_string_in_either_field_drops_the_record(config, field, note):
-    extra = (INSTRUCTION + "翻訳", RESPONSE + note) if field == "instruction" else (INSTRUCTION + note, RESPONSE + "翻訳")
+    extra = (
+        (INSTRUCTION + "翻訳", RESPONSE + note) if field == "instruction" else (INSTRUCTION + note, RESPONSE + "翻訳")
+    )
     result = filtered(with_extra(*[extra] * 20), config)
     assert [r.rule for r in result.rejects] == ["ng_string"] * 20
     assert result.rejects[0].detail == "翻訳"
 
 
 @pytest.mark.claim("C6")
-@pytest.mark.parametrize("text,first", [
-    ("英訳と翻訳", "翻訳"),   # NG list: 翻訳 (0) before 英訳 (1), whatever the text's order
-    ("实と宾", "宾"),         # 宾 (5) before 实 (6)
-    ("宾と翻訳", "翻訳"),     # a longer string (0) before a single character (5)
-    ("https://と宾", "宾"),   # a single character (5) before a longer string (296)
-    ("ㄏと饱", "饱"),         # 饱 stands at 80, 81 and 84, ㄏ at 82: its first place counts
-])
+@pytest.mark.parametrize(
+    "text,first",
+    [
+        ("英訳と翻訳", "翻訳"),  # NG list: 翻訳 (0) before 英訳 (1), whatever the text's order
+        ("实と宾", "宾"),  # 宾 (5) before 实 (6)
+        ("宾と翻訳", "翻訳"),  # a longer string (0) before a single character (5)
+        ("https://と宾", "宾"),  # a single character (5) before a longer string (296)
+        ("ㄏと饱", "饱"),  # 饱 stands at 80, 81 and 84, ㄏ at 82: its first place counts
+    ],
+)
 @pytest.mark.parametrize("note", ["", "♪"])  # "♪" -> "": a replaced record, checked on its own
 def test_the_first_ng_string_in_list_order_is_reported(config, text, first, note):
     result = filtered(with_extra((INSTRUCTION, RESPONSE + text + note)), config)
@@ -189,8 +207,7 @@ def test_the_first_ng_string_in_list_order_is_reported(config, text, first, note
 def test_ng_strings_are_looked_for_after_replacement(config):
     """Lines 41-50 hold 语, an NG string that "语" -> "語" removes: kept as 日本語 (語 counted 0 times
     in pass 1, 10 in pass 2). Line 51 holds 翻♪訳; "♪" -> "" makes the NG string 翻訳: dropped for it."""
-    result = filtered(with_extra(*[(INSTRUCTION, RESPONSE + "日本语")] * 10, (INSTRUCTION, RESPONSE + "翻♪訳")),
-                      config)
+    result = filtered(with_extra(*[(INSTRUCTION, RESPONSE + "日本语")] * 10, (INSTRUCTION, RESPONSE + "翻♪訳")), config)
     assert len(result.kept) == 50 and all(p.response.endswith("日本語") for p in result.kept[40:])
     assert verdict(result, 51) == ("ng_string", "翻訳")
 
@@ -200,8 +217,10 @@ def test_instruct_ng_list_is_checked_in_the_instruction_only(config):
     """RESPONSE holds 季節; with instruct_ng_list = (季節,) only instructions holding it drop, replaced
     records (♪ removed, lines 42-43) included."""
     strict = replace(config, instruct_ng_list=("季節",))
-    result = filtered(with_extra((INSTRUCTION + "季節", RESPONSE), (INSTRUCTION + "季節♪", RESPONSE),
-                                 (INSTRUCTION, RESPONSE + "♪")), strict)
+    result = filtered(
+        with_extra((INSTRUCTION + "季節", RESPONSE), (INSTRUCTION + "季節♪", RESPONSE), (INSTRUCTION, RESPONSE + "♪")),
+        strict,
+    )
     assert [verdict(result, line) for line in (41, 42)] == [("instruct_ng", "季節")] * 2
     assert len(result.kept) == 41  # RESPONSE holds 季節 too, and those records stay
 
@@ -217,9 +236,15 @@ def test_a_string_split_across_fields_or_records_is_not_an_ng_hit(config):
     and the joining space. No field holds any of them, so by hand these records pass the NG rule; line 64
     holds "翻訳" whole and fails. Lines 41-60 make these characters common (20 records each)."""
     filler = [(INSTRUCTION, f"{RESPONSE}訳す。翻す。AIとassistant、-とKonnichiwa")] * 20
-    pairs = with_extra(*filler, (f"assistant{INSTRUCTION}", f"{RESPONSE}AI"), (f"{INSTRUCTION}翻", RESPONSE),
-                       (INSTRUCTION, f"訳{RESPONSE}"), (INSTRUCTION, f"{RESPONSE}翻訳"),
-                       (f"- Konnichiwa {INSTRUCTION}", RESPONSE), (INSTRUCTION, f"{RESPONSE}Ich"))
+    pairs = with_extra(
+        *filler,
+        (f"assistant{INSTRUCTION}", f"{RESPONSE}AI"),
+        (f"{INSTRUCTION}翻", RESPONSE),
+        (INSTRUCTION, f"訳{RESPONSE}"),
+        (INSTRUCTION, f"{RESPONSE}翻訳"),
+        (f"- Konnichiwa {INSTRUCTION}", RESPONSE),
+        (INSTRUCTION, f"{RESPONSE}Ich"),
+    )
     relaxed = replace(config, threshold=0)  # keep the English bits past the language rule
     result = filtered(pairs, relaxed)
     assert [verdict(result, line)[0] for line in (61, 62, 63, 65, 66)] == [None] * 5
@@ -230,25 +255,39 @@ def test_a_string_split_across_fields_or_records_is_not_an_ng_hit(config):
 def test_the_seeds_filter_drops_korean_before_it_ever_asks_the_language_detector(config):
     """README: the NG list holds dozens of Hangul syllables. 안녕하세요 holds 안 (128), 녕 (129), 세 (132)
     and 요 (133): dropped as ng_string for 안. Korean that avoids them reaches pycld2: language, ko."""
-    caught, avoiding = "안녕하세요. 오늘은 날씨가 정말 좋네요.", "감사합니다. 한국어로 된 문장을 쓰고 있습니다. 날씨가 맑습니다."
+    caught, avoiding = (
+        "안녕하세요. 오늘은 날씨가 정말 좋네요.",
+        "감사합니다. 한국어로 된 문장을 쓰고 있습니다. 날씨가 맑습니다.",
+    )
     result = filtered(with_extra(*[(INSTRUCTION, caught)] * 20, *[(INSTRUCTION, avoiding)] * 20), config)
     assert {(r.rule, r.detail if r.rule == "ng_string" else r.detail["detected"][0][1]) for r in result.rejects} == {
-        ("ng_string", "안"), ("language", "ko")}
+        ("ng_string", "안"),
+        ("language", "ko"),
+    }
     assert 0xAC00 <= ord(verdict(result, 41)[1]) <= 0xD7A3 and len(result.rejects) == 40
 
 
 # ---------------------------------------------------------------- C7 language
 
+
 @pytest.mark.claim("C7")
-@pytest.mark.parametrize("instruction,response,field,codes", [
-    (INSTRUCTION, ENGLISH, "response", {"en"}),
-    # (Korean would be caught earlier: the seed's NG list holds many Hangul syllables)
-    (INSTRUCTION, "Selamat pagi, hari ini cuacanya sangat bagus dan saya ingin berjalan di taman bersama keluarga.",
-     "response", {"id", "ms"}),
-    ("Please explain the four seasons of Japan in a few simple sentences.", RESPONSE, "instruction", {"en"}),
-])
-def test_a_field_not_detected_as_japanese_at_60_percent_is_dropped_with_the_figures(config, instruction, response,
-                                                                                      field, codes):
+@pytest.mark.parametrize(
+    "instruction,response,field,codes",
+    [
+        (INSTRUCTION, ENGLISH, "response", {"en"}),
+        # (Korean would be caught earlier: the seed's NG list holds many Hangul syllables)
+        (
+            INSTRUCTION,
+            "Selamat pagi, hari ini cuacanya sangat bagus dan saya ingin berjalan di taman bersama keluarga.",
+            "response",
+            {"id", "ms"},
+        ),
+        ("Please explain the four seasons of Japan in a few simple sentences.", RESPONSE, "instruction", {"en"}),
+    ],
+)
+def test_a_field_not_detected_as_japanese_at_60_percent_is_dropped_with_the_figures(
+    config, instruction, response, field, codes
+):
     result = filtered(with_extra(*[(instruction, response)] * 25), config)
     rejected = [r for r in result.rejects if r.rule == "language"]
     assert len(rejected) == 25 and rejected[0].detail["field"] == field
@@ -269,13 +308,16 @@ def test_the_language_threshold_is_60_percent_inclusive_on_real_pycld2_figures(c
 
 
 @pytest.mark.claim("C7")
-@pytest.mark.parametrize("details,ok", [
-    ((("Japanese", "ja", 60, 1.0),), True),
-    ((("Japanese", "ja", 59, 1.0),), False),
-    ((("ENGLISH", "en", 70, 1.0), ("Japanese", "ja", 60, 1.0)), True),  # any listed entry, not only the first
-    ((("ENGLISH", "en", 99, 1.0), ("Unknown", "un", 0, 0.0)), False),
-    ((("Chinese", "zh", 100, 1.0),), False),  # the whitelist is {"ja"} alone
-])
+@pytest.mark.parametrize(
+    "details,ok",
+    [
+        ((("Japanese", "ja", 60, 1.0),), True),
+        ((("Japanese", "ja", 59, 1.0),), False),
+        ((("ENGLISH", "en", 70, 1.0), ("Japanese", "ja", 60, 1.0)), True),  # any listed entry, not only the first
+        ((("ENGLISH", "en", 99, 1.0), ("Unknown", "un", 0, 0.0)), False),
+        ((("Chinese", "zh", 100, 1.0),), False),  # the whitelist is {"ja"} alone
+    ],
+)
 def test_a_field_passes_when_any_detected_entry_is_whitelisted_at_60_percent_or_more(config, details, ok):
     assert language_ok(details, config.whitelist, config.threshold) is ok
 
@@ -316,6 +358,7 @@ def test_pass_2_reports_the_first_rare_character_in_most_common_order(config):
 
 
 # ---------------------------------------------------------------- C9 output, rejects, equality with the seed
+
 
 @pytest.fixture(scope="module")
 def sample(fixtures_dir, config):
@@ -417,11 +460,18 @@ def test_rows_are_written_as_json_dumps_would_write_them():
     from reference.filters import Reject, output_line
 
     odd = 'quote " backslash \\ tab \t newline \n control \x01 ' + "日本 \u2028 😢"
-    pairs = [Pair(1, odd, odd), Pair(2, "a", "b", id=7), Pair(3, "a", "b", id={"k": [1, "x\""]}),
-             Pair(4, "", "", id="r1")]
+    pairs = [
+        Pair(1, odd, odd),
+        Pair(2, "a", "b", id=7),
+        Pair(3, "a", "b", id={"k": [1, 'x"']}),
+        Pair(4, "", "", id="r1"),
+    ]
     for pair in pairs:
         assert output_line(pair) == json.dumps(output_row(pair), ensure_ascii=False) + "\n"
-    rejects = [Reject(2, "language", {"field": "response", "detected": [["JAPANESE", "ja", 59]]}, pairs[1]),
-               Reject(1, "ng_string", odd, pairs[0]), Reject(9, "unreadable", "not UTF-8", Unreadable(9, "e", odd))]
+    rejects = [
+        Reject(2, "language", {"field": "response", "detected": [["JAPANESE", "ja", 59]]}, pairs[1]),
+        Reject(1, "ng_string", odd, pairs[0]),
+        Reject(9, "unreadable", "not UTF-8", Unreadable(9, "e", odd)),
+    ]
     for reject in rejects:
         assert reject.to_line() == json.dumps(reject.to_row(), ensure_ascii=False) + "\n"

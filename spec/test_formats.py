@@ -56,16 +56,21 @@ GEMMA2_TEMPLATE = (
 )
 
 # seed 001 §2.2.2, written out: a leading newline, two instruction lines, a blank line, question and answer.
-ALPACA_PROMPT_BY_HAND = ("\nあなたは高性能なAIです。質問に対して、適切な回答を書きなさい。\n"
-                         "回答に関係のないことは絶対に書かないでください。\n\n"
-                         "### 質問:\n{}\n\n### 回答:\n{}")
+ALPACA_PROMPT_BY_HAND = (
+    "\nあなたは高性能なAIです。質問に対して、適切な回答を書きなさい。\n"
+    "回答に関係のないことは絶対に書かないでください。\n\n"
+    "### 質問:\n{}\n\n### 回答:\n{}"
+)
 
 SYSTEM_NOT_SUPPORTED = "System role not supported"
 ROLES_MUST_ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
 
 CONVERSATIONS = {
     "one_user_turn": [{"role": "user", "content": "日本の首都はどこですか？"}],
-    "two_turns": [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "こんにちは！ご用件は？"}],
+    "two_turns": [
+        {"role": "user", "content": "こんにちは"},
+        {"role": "assistant", "content": "こんにちは！ご用件は？"},
+    ],
     "three_turns_with_whitespace": [
         {"role": "user", "content": "  \n 学習率とは？\n"},
         {"role": "assistant", "content": "\tステップの幅です。 "},
@@ -90,13 +95,15 @@ def seed_001_literals() -> dict[str, list[str]]:
 
 
 def jinja(tokenizer, messages, add_generation_prompt=False, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **kwargs)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
 
 
 def jinja_ids(tokenizer, messages, add_generation_prompt=False, **kwargs) -> list[int]:
-    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                         add_generation_prompt=add_generation_prompt, **kwargs)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
 
 
 @pytest.fixture
@@ -107,6 +114,7 @@ def gemma_jinja(gemma_tokenizer):
 
 
 # ---------------------------------------------------------------- the seed's constants
+
 
 @pytest.mark.claim("C2")
 def test_this_files_gemma2_template_is_the_one_seed_001_borrows():
@@ -132,6 +140,7 @@ def test_alpaca_prompt_jp_by_hand_starts_with_a_newline():
 
 # ---------------------------------------------------------------- Gemma-2
 
+
 @pytest.mark.claim("C2")
 def test_a_tokenizer_without_a_chat_template_gets_gemma2s(gemma_tokenizer):
     assert gemma_tokenizer.chat_template is None
@@ -152,9 +161,11 @@ def test_gemma2_turns_by_hand(gemma_jinja):
     """BOS first; assistant written as `model`; content trimmed; each turn
     <start_of_turn>{role}\\n{content}<end_of_turn>\\n; the generation prompt opens a model turn."""
     messages = CONVERSATIONS["three_turns_with_whitespace"]
-    turns = ("<bos><start_of_turn>user\n学習率とは？<end_of_turn>\n"
-             "<start_of_turn>model\nステップの幅です。<end_of_turn>\n"
-             "<start_of_turn>user\nありがとう<end_of_turn>\n")
+    turns = (
+        "<bos><start_of_turn>user\n学習率とは？<end_of_turn>\n"
+        "<start_of_turn>model\nステップの幅です。<end_of_turn>\n"
+        "<start_of_turn>user\nありがとう<end_of_turn>\n"
+    )
     assert jinja(gemma_jinja, messages) == render_gemma2(messages) == turns
     with_prompt = turns + "<start_of_turn>model\n"
     assert jinja(gemma_jinja, messages, add_generation_prompt=True) == with_prompt
@@ -183,15 +194,30 @@ def test_the_attached_gemma2_template_renders_as_the_seeds(gemma_tokenizer, gemm
 
 
 @pytest.mark.claim("C2")
-@pytest.mark.parametrize("messages,message", [
-    ([{"role": "system", "content": "You are kind."}, {"role": "user", "content": "hi"}], SYSTEM_NOT_SUPPORTED),
-    ([{"role": "assistant", "content": "hi"}], ROLES_MUST_ALTERNATE),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], ROLES_MUST_ALTERNATE),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}],
-     ROLES_MUST_ALTERNATE),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "model", "content": "c"}],
-     ROLES_MUST_ALTERNATE),
-])
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        ([{"role": "system", "content": "You are kind."}, {"role": "user", "content": "hi"}], SYSTEM_NOT_SUPPORTED),
+        ([{"role": "assistant", "content": "hi"}], ROLES_MUST_ALTERNATE),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], ROLES_MUST_ALTERNATE),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ],
+            ROLES_MUST_ALTERNATE,
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "model", "content": "c"},
+            ],
+            ROLES_MUST_ALTERNATE,
+        ),
+    ],
+)
 def test_gemma2_refuses_the_same_conversations_with_the_same_message(gemma_jinja, messages, message):
     with pytest.raises(jinja2.TemplateError) as from_jinja:
         jinja(gemma_jinja, messages)
@@ -205,8 +231,9 @@ def test_gemma2_renders_a_non_user_role_at_an_odd_position_under_its_own_name(ge
     """The template only checks that user turns sit at even positions: a `system` turn second is rendered."""
     messages = [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]
     assert render_gemma2(messages) == jinja(gemma_jinja, messages)
-    assert render_gemma2(messages) == ("<bos><start_of_turn>user\na<end_of_turn>\n"
-                                      "<start_of_turn>system\nb<end_of_turn>\n")
+    assert render_gemma2(messages) == (
+        "<bos><start_of_turn>user\na<end_of_turn>\n<start_of_turn>system\nb<end_of_turn>\n"
+    )
 
 
 @pytest.mark.claim("C2")
@@ -224,8 +251,10 @@ def test_the_seeds_template_literal_as_written_puts_a_newline_before_bos(gemma_t
 
 LLAMA_CONVERSATIONS = {
     **CONVERSATIONS,
-    "system_first": [{"role": "system", "content": "  あなたは親切なアシスタントです。 "},
-                     {"role": "user", "content": "自己紹介して"}],
+    "system_first": [
+        {"role": "system", "content": "  あなたは親切なアシスタントです。 "},
+        {"role": "user", "content": "自己紹介して"},
+    ],
     "system_only": [{"role": "system", "content": "Be brief."}],
     "tool_result_string": [{"role": "user", "content": "天気は？"}, {"role": "tool", "content": "晴れ"}],
     "tool_result_object": [{"role": "user", "content": "weather?"}, {"role": "ipython", "content": {"temp": 21}}],
@@ -239,11 +268,13 @@ def test_llama31_by_hand(llama_tokenizer):
     """BOS, the system header with the knowledge cutoff and today's date and the system message moved into
     it, each turn <|start_header_id|>{role}<|end_header_id|>\\n\\n{trimmed}<|eot_id|>, then the assistant header."""
     messages = LLAMA_CONVERSATIONS["system_first"]
-    expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-                "あなたは親切なアシスタントです。<|eot_id|>"
-                "<|start_header_id|>user<|end_header_id|>\n\n自己紹介して<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    expected = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+        "あなたは親切なアシスタントです。<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n自己紹介して<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert jinja(llama_tokenizer, messages, add_generation_prompt=True) == expected
     assert render_llama31(messages, add_generation_prompt=True) == expected
     assert render("llama3.1", messages, add_generation_prompt=True) == expected
@@ -291,6 +322,7 @@ def test_tool_calls_are_left_to_the_jinja_template():
 
 # ---------------------------------------------------------------- alpaca-ja and BOS/EOS
 
+
 @pytest.mark.claim("C11", "P11")
 def test_alpaca_text_ends_in_eos_only_when_the_response_is_not_empty():
     """A non-empty response gets exactly one EOS after it; an empty response (a prompt) gets none."""
@@ -304,8 +336,10 @@ def test_alpaca_text_ends_in_eos_only_when_the_response_is_not_empty():
 @pytest.mark.claim("C11")
 def test_render_alpaca_ja_takes_one_user_turn_and_an_optional_assistant_turn():
     user = {"role": "user", "content": "指示"}
-    assert render("alpaca-ja", [user, {"role": "assistant", "content": "応答"}]) == \
-        ALPACA_PROMPT_BY_HAND.format("指示", "応答") + "<eos>"
+    assert (
+        render("alpaca-ja", [user, {"role": "assistant", "content": "応答"}])
+        == ALPACA_PROMPT_BY_HAND.format("指示", "応答") + "<eos>"
+    )
     assert render("alpaca-ja", [user]) == ALPACA_PROMPT_BY_HAND.format("指示", "")
     assert render("alpaca-ja", [user, {"role": "assistant", "content": "応答"}], eos_token="</s>").endswith("応答</s>")
     with pytest.raises(TemplateError, match="one user message"):
@@ -365,14 +399,16 @@ def write_messages(tmp_path, messages) -> str:
 
 
 def run_render_process(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reference", "render", *args], input=stdin,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "reference", "render", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
 def ftref_render(capsys, monkeypatch, tmp_path):
     """`ftref render --format FMT --messages M ...` in this process (transformers is already imported here).
     M is a list of messages (written to a file), a path, or "-" with `stdin`. Returns (exit code, stdout, stderr)."""
+
     def run(fmt: str, messages, *args: str, stdin: str = "") -> tuple[int, str, str]:
         source = messages if isinstance(messages, str) else write_messages(tmp_path, messages)
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
@@ -386,8 +422,9 @@ def ftref_render(capsys, monkeypatch, tmp_path):
 @pytest.mark.claim("P4", "C2")
 def test_render_prints_exactly_the_gemma2_prompt(tmp_path, gemma_jinja):
     messages = CONVERSATIONS["two_turns"]
-    result = run_render_process("--format", "gemma2", "--messages", write_messages(tmp_path, messages),
-                                "--add-generation-prompt")
+    result = run_render_process(
+        "--format", "gemma2", "--messages", write_messages(tmp_path, messages), "--add-generation-prompt"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == jinja(gemma_jinja, messages, add_generation_prompt=True)
 
@@ -410,8 +447,9 @@ def test_render_alpaca_ja_from_a_user_and_an_assistant_turn(ftref_render):
 @pytest.mark.claim("P4", "P11")
 def test_render_with_a_tokenizer_gives_the_templates_ids(ftref_render, llama_tokenizer):
     messages = LLAMA_CONVERSATIONS["two_turns"]
-    code, out, err = ftref_render("llama3.1", messages, "--tokenizer", LLAMA_TOKENIZER, "--json",
-                                  "--add-generation-prompt")
+    code, out, err = ftref_render(
+        "llama3.1", messages, "--tokenizer", LLAMA_TOKENIZER, "--json", "--add-generation-prompt"
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["text"] == jinja(llama_tokenizer, messages, add_generation_prompt=True)
@@ -463,10 +501,16 @@ def test_render_refuses_a_tokenizer_that_is_not_a_local_directory(ftref_render):
     assert code == 2 and "/no/such/tokenizer" in err and "not a local directory" in err
 
 
-@pytest.mark.parametrize("content,named", [("not json", "not JSON"), ('{"a": 1}', "JSON list"),
-                                           ('[{"role": "user"}]', "message 0"),
-                                           ('[{"role": "user", "content": null}]', "message 0: content is null"),
-                                           (b"\xff\xfe[]", "not UTF-8")])
+@pytest.mark.parametrize(
+    "content,named",
+    [
+        ("not json", "not JSON"),
+        ('{"a": 1}', "JSON list"),
+        ('[{"role": "user"}]', "message 0"),
+        ('[{"role": "user", "content": null}]', "message 0: content is null"),
+        (b"\xff\xfe[]", "not UTF-8"),
+    ],
+)
 def test_render_rejects_malformed_messages_naming_the_problem(ftref_render, tmp_path, content, named):
     """A null content would render as the word None (Jinja's trim of None), so it is refused instead."""
     path = tmp_path / "bad.json"
@@ -481,10 +525,17 @@ def test_render_alpaca_refuses_a_multi_turn_conversation(ftref_render):
 
 
 def test_render_command_does_not_import_torch():
-    code = ("import sys, reference.cli as c; c.main(['render', '--format', 'gemma2', '--messages', '-']); "
-            "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], input='[{"role":"user","content":"x"}]',
-                            capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys, reference.cli as c; c.main(['render', '--format', 'gemma2', '--messages', '-']); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input='[{"role":"user","content":"x"}]',
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.stdout == "<bos><start_of_turn>user\nx<end_of_turn>\nFalse\n"
 
 

@@ -10,8 +10,11 @@ import torch
 from reference import generation
 from reference.generation import GenerationSettings
 
-PROMPTS = ["### 質問:\n日本の首都はどこですか。\n\n### 回答:\n", "### 質問:\n富士山について教えて。\n\n### 回答:\n",
-           "こんにちは"]
+PROMPTS = [
+    "### 質問:\n日本の首都はどこですか。\n\n### 回答:\n",
+    "### 質問:\n富士山について教えて。\n\n### 回答:\n",
+    "こんにちは",
+]
 
 LEANINGS = {"#": 1100.0, "\n": 1000.0, "答": 950.0, "<|start_header_id|>": 940.0, "え": 880.0}
 """Biases added to the tiny Llama's next-token logits (its own logits stay under 1 in size)."""
@@ -84,8 +87,9 @@ def test_a_banned_word_is_never_generated(gemma_tokenizer, tiny_gemma2):
     assert gemma_tokenizer.encode(word, add_special_tokens=False) == [first]
     again = gemma_tokenizer(PROMPTS[0], return_tensors="pt")
     with torch.no_grad():
-        out = tiny_gemma2.generate(**again, max_new_tokens=1, do_sample=False, repetition_penalty=1.1,
-                                   bad_words_ids=[[first]])
+        out = tiny_gemma2.generate(
+            **again, max_new_tokens=1, do_sample=False, repetition_penalty=1.1, bad_words_ids=[[first]]
+        )
     assert out[0, -1].item() != first
     expected = gemma_tokenizer.decode(out[0, -1:], skip_special_tokens=True).strip()
     assert generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS[:1], banned)[0] == expected
@@ -96,17 +100,23 @@ def test_only_the_new_tokens_are_decoded_and_stripped(gemma_tokenizer, tiny_gemm
     settings = GenerationSettings(max_new_tokens=6)
     inputs = gemma_tokenizer(PROMPTS[0], return_tensors="pt")
     with torch.no_grad():
-        whole = tiny_gemma2.generate(**inputs, max_new_tokens=6, do_sample=False, repetition_penalty=1.1,
-                                     bad_words_ids=generation.bad_words_ids(gemma_tokenizer))
-    expected = gemma_tokenizer.decode(whole[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        whole = tiny_gemma2.generate(
+            **inputs,
+            max_new_tokens=6,
+            do_sample=False,
+            repetition_penalty=1.1,
+            bad_words_ids=generation.bad_words_ids(gemma_tokenizer),
+        )
+    expected = gemma_tokenizer.decode(whole[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS[:1], settings) == [expected]
 
 
 @pytest.mark.claim("C19")
 def test_batched_left_padded_generation_equals_one_by_one(gemma_tokenizer, tiny_gemma2):
     one = generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS, GenerationSettings(max_new_tokens=8))
-    batched = generation.generate(tiny_gemma2, gemma_tokenizer, PROMPTS,
-                                  GenerationSettings(max_new_tokens=8, batch_size=3))
+    batched = generation.generate(
+        tiny_gemma2, gemma_tokenizer, PROMPTS, GenerationSettings(max_new_tokens=8, batch_size=3)
+    )
     assert batched == one
 
 
@@ -131,18 +141,31 @@ def test_the_seeds_settings_turn_the_leaning_models_logits_into_the_hand_derived
     special 783.3) step 4 picks え 880 instead ("答え"); with p = 1.0 every step is a newline ("").
     The prompt "こんにちは" holds none of these tokens (the penalty counts the prompt's tokens as seen)."""
     model, tokenizer = leaning_llama
-    newline, answer, special, e = (token_id(tokenizer, "\n"), token_id(tokenizer, "答"),
-                                   tokenizer.convert_tokens_to_ids("<|start_header_id|>"), token_id(tokenizer, "え"))
+    newline, answer, special, e = (
+        token_id(tokenizer, "\n"),
+        token_id(tokenizer, "答"),
+        tokenizer.convert_tokens_to_ids("<|start_header_id|>"),
+        token_id(tokenizer, "え"),
+    )
     inputs = tokenizer(PROMPTS[2], return_tensors="pt")
     assert not {newline, answer, special, e} & set(inputs["input_ids"][0].tolist())
     by_penalty = {}
     for penalty in (1.0, 1.1, 1.2):  # the library on this model: the derivation holds and the penalty matters
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, repetition_penalty=penalty,
-                                 bad_words_ids=[[token_id(tokenizer, "#")]], pad_token_id=tokenizer.eos_token_id)
-        by_penalty[penalty] = out[0, inputs["input_ids"].shape[1]:].tolist()
-    assert by_penalty == {1.0: [newline] * 6, 1.1: [newline, answer, special, newline, newline, newline],
-                          1.2: [newline, answer, special, e, newline, newline]}
+            out = model.generate(
+                **inputs,
+                max_new_tokens=6,
+                do_sample=False,
+                repetition_penalty=penalty,
+                bad_words_ids=[[token_id(tokenizer, "#")]],
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        by_penalty[penalty] = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert by_penalty == {
+        1.0: [newline] * 6,
+        1.1: [newline, answer, special, newline, newline, newline],
+        1.2: [newline, answer, special, e, newline, newline],
+    }
     assert generation.generate(model, tokenizer, PROMPTS[2:], GenerationSettings(max_new_tokens=6)) == ["答"]
 
 
@@ -152,8 +175,9 @@ def test_the_kv_cache_is_on_so_each_step_after_the_prompt_feeds_one_token(leanin
     the whole sequence again at every step."""
     model, tokenizer = leaning_llama
     fed = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     try:
         generation.generate(model, tokenizer, PROMPTS[1:2], GenerationSettings(max_new_tokens=4))
     finally:

@@ -29,13 +29,24 @@ def test_trainable_parameters_equal_peft_count_of_the_recipes_adapter(request, m
 
 
 @pytest.mark.claim("C12")
-@pytest.mark.parametrize("r, alpha, rslora, expected", [(64, 64, False, 1.0), (32, 64, False, 2.0), (16, 16, True, 4.0)])
+@pytest.mark.parametrize(
+    "r, alpha, rslora, expected", [(64, 64, False, 1.0), (32, 64, False, 2.0), (16, 16, True, 4.0)]
+)
 def test_the_update_is_scaled_by_alpha_over_r_or_alpha_over_sqrt_r(tiny_gemma2_dir, r, alpha, rslora, expected):
     """h = W0 x + s B A x with s = alpha/r (64/64 = 1, 64/32 = 2) or, with rsLoRA, alpha/sqrt(r) (16/4 = 4).
     Set A and B by hand and compare one adapted projection's output with W0 x + s B A x."""
     model, _ = models.load_causal_lm(tiny_gemma2_dir)
-    peft_model = lora.attach(model, {"r": r, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": ["q_proj"],
-                                     "lora_dropout": 0.0, "bias": "none"})
+    peft_model = lora.attach(
+        model,
+        {
+            "r": r,
+            "lora_alpha": alpha,
+            "use_rslora": rslora,
+            "target_modules": ["q_proj"],
+            "lora_dropout": 0.0,
+            "bias": "none",
+        },
+    )
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -71,6 +82,7 @@ def test_an_unknown_lora_key_is_named():
 def test_a_fresh_adapter_is_initialised_from_the_recipes_random_state(tiny_gemma2_dir):
     """The seed's get_peft_model(random_state=3407): A is drawn from that seed, so two runs start from the
     same adapter whatever the RNG did before, and another random_state starts elsewhere."""
+
     def lora_a(random_state: int, seed_before: int) -> torch.Tensor:
         torch.manual_seed(seed_before)  # whatever ran before
         model, _ = models.load_causal_lm(tiny_gemma2_dir)

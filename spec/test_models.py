@@ -90,16 +90,54 @@ def test_the_access_token_never_appears_in_output_or_run_records(tmp_path, fixtu
     """HF_TOKEN set to a recognisable secret: a failing command and a whole training run never write it."""
     secret = "hf_secretTOKENvalue12345"
     env = {**os.environ, "HF_TOKEN": secret}
-    failing = subprocess.run([sys.executable, "-m", "reference", "train", "--recipe", "llm2024", "--model", "google/gemma-2-27b",
-                              "--data", str(fixtures_dir / "data" / "qa111_sample.jsonl"), "--output", str(tmp_path / "x")],
-                             capture_output=True, text=True, env=env, timeout=120)
+    failing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "train",
+            "--recipe",
+            "llm2024",
+            "--model",
+            "google/gemma-2-27b",
+            "--data",
+            str(fixtures_dir / "data" / "qa111_sample.jsonl"),
+            "--output",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert failing.returncode == 2 and "HF_TOKEN is set" in failing.stderr
-    run = subprocess.run([sys.executable, "-m", "reference", "train", "--recipe", "llm2024",
-                          "--model", str(fixtures_dir / "models" / "tiny-gemma2"),
-                          "--data", str(fixtures_dir / "data" / "qa111_sample.jsonl"), "--columns", "instruction=input,response=output",
-                          "--output", str(tmp_path / "run"), "max_steps=1", "per_device_train_batch_size=2",
-                          "gradient_accumulation_steps=1", "sft.max_seq_length=32", "quantization.load_in_4bit=false"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "train",
+            "--recipe",
+            "llm2024",
+            "--model",
+            str(fixtures_dir / "models" / "tiny-gemma2"),
+            "--data",
+            str(fixtures_dir / "data" / "qa111_sample.jsonl"),
+            "--columns",
+            "instruction=input,response=output",
+            "--output",
+            str(tmp_path / "run"),
+            "max_steps=1",
+            "per_device_train_batch_size=2",
+            "gradient_accumulation_steps=1",
+            "sft.max_seq_length=32",
+            "quantization.load_in_4bit=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     written = [p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert secret not in failing.stdout + failing.stderr + run.stdout + run.stderr
@@ -132,28 +170,62 @@ def test_a_directory_without_safetensors_is_refused(tiny_gemma2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_quantize_command_writes_a_4bit_directory_and_refuses_a_missing_model(tiny_gemma2_dir, tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "reference", "quantize", "--model", str(tiny_gemma2_dir),
-                         "--output", str(tmp_path / "q")], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "quantize",
+            "--model",
+            str(tiny_gemma2_dir),
+            "--output",
+            str(tmp_path / "q"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["quantization"] == "nf4"
-    missing = subprocess.run([sys.executable, "-m", "reference", "quantize", "--model", str(tmp_path / "nope"),
-                              "--output", str(tmp_path / "q2")], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "quantize",
+            "--model",
+            str(tmp_path / "nope"),
+            "--output",
+            str(tmp_path / "q2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
 
 
 # ---------------------------------------------------------------- D2 weight memory
 
+
 def gemma2_parameters_by_hand(c: dict) -> int:
     """Embeddings (tied head) + per layer: q, k, v, o, gate, up, down and four RMSNorm weights + final norm."""
-    h, d, heads, kv, inter = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
+    h, d, heads, kv, inter = (
+        c["hidden_size"],
+        c["head_dim"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["intermediate_size"],
+    )
     attention = h * heads * d + 2 * h * kv * d + heads * d * h
     per_layer = attention + 3 * h * inter + 4 * h
     return c["vocab_size"] * h + c["num_hidden_layers"] * per_layer + h
 
 
 @pytest.mark.claim("D2")
-@pytest.mark.parametrize("shape, parameters", [("gemma-2-2b", 2_614_341_888), ("gemma-2-9b", 9_241_705_984),
-                                                ("gemma-2-27b", 27_227_128_320)])
+@pytest.mark.parametrize(
+    "shape, parameters", [("gemma-2-2b", 2_614_341_888), ("gemma-2-9b", 9_241_705_984), ("gemma-2-27b", 27_227_128_320)]
+)
 def test_weight_memory_of_the_gemma2_shapes_for_each_precision(shape, parameters):
     """fp32 = 4 bytes a parameter, bf16 = 2; int8 = 1 byte a projection weight + an fp32 scale per row;
     NF4 = 4.5 bits a projection weight (fp32 absmax per 64), 4.127 with double quantisation; each quantised
@@ -164,9 +236,23 @@ def test_weight_memory_of_the_gemma2_shapes_for_each_precision(shape, parameters
     c = load_config(shape)
     total = gemma2_parameters_by_hand(c)
     assert memory.parameters(c).total == total == parameters
-    h, d, heads, kv, inter, layers = (c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"],
-                                      c["intermediate_size"], c["num_hidden_layers"])
-    projections = [(heads * d, h), (kv * d, h), (kv * d, h), (h, heads * d), (inter, h), (inter, h), (h, inter)] * layers
+    h, d, heads, kv, inter, layers = (
+        c["hidden_size"],
+        c["head_dim"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["intermediate_size"],
+        c["num_hidden_layers"],
+    )
+    projections = [
+        (heads * d, h),
+        (kv * d, h),
+        (kv * d, h),
+        (h, heads * d),
+        (inter, h),
+        (inter, h),
+        (h, inter),
+    ] * layers
     linear = sum(o * i for o, i in projections)
     other = total - linear
     table = memory.table(c)
@@ -190,9 +276,18 @@ def test_the_readmes_gemma_2_27b_weight_memory_in_gib():
 
 
 @pytest.mark.claim("D2", "D1")
-@pytest.mark.parametrize("quantization, dtype, scheme", [("none", "float32", "fp32"), ("none", "bfloat16", "bf16"),
-                                                          ("8bit", "bfloat16", "int8"), ("nf4", "bfloat16", "nf4-dq")])
-def test_measured_weight_memory_of_the_fixture_model_equals_the_arithmetic(tiny_gemma2_dir, quantization, dtype, scheme):
+@pytest.mark.parametrize(
+    "quantization, dtype, scheme",
+    [
+        ("none", "float32", "fp32"),
+        ("none", "bfloat16", "bf16"),
+        ("8bit", "bfloat16", "int8"),
+        ("nf4", "bfloat16", "nf4-dq"),
+    ],
+)
+def test_measured_weight_memory_of_the_fixture_model_equals_the_arithmetic(
+    tiny_gemma2_dir, quantization, dtype, scheme
+):
     """The project's own count of what a loaded model holds (models.weight_bytes) equals the formula."""
     model, _ = models.load_causal_lm(tiny_gemma2_dir, dtype=dtype, quantization=quantization)
     config = json.loads((tiny_gemma2_dir / "config.json").read_text())
@@ -237,8 +332,12 @@ def test_nf4_memory_measured_from_what_bitsandbytes_allocates(tiny_gemma2_dir, d
     4 n/64 + 64 for q and o (2,048 + 256 + 64 = 2,368), k and v (1,024 + 128 + 64 = 1,216) and gate, up, down
     (4,096 + 512 + 64 = 4,672): 2 x (2 x 2,368 + 2 x 1,216 + 3 x 4,672) = 42,368, plus the bf16 embeddings
     and norms 367,488 = 409,856. The layers' own tensors agree with reference.memory's formula and with these."""
-    model, _ = models.load_causal_lm(tiny_gemma2_dir, dtype="bfloat16", quantization="nf4",
-                                     quantization_section={"bnb_4bit_use_double_quant": double_quant})
+    model, _ = models.load_causal_lm(
+        tiny_gemma2_dir,
+        dtype="bfloat16",
+        quantization="nf4",
+        quantization_section={"bnb_4bit_use_double_quant": double_quant},
+    )
     layers, rest = allocated_by_bitsandbytes(model)
     state = model.model.layers[0].self_attn.q_proj.weight.quant_state
     names = {"absmax", "code", "offset", "state2.absmax", "state2.code"} if double_quant else {"absmax", "code"}
@@ -246,8 +345,11 @@ def test_nf4_memory_measured_from_what_bitsandbytes_allocates(tiny_gemma2_dir, d
     assert len(layers) == 14 and layers["model.layers.0.self_attn.q_proj"] == q_proj_bytes
     assert rest == 183_744 * 2  # embeddings and norms in bf16
     config = json.loads((tiny_gemma2_dir / "config.json").read_text())
-    assert sum(layers.values()) + rest == total == memory.weight_memory(memory.parameters(config),
-                                                                         "nf4-dq" if double_quant else "nf4")
+    assert (
+        sum(layers.values()) + rest
+        == total
+        == memory.weight_memory(memory.parameters(config), "nf4-dq" if double_quant else "nf4")
+    )
     assert memory.nf4_constants(64 * 64, double_quant) + 64 * 64 // 2 == q_proj_bytes
 
 

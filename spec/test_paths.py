@@ -11,8 +11,7 @@ from reference.paths import check_outputs, write_text_atomic
 
 @pytest.mark.claim("X6")
 @pytest.mark.parametrize("output,relation", [("model", "is"), ("model/merged", "is inside"), (".", "holds")])
-def test_an_output_equal_to_inside_or_holding_an_input_is_refused_naming_both(tmp_path, monkeypatch, output,
-                                                                               relation):
+def test_an_output_equal_to_inside_or_holding_an_input_is_refused_naming_both(tmp_path, monkeypatch, output, relation):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").mkdir()
     with pytest.raises(InputError) as error:
@@ -59,17 +58,20 @@ def test_an_output_appears_under_its_final_name_only_when_complete(tmp_path, mon
 
 
 @pytest.mark.claim("X6")
-@pytest.mark.parametrize("command", [
-    ["merge", "--model", "{model}", "--adapter", "{adapter}", "--output", "{model}"],
-    ["quantize", "--model", "{model}", "--output", "{model}"],
-    ["add-tokens", "--model", "{model}", "--tokens", "<user_name>", "--output", "{model}"],
-    ["generate", "--model", "{model}", "--tasks", "{tasks}", "--shots", "{tasks}", "--output", "{tasks}"],
-    ["train", "--recipe", "llm2024", "--model", "{model}", "--data", "{tasks}", "--output", "{tasks}"],
-    ["continue", "--model", "{model}", "--adapter", "{adapter}", "--data", "{tasks}", "--output", "{adapter}/more"],
-    ["filter", "--input", "{tasks}", "--output", "{tasks}", "--rejects", "{tmp}/rejects.jsonl"],
-    ["dpo", "--model", "{model}", "--data", "{tasks}", "--output", "{model}/dpo"],
-    ["preference", "train", "--model", "{model}", "--data", "{tasks}", "--output", "{model}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["merge", "--model", "{model}", "--adapter", "{adapter}", "--output", "{model}"],
+        ["quantize", "--model", "{model}", "--output", "{model}"],
+        ["add-tokens", "--model", "{model}", "--tokens", "<user_name>", "--output", "{model}"],
+        ["generate", "--model", "{model}", "--tasks", "{tasks}", "--shots", "{tasks}", "--output", "{tasks}"],
+        ["train", "--recipe", "llm2024", "--model", "{model}", "--data", "{tasks}", "--output", "{tasks}"],
+        ["continue", "--model", "{model}", "--adapter", "{adapter}", "--data", "{tasks}", "--output", "{adapter}/more"],
+        ["filter", "--input", "{tasks}", "--output", "{tasks}", "--rejects", "{tmp}/rejects.jsonl"],
+        ["dpo", "--model", "{model}", "--data", "{tasks}", "--output", "{model}/dpo"],
+        ["preference", "train", "--model", "{model}", "--data", "{tasks}", "--output", "{model}"],
+    ],
+)
 def test_every_writing_command_refuses_an_output_over_an_input_before_any_work(tmp_path, capsys, command):
     """The inputs are copies whose bytes are compared after the refusal: nothing was touched."""
     from reference import cli
@@ -107,7 +109,9 @@ def test_a_saved_model_directory_gets_its_files_only_once_all_are_written(tmp_pa
         with complete_directory(target) as partial:
             (partial / "model.safetensors").write_bytes(b"half")
             raise RuntimeError("killed mid-save")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and [p.name for p in target.iterdir()] == ["kept.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and [p.name for p in target.iterdir()] == [
+        "kept.txt"
+    ]
     with complete_directory(target) as partial:
         (partial / "model.safetensors").write_bytes(b"whole")
         assert not (target / "model.safetensors").exists()

@@ -48,8 +48,9 @@ def test_labels_are_the_index_of_the_one_hot_winner_column(fixtures_dir, tmp_pat
     rows = preference.read_rows(fixtures_dir / "data" / "lmsys_sample.jsonl")
     lines = (fixtures_dir / "data" / "lmsys_sample.jsonl").read_text(encoding="utf-8").splitlines()
     raw = [json.loads(line) for line in lines]
-    assert [r["label"] for r in rows] == [[x["winner_model_a"], x["winner_model_b"], x["winner_tie"]].index(1)
-                                          for x in raw]
+    assert [r["label"] for r in rows] == [
+        [x["winner_model_a"], x["winner_model_b"], x["winner_tie"]].index(1) for x in raw
+    ]
     assert rows[0]["prompt"] == json.loads(raw[0]["prompt"])[0]  # the JSON list of turns, joined
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**raw[0], "winner_tie": 1}) + "\n", encoding="utf-8")
@@ -61,8 +62,11 @@ def test_labels_are_the_index_of_the_one_hot_winner_column(fixtures_dir, tmp_pat
 def test_the_three_classes_are_model_a_then_model_b_then_tie(tmp_path):
     """Written by hand: a row won by b, one won by a, a tie -> classes 1, 0, 2."""
     data = tmp_path / "three.jsonl"
-    rows = [competition_row("問", "甲", "乙", "winner_model_b"), competition_row("問", "甲", "乙", "winner_model_a"),
-            competition_row("問", "甲", "乙", "winner_tie")]
+    rows = [
+        competition_row("問", "甲", "乙", "winner_model_b"),
+        competition_row("問", "甲", "乙", "winner_model_a"),
+        competition_row("問", "甲", "乙", "winner_tie"),
+    ]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert [r["label"] for r in preference.read_rows(data)] == [1, 0, 2]
     assert preference.LABELS == ("winner_model_a", "winner_model_b", "winner_tie")
@@ -78,7 +82,8 @@ def test_the_classifier_is_the_causal_lm_with_a_three_way_head_in_bf16_and_keeps
 
 @pytest.mark.claim("L1")
 def test_a_backbone_without_a_pad_token_gets_its_eos_as_pad_in_the_tokenizer_and_the_model_config(
-        llama_classifier, tiny_llama_dir):
+    llama_classifier, tiny_llama_dir
+):
     """The tiny Llama comes without a pad token (checked first, so the test can fail); the project sets
     the tokenizer's pad to its EOS, <|eot_id|>, and tells the model (config.pad_token_id), which the
     head needs to find the last token that is not padding."""
@@ -137,7 +142,8 @@ def test_the_input_is_the_notebooks_marked_text(gemma_tokenizer):
 
 @pytest.mark.claim("A5")
 def test_without_spread_the_joined_input_is_cut_at_max_length_and_a_long_prompt_crowds_out_the_responses(
-        gemma_tokenizer):
+    gemma_tokenizer,
+):
     """max_length 62: the first 62 ids of the whole joined text (BOS first), so '<response_b>' is gone."""
     prompt, a, b = "長い質問です。" * 40, "答えA", "答えB"
     whole = gemma_tokenizer("<prompt>: " + prompt + "\n\n<response_a>: " + a + "\n\n<response_b>: " + b)["input_ids"]
@@ -192,7 +198,7 @@ def held_out_line_numbers(rows: int, seed: int = 0, fraction: float = 0.25) -> l
     max(1, int(rows x fraction)) (24 rows: int(6.0) = 6). A shuffle's order depends on the length only."""
     order = list(range(rows))
     random.Random(seed).shuffle(order)
-    return order[-max(1, int(rows * fraction)):]
+    return order[-max(1, int(rows * fraction)) :]
 
 
 @pytest.mark.slow
@@ -204,10 +210,28 @@ def test_training_the_classifier_lowers_its_loss_and_reports_held_out_log_loss(f
     (within bf16 rounding of the reloaded adapter). On its 18 training rows, scored the same way against
     the one-hot columns, the model now beats the uniform guess's ln 3 = 1.0986: it learned those labels."""
     data = fixtures_dir / "data" / "lmsys_sample.jsonl"
-    result = subprocess.run([sys.executable, "-m", "reference", "preference", "train",
-                             "--model", str(fixtures_dir / "models" / "tiny-gemma2"),
-                             "--data", str(data), "--output", str(tmp_path),
-                             "--max-length", "64", "--epochs", "8"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "preference",
+            "train",
+            "--model",
+            str(fixtures_dir / "models" / "tiny-gemma2"),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path),
+            "--max-length",
+            "64",
+            "--epochs",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert summary["train_rows"] == 18 and summary["eval_rows"] == 6

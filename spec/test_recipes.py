@@ -21,27 +21,58 @@ from reference.recipes import (
 
 # The arguments of the primer's TrainingArguments example (seed 004 §5), as written there.
 PRIMER_ARGUMENTS = {
-    "output_dir": "gemma-japanese", "num_train_epochs": 3, "per_device_train_batch_size": 2,
-    "gradient_accumulation_steps": 2, "gradient_checkpointing": True, "optim": "adamw_torch_fused",
-    "logging_steps": 10, "save_strategy": "epoch", "learning_rate": 2e-4, "bf16": True, "tf32": True,
-    "max_grad_norm": 0.3, "warmup_ratio": 0.03, "lr_scheduler_type": "constant", "push_to_hub": True,
+    "output_dir": "gemma-japanese",
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "gradient_checkpointing": True,
+    "optim": "adamw_torch_fused",
+    "logging_steps": 10,
+    "save_strategy": "epoch",
+    "learning_rate": 2e-4,
+    "bf16": True,
+    "tf32": True,
+    "max_grad_norm": 0.3,
+    "warmup_ratio": 0.03,
+    "lr_scheduler_type": "constant",
+    "push_to_hub": True,
     "report_to": "tensorboard",
 }
 # The TrainingArguments of the LLM2024 solution (seed 001 §2.2.2), as written there.
 LLM2024_ARGUMENTS = {
-    "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8, "num_train_epochs": 2,
-    "learning_rate": 2e-4, "lr_scheduler_type": "linear", "do_eval": True, "optim": "adamw_8bit",
-    "weight_decay": 0.01, "warmup_steps": 300, "fp16": False, "save_steps": 300, "save_total_limit": 10,
-    "logging_dir": "./logs", "logging_steps": 5, "report_to": "wandb", "auto_find_batch_size": True,
-    "neftune_noise_alpha": 5, "bf16": True, "output_dir": "results-jp-r64_alpha64", "seed": 3407,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 8,
+    "num_train_epochs": 2,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "linear",
+    "do_eval": True,
+    "optim": "adamw_8bit",
+    "weight_decay": 0.01,
+    "warmup_steps": 300,
+    "fp16": False,
+    "save_steps": 300,
+    "save_total_limit": 10,
+    "logging_dir": "./logs",
+    "logging_steps": 5,
+    "report_to": "wandb",
+    "auto_find_batch_size": True,
+    "neftune_noise_alpha": 5,
+    "bf16": True,
+    "output_dir": "results-jp-r64_alpha64",
+    "seed": 3407,
 }
 
 
 def as_written_in_source(recipe) -> dict:
     """The recipe's arguments with each departure put back to the source's value."""
     given = dict(recipe.training_arguments)
-    given.update({name: d["source_value"] for name, d in recipe.departures.items() if name in LLM2024_ARGUMENTS
-                  or name in PRIMER_ARGUMENTS})
+    given.update(
+        {
+            name: d["source_value"]
+            for name, d in recipe.departures.items()
+            if name in LLM2024_ARGUMENTS or name in PRIMER_ARGUMENTS
+        }
+    )
     return given
 
 
@@ -82,8 +113,11 @@ def test_an_argument_the_installed_version_lacks_is_a_clear_error(tmp_path):
     import transformers
 
     path = tmp_path / "old.toml"
-    path.write_text('name = "old"\nsource = "a transformers 4 notebook"\n[training_arguments]\n'
-                    'output_dir = "x"\nlogging_dir = "./logs"\n', encoding="utf-8")
+    path.write_text(
+        'name = "old"\nsource = "a transformers 4 notebook"\n[training_arguments]\n'
+        'output_dir = "x"\nlogging_dir = "./logs"\n',
+        encoding="utf-8",
+    )
     with pytest.raises(InputError) as error:
         to_training_arguments(load_recipe(path))
     message = str(error.value)
@@ -99,13 +133,19 @@ def test_an_unknown_argument_is_named_never_dropped(tmp_path):
 
 
 @pytest.mark.claim("P7")
-@pytest.mark.parametrize("arguments, message", [
-    ("warmup_ratio = 1.0", "warmup_ratio=1.0: must be in [0, 1)"),
-    ("warmup_ratio = -0.01", "warmup_ratio=-0.01: must be in [0, 1)"),
-    ("warmup_ratio = 0.1\nwarmup_steps = 5", "sets both warmup_ratio=0.1 and warmup_steps=5"),
-    ("gradient_checkpointing = true\nactivation_checkpointing = true",
-     "sets both gradient_checkpointing and its new name"),
-], ids=["ratio-1", "ratio-negative", "ratio-and-steps", "old-and-new-name"])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ("warmup_ratio = 1.0", "warmup_ratio=1.0: must be in [0, 1)"),
+        ("warmup_ratio = -0.01", "warmup_ratio=-0.01: must be in [0, 1)"),
+        ("warmup_ratio = 0.1\nwarmup_steps = 5", "sets both warmup_ratio=0.1 and warmup_steps=5"),
+        (
+            "gradient_checkpointing = true\nactivation_checkpointing = true",
+            "sets both gradient_checkpointing and its new name",
+        ),
+    ],
+    ids=["ratio-1", "ratio-negative", "ratio-and-steps", "old-and-new-name"],
+)
 def test_a_migration_that_cannot_be_made_is_refused(tmp_path, arguments, message):
     path = tmp_path / "r.toml"
     path.write_text(f'name = "r"\nsource = "x"\n[training_arguments]\n{arguments}\n', encoding="utf-8")
@@ -139,19 +179,35 @@ def test_without_cuda_fp16_becomes_bf16_on_the_cpu_and_is_reported(tmp_path):
 def test_llm2024_recipe_holds_the_solutions_trainer_settings():
     recipe = load_recipe("llm2024")
     assert as_written_in_source(recipe) == LLM2024_ARGUMENTS
-    assert recipe.sft == {"max_seq_length": 2048, "packing": False, "dataset_text_field": "text", "dataset_num_proc": 2,
-                          "shuffle_seed": 45, "gradient_checkpointing": True, "use_cache_during_training": False,
-                          "loss_on": "all"}
+    assert recipe.sft == {
+        "max_seq_length": 2048,
+        "packing": False,
+        "dataset_text_field": "text",
+        "dataset_num_proc": 2,
+        "shuffle_seed": 45,
+        "gradient_checkpointing": True,
+        "use_cache_during_training": False,
+        "loss_on": "all",
+    }
     assert recipe.format == "alpaca-ja"
-    assert recipe.quantization == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                   "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    assert recipe.quantization == {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+    }
 
 
 @pytest.mark.claim("C13")
 def test_llm2024_maps_onto_a_real_training_arguments(tmp_path):
     args = to_training_arguments(load_recipe("llm2024"), output_dir=str(tmp_path))
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (4, 8, 2)
-    assert (args.optim, args.weight_decay, args.warmup_steps, args.lr_scheduler_type) == ("adamw_8bit", 0.01, 300, "linear")
+    assert (args.optim, args.weight_decay, args.warmup_steps, args.lr_scheduler_type) == (
+        "adamw_8bit",
+        0.01,
+        300,
+        "linear",
+    )
     assert (args.save_steps, args.save_total_limit, args.logging_steps) == (300, 10, 5)
     assert (args.auto_find_batch_size, args.neftune_noise_alpha, args.bf16, args.seed) == (True, 5, True, 3407)
 
@@ -159,9 +215,16 @@ def test_llm2024_maps_onto_a_real_training_arguments(tmp_path):
 @pytest.mark.claim("C12", "C13")
 def test_llm2024_lora_settings_are_the_solutions():
     lora = load_recipe("llm2024").lora
-    assert lora == {"r": 64, "lora_alpha": 64, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                    "random_state": 3407, "task_type": "CAUSAL_LM"}
+    assert lora == {
+        "r": 64,
+        "lora_alpha": 64,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "random_state": 3407,
+        "task_type": "CAUSAL_LM",
+    }
 
 
 @pytest.mark.claim("C17")
@@ -169,9 +232,17 @@ def test_trial_table_is_kept_as_data():
     trials = load_recipe("llm2024").trials
     assert len(trials) == 13
     table = [(t["trial"], t.get("r"), t.get("lora_alpha"), t.get("score")) for t in trials]
-    assert table[:9] == [("1", 16, 16, None), ("2", 32, 32, 3.5), ("3", 128, 128, None), ("4", 32, 16, 3.63),
-                         ("5", 32, 64, 3.48), ("6", 32, 64, 3.43), ("7", 32, 64, 3.54), ("8(train1.py)", 32, 64, 3.51),
-                         ("9 (以下同一モデル)", 64, 64, 3.52)]
+    assert table[:9] == [
+        ("1", 16, 16, None),
+        ("2", 32, 32, 3.5),
+        ("3", 128, 128, None),
+        ("4", 32, 16, 3.63),
+        ("5", 32, 64, 3.48),
+        ("6", 32, 64, 3.43),
+        ("7", 32, 64, 3.54),
+        ("8(train1.py)", 32, 64, 3.51),
+        ("9 (以下同一モデル)", 64, 64, 3.52),
+    ]
     assert [t["score"] for t in trials[9:]] == [3.54, 3.69, 3.67, 3.77]
     assert trials[2]["result"] == "メモリ不足" and trials[10]["note"] == "reputation penulty 1.1"
 
@@ -231,8 +302,12 @@ def test_resolved_settings_are_the_arguments_a_train_run_hands_its_trainer(tmp_p
 @pytest.mark.slow
 @pytest.mark.claim("P12")
 def test_recipe_command_prints_resolved_settings_as_json():
-    result = subprocess.run([sys.executable, "-m", "reference", "recipe", "llm2024", "--resolved"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "reference", "recipe", "llm2024", "--resolved"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["training_arguments"]["gradient_accumulation_steps"] == 8
 

@@ -29,11 +29,19 @@ def test_verify_says_a_repeated_run_reproduces_and_names_where_a_changed_one_div
     assert not changed.reproduces
     assert changed.differences["settings"] == ["training_arguments.learning_rate: 0.002 vs 0.01"]
     assert changed.differences["losses"][0].startswith("loss diverges first at step 2")
-    cli = subprocess.run([sys.executable, "-m", "reference", "verify", str(tmp_path / "a"), str(tmp_path / "c")],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "reference", "verify", str(tmp_path / "a"), str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 1 and "does not reproduce" in cli.stdout
-    missing = subprocess.run([sys.executable, "-m", "reference", "verify", str(tmp_path / "a"), str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "reference", "verify", str(tmp_path / "a"), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "nope" in missing.stderr
 
 
@@ -41,8 +49,12 @@ def test_verify_says_a_repeated_run_reproduces_and_names_where_a_changed_one_div
 @pytest.mark.claim("C10", "X2", "X7")
 def test_the_main_job_runs_the_llm2024_pipeline_end_to_end(tmp_path):
     secret = "hf_REPRODUCEsecret42"  # X7: a token given as a setting is written nowhere
-    result = subprocess.run([sys.executable, "-m", "reference", "reproduce", "--output", str(tmp_path),
-                             "--set", f"hub_token={secret}"], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "reference", "reproduce", "--output", str(tmp_path), "--set", f"hub_token={secret}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert secret not in result.stdout + result.stderr
     assert [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()] == []

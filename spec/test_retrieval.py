@@ -31,11 +31,13 @@ def seed_prompt(pairs_most_similar_first: list[tuple[str, str]], task: str) -> s
     text = "質問・文章をよく読んで、正確で親切な回答を書きなさい。\n"
     for question, answer in pairs_most_similar_first[::-1]:  # inverse order
         text += "### 質問:\n" + question + "\n\n### 回答:\n" + answer + "\n\n\n"
-    return (text
-            + "あなたは日本語が堪能な優秀な人間です。\n"
-            + "**文脈**を踏まえて、改行と箇条書きを駆使して、日本語で**詳細に**書きなさい。\n"
-            + "優秀な人間になりきって、推測をいれずに根拠をもってわかりやすく答えてください。"
-            + f"### 質問:\n{task}\n\n### 回答:\n")
+    return (
+        text
+        + "あなたは日本語が堪能な優秀な人間です。\n"
+        + "**文脈**を踏まえて、改行と箇条書きを駆使して、日本語で**詳細に**書きなさい。\n"
+        + "優秀な人間になりきって、推測をいれずに根拠をもってわかりやすく答えてください。"
+        + f"### 質問:\n{task}\n\n### 回答:\n"
+    )
 
 
 def pairs(shots) -> list[tuple[str, str]]:
@@ -46,13 +48,15 @@ def pairs(shots) -> list[tuple[str, str]]:
 def test_the_prompt_is_the_seeds_text_with_the_most_similar_shot_last():
     """Written out by hand from seed 001 §2.3 for two shots, most similar first in the list."""
     shots = [retrieval.Shot(3, "近い質問", "近い答え", 0.9), retrieval.Shot(0, "遠い質問", "遠い答え", 0.2)]
-    expected = ("質問・文章をよく読んで、正確で親切な回答を書きなさい。\n"
-                "### 質問:\n遠い質問\n\n### 回答:\n遠い答え\n\n\n"
-                "### 質問:\n近い質問\n\n### 回答:\n近い答え\n\n\n"
-                "あなたは日本語が堪能な優秀な人間です。\n"
-                "**文脈**を踏まえて、改行と箇条書きを駆使して、日本語で**詳細に**書きなさい。\n"
-                "優秀な人間になりきって、推測をいれずに根拠をもってわかりやすく答えてください。"
-                "### 質問:\n課題\n\n### 回答:\n")
+    expected = (
+        "質問・文章をよく読んで、正確で親切な回答を書きなさい。\n"
+        "### 質問:\n遠い質問\n\n### 回答:\n遠い答え\n\n\n"
+        "### 質問:\n近い質問\n\n### 回答:\n近い答え\n\n\n"
+        "あなたは日本語が堪能な優秀な人間です。\n"
+        "**文脈**を踏まえて、改行と箇条書きを駆使して、日本語で**詳細に**書きなさい。\n"
+        "優秀な人間になりきって、推測をいれずに根拠をもってわかりやすく答えてください。"
+        "### 質問:\n課題\n\n### 回答:\n"
+    )
     assert retrieval.build_prompt(shots, "課題") == expected
 
 
@@ -112,8 +116,9 @@ def test_duplicate_shot_inputs_stay_apart_with_their_own_outputs(embedder):
 
 
 @pytest.mark.claim("C21")
-def test_an_overlong_prompt_drops_the_least_similar_shots_and_never_cuts_the_task(embedder, fixtures_dir,
-                                                                                   gemma_tokenizer):
+def test_an_overlong_prompt_drops_the_least_similar_shots_and_never_cuts_the_task(
+    embedder, fixtures_dir, gemma_tokenizer
+):
     pool = qa_pool(fixtures_dir)
     task = pool[0][0]
     shots = retrieval.ShotPool(pool, embedder).top(task, k=20)
@@ -122,9 +127,9 @@ def test_an_overlong_prompt_drops_the_least_similar_shots_and_never_cuts_the_tas
     window = whole.tokens // 2
     fitted = retrieval.fit(shots, task, gemma_tokenizer, window=window)
     assert fitted.tokens <= window and fitted.dropped > 0
-    assert [s.index for s in fitted.shots] == [s.index for s in shots[:len(fitted.shots)]]  # the least similar went
+    assert [s.index for s in fitted.shots] == [s.index for s in shots[: len(fitted.shots)]]  # the least similar went
     assert fitted.prompt.endswith(retrieval.task_text(task)) and fitted.prompt == seed_prompt(pairs(fitted.shots), task)
-    one_more = retrieval.build_prompt(shots[:len(fitted.shots) + 1], task)
+    one_more = retrieval.build_prompt(shots[: len(fitted.shots) + 1], task)
     assert len(gemma_tokenizer(one_more)["input_ids"]) > window  # it kept as many as fit
     with pytest.raises(InputError, match="never cut"):
         retrieval.fit(shots, task, gemma_tokenizer, window=10)
@@ -132,6 +137,7 @@ def test_an_overlong_prompt_drops_the_least_similar_shots_and_never_cuts_the_tas
 
 def padded_task(shots, tokenizer, tokens: int) -> str:
     """A task padded with 。 (one token each here) until the seed's prompt with all `shots` is `tokens` long."""
+
     def length(task: str) -> int:
         return len(tokenizer(seed_prompt(pairs(shots), task))["input_ids"])
 
@@ -162,8 +168,9 @@ def test_a_prompt_of_exactly_4096_tokens_fits_the_default_window_and_4097_drops_
 
 @pytest.mark.slow
 @pytest.mark.claim("C19", "C18", "C21")
-def test_generate_command_reports_each_prompt_over_the_window_and_writes_one_output_per_task(tmp_path, fixtures_dir,
-                                                                                                embedder):
+def test_generate_command_reports_each_prompt_over_the_window_and_writes_one_output_per_task(
+    tmp_path, fixtures_dir, embedder
+):
     """k = 3 and a window one token shorter than task 0's whole prompt. Expected report lines worked out
     here: the top 3 by util.cos_sim, the seed's prompt with j = 3, 2, 1, 0 of them counted with the
     model's tokenizer; a task whose prompt keeps j < 3 shots is reported with 3 - j dropped."""
@@ -190,12 +197,31 @@ def test_generate_command_reports_each_prompt_over_the_window_and_writes_one_out
         kept = max(j for j in range(4) if tokens(top3(task)[:j], task) <= window)
         if kept < 3:
             expected.append(f"task {number}: prompt over {window} tokens; dropped the {3 - kept} least similar shots")
-    result = subprocess.run([sys.executable, "-m", "reference", "generate", "--model", str(model),
-                             "--tasks", str(fixtures_dir / "data" / "tasks_sample.jsonl"),
-                             "--shots", str(fixtures_dir / "data" / "qa111_sample.jsonl"),
-                             "--k", "3", "--window", str(window),
-                             "--max-new-tokens", "4", "--output", str(tmp_path / "output.jsonl")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "generate",
+            "--model",
+            str(model),
+            "--tasks",
+            str(fixtures_dir / "data" / "tasks_sample.jsonl"),
+            "--shots",
+            str(fixtures_dir / "data" / "qa111_sample.jsonl"),
+            "--k",
+            "3",
+            "--window",
+            str(window),
+            "--max-new-tokens",
+            "4",
+            "--output",
+            str(tmp_path / "output.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert expected[0].startswith("task 0:")
     assert [line for line in result.stderr.splitlines() if line.startswith("task ")] == expected
@@ -205,9 +231,23 @@ def test_generate_command_reports_each_prompt_over_the_window_and_writes_one_out
 
 @pytest.mark.claim("C19")
 def test_generate_command_names_a_missing_shots_file(tmp_path, fixtures_dir):
-    bad = subprocess.run([sys.executable, "-m", "reference", "generate",
-                          "--model", str(fixtures_dir / "models" / "tiny-gemma2"),
-                          "--tasks", str(fixtures_dir / "data" / "qa111_sample.jsonl"),
-                          "--shots", str(tmp_path / "none.jsonl"),
-                          "--output", str(tmp_path / "o.jsonl")], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "generate",
+            "--model",
+            str(fixtures_dir / "models" / "tiny-gemma2"),
+            "--tasks",
+            str(fixtures_dir / "data" / "qa111_sample.jsonl"),
+            "--shots",
+            str(tmp_path / "none.jsonl"),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "none.jsonl" in bad.stderr and "Traceback" not in bad.stderr

@@ -15,14 +15,41 @@ from reference.errors import InputError
 from spec.conftest import FIXTURES
 
 MODEL, QA = FIXTURES / "models" / "tiny-gemma2", FIXTURES / "data" / "qa111_sample.jsonl"
-TINY = ["max_steps=2", "per_device_train_batch_size=2", "gradient_accumulation_steps=1", "warmup_steps=0",
-        "save_steps=1", "sft.max_seq_length=48", "use_cpu=true"]
+TINY = [
+    "max_steps=2",
+    "per_device_train_batch_size=2",
+    "gradient_accumulation_steps=1",
+    "warmup_steps=0",
+    "save_steps=1",
+    "sft.max_seq_length=48",
+    "use_cpu=true",
+]
 
 
 def train(output, *extra, data=QA) -> tuple[int, str]:
-    process = subprocess.run([sys.executable, "-m", "reference", "train", "--recipe", "llm2024", "--model", str(MODEL),
-                              "--data", str(data), "--columns", "instruction=input,response=output",
-                              "--output", str(output), *extra, *TINY], capture_output=True, text=True, timeout=600)
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "train",
+            "--recipe",
+            "llm2024",
+            "--model",
+            str(MODEL),
+            "--data",
+            str(data),
+            "--columns",
+            "instruction=input,response=output",
+            "--output",
+            str(output),
+            *extra,
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return process.returncode, process.stderr
 
 
@@ -70,8 +97,21 @@ def test_resume_needs_a_run_and_excludes_overwrite(tmp_path):
         with rundir.claimed(tmp_path, resume=True, overwrite=True):
             pass
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["train", "--recipe", "llm2024", "--model", str(MODEL), "--data", str(QA), "--output",
-                  str(tmp_path / "o"), "--resume", "--overwrite"])
+        cli.main(
+            [
+                "train",
+                "--recipe",
+                "llm2024",
+                "--model",
+                str(MODEL),
+                "--data",
+                str(QA),
+                "--output",
+                str(tmp_path / "o"),
+                "--resume",
+                "--overwrite",
+            ]
+        )
     assert exit_.value.code == 2
 
 
@@ -96,8 +136,11 @@ def test_reusing_a_finished_runs_directory_needs_a_flag_and_resume_checks_data_a
     assert code == 0, err
     assert not (tmp_path / "d" / "checkpoints" / "checkpoint-1" / "stale-file").exists()
     again = json.loads((tmp_path / "d" / "run.json").read_text())
-    assert again["settings"]["training_arguments"]["learning_rate"] == 1e-3 != first["settings"][
-        "training_arguments"]["learning_rate"]
+    assert (
+        again["settings"]["training_arguments"]["learning_rate"]
+        == 1e-3
+        != first["settings"]["training_arguments"]["learning_rate"]
+    )
 
 
 @pytest.mark.slow
@@ -105,10 +148,28 @@ def test_reusing_a_finished_runs_directory_needs_a_flag_and_resume_checks_data_a
 def test_a_second_train_into_a_directory_another_train_is_writing_is_refused_and_the_first_finishes(tmp_path):
     """Two real processes: while the first trains (its step plan printed, so it holds the directory), the second
     is refused at once naming the first's process id; the first ends normally with its own manifest."""
-    first = subprocess.Popen([sys.executable, "-m", "reference", "train", "--recipe", "llm2024", "--model", str(MODEL),
-                              "--data", str(QA), "--columns", "instruction=input,response=output",
-                              "--output", str(tmp_path / "d"), *TINY, "max_steps=40"],
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "train",
+            "--recipe",
+            "llm2024",
+            "--model",
+            str(MODEL),
+            "--data",
+            str(QA),
+            "--columns",
+            "instruction=input,response=output",
+            "--output",
+            str(tmp_path / "d"),
+            *TINY,
+            "max_steps=40",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     for line in first.stderr:
         seen.append(line)

@@ -16,8 +16,19 @@ def test_one_sgd_step_moves_the_weight_by_exactly_lr_times_gradient(tmp_path):
     dloss/dw = mean(2 (w x - 2x) x) = -4 mean(x^2) = -4 * 30/4 = -30. With lr 0.01 the update is
     w = 0 - 0.01 * (-30) = 0.3 (plain SGD: no momentum, no weight decay, no clipping, no warmup)."""
     model = OneWeight()
-    run_trainer(tmp_path, 4, model=model, optim="sgd", learning_rate=0.01, weight_decay=0.0, max_grad_norm=0.0,
-                per_device_train_batch_size=4, max_steps=1, lr_scheduler_type="constant", save_strategy="no")
+    run_trainer(
+        tmp_path,
+        4,
+        model=model,
+        optim="sgd",
+        learning_rate=0.01,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        per_device_train_batch_size=4,
+        max_steps=1,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+    )
     assert model.w.item() == pytest.approx(0.3, rel=1e-6)
 
 
@@ -55,8 +66,17 @@ def test_rates_equal_transformers_schedulers_at_every_step(schedule, warmup, tot
 @pytest.mark.parametrize("schedule,warmup", [("linear", 3), ("constant", 0.25), ("cosine", 2)])
 def test_rates_logged_by_a_real_trainer_equal_the_schedule(tmp_path, schedule, warmup):
     """12 records, batch 1, grad-accum 1 -> 12 steps, one loss line (with its rate) per step."""
-    seen = run_trainer(tmp_path, 12, per_device_train_batch_size=1, num_train_epochs=1, learning_rate=2e-4,
-                       lr_scheduler_type=schedule, warmup_steps=warmup, logging_steps=1, save_strategy="no")
+    seen = run_trainer(
+        tmp_path,
+        12,
+        per_device_train_batch_size=1,
+        num_train_epochs=1,
+        learning_rate=2e-4,
+        lr_scheduler_type=schedule,
+        warmup_steps=warmup,
+        logging_steps=1,
+        save_strategy="no",
+    )
     warmup_steps = warmup if warmup >= 1 else int(-(-12 * warmup // 1))
     assert seen.learning_rates == pytest.approx(learning_rates(2e-4, schedule, warmup_steps, 12), rel=1e-9, abs=1e-15)
 

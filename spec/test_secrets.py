@@ -38,8 +38,15 @@ SECRET = "hf_SECRETvalue123"
 """Given as the `hub_token=` override."""
 ENV_SECRET = "hf_ENVsecretValue456"
 """Set as HF_TOKEN in the run's environment."""
-RUN = ["max_steps=2", "per_device_train_batch_size=2", "gradient_accumulation_steps=1", "warmup_steps=0",
-       "save_steps=1", "sft.max_seq_length=48", "use_cpu=true"]
+RUN = [
+    "max_steps=2",
+    "per_device_train_batch_size=2",
+    "gradient_accumulation_steps=1",
+    "warmup_steps=0",
+    "save_steps=1",
+    "sft.max_seq_length=48",
+    "use_cpu=true",
+]
 """By hand: 2 optimizer steps of one micro-batch of 2 records; a checkpoint after each, so two
 training_args.bin files (checkpoint-1, checkpoint-2)."""
 
@@ -50,12 +57,29 @@ def secret_run(tmp_path_factory):
 
     output = tmp_path_factory.mktemp("secret-run") / "run"
     env = {**os.environ, "HF_TOKEN": ENV_SECRET, "TRANSFORMERS_VERBOSITY": "info"}
-    completed = subprocess.run([sys.executable, "-m", "reference", "train", "--recipe", "llm2024",
-                                "--model", str(FIXTURES / "models" / "tiny-gemma2"),
-                                "--data", str(FIXTURES / "data" / "qa111_sample.jsonl"),
-                                "--columns", "instruction=input,response=output", "--output", str(output),
-                                *RUN, f"hub_token={SECRET}"],
-                               capture_output=True, env=env, timeout=300)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "train",
+            "--recipe",
+            "llm2024",
+            "--model",
+            str(FIXTURES / "models" / "tiny-gemma2"),
+            "--data",
+            str(FIXTURES / "data" / "qa111_sample.jsonl"),
+            "--columns",
+            "instruction=input,response=output",
+            "--output",
+            str(output),
+            *RUN,
+            f"hub_token={SECRET}",
+        ],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")
     return completed, output
 
@@ -63,7 +87,8 @@ def secret_run(tmp_path_factory):
 def secret_recipe(tmp_path):
     """A recipe file with a token in each section that can hold one, beside values that are not secrets."""
     path = tmp_path / "secret.toml"
-    path.write_text(f'''name = "secret"
+    path.write_text(
+        f'''name = "secret"
 source = "spec"
 [training_arguments]
 hub_token = "{SECRET}"
@@ -75,7 +100,9 @@ reason = "the source pushed to a hub"
 token = "{SECRET}"
 use_auth_token = true
 max_seq_length = 48
-''', encoding="utf-8")
+''',
+        encoding="utf-8",
+    )
     return recipes.load_recipe(path)
 
 

@@ -19,9 +19,11 @@ INSTRUCTION = "日本の首都はどこですか。"
 RESPONSE = "日本の首都は東京です。"
 IGNORED = -100  # the label torch's cross-entropy (and so every transformers loss) skips
 
-ALPACA_PROMPT_BY_HAND = ("\nあなたは高性能なAIです。質問に対して、適切な回答を書きなさい。\n"
-                         "回答に関係のないことは絶対に書かないでください。\n\n"
-                         "### 質問:\n{}\n\n### 回答:\n{}")
+ALPACA_PROMPT_BY_HAND = (
+    "\nあなたは高性能なAIです。質問に対して、適切な回答を書きなさい。\n"
+    "回答に関係のないことは絶対に書かないでください。\n\n"
+    "### 質問:\n{}\n\n### 回答:\n{}"
+)
 
 
 def targets(row) -> list[int]:
@@ -85,7 +87,7 @@ def test_base_model_training_predicts_every_token(gemma_tokenizer):
     assert row["labels"] == [IGNORED, *row["input_ids"][1:]]
     tokens = [gemma_tokenizer.decode([i]) for i in row["input_ids"]]
     at = tokens.index("もの")
-    assert tokens[at - 3:at] == ["学習", "させ", "た"] and row["labels"][at] == row["input_ids"][at]
+    assert tokens[at - 3 : at] == ["学習", "させ", "た"] and row["labels"][at] == row["input_ids"][at]
 
 
 @pytest.mark.claim("P1")
@@ -93,8 +95,9 @@ def test_next_token_labels_are_scored_one_position_later(gemma_tokenizer, tiny_g
     """Labels are not shifted in the data: the model scores label t with the logits at t-1. By hand,
     L = -(1/(n-1)) sum_{t=1}^{n-1} log p(x_t | x_<t) over every token of the primer's sentence (so the
     term for 「もの」 is read off the logits at 「…学習させた」), equal to the model's own loss."""
-    row = encode_record(gemma_tokenizer, "alpaca-ja", "ベースモデルはひたすら次トークン予測で学習させたもの", "", 2048,
-                        loss_on="all")
+    row = encode_record(
+        gemma_tokenizer, "alpaca-ja", "ベースモデルはひたすら次トークン予測で学習させたもの", "", 2048, loss_on="all"
+    )
     ids = row["input_ids"]
     every_position = list(range(1, len(ids)))
     assert model_loss(tiny_gemma2, row) == pytest.approx(loss_by_hand(tiny_gemma2, ids, every_position), rel=1e-5)
@@ -124,7 +127,8 @@ def test_trls_text_field_collator_scores_every_token_as_loss_on_all(gemma_tokeni
     everything = encode_record(gemma_tokenizer, "alpaca-ja", INSTRUCTION, RESPONSE, 2048, loss_on="all")
     masked = encode_record(gemma_tokenizer, "alpaca-ja", INSTRUCTION, RESPONSE, 2048, loss_on="response")
     trl_batch = DataCollatorForLanguageModeling(pad_token_id=gemma_tokenizer.pad_token_id)(
-        [{"input_ids": everything["input_ids"]}])
+        [{"input_ids": everything["input_ids"]}]
+    )
     assert trl_batch["labels"][0].tolist() == everything["input_ids"]
     with torch.no_grad():
         trl_loss = tiny_gemma2(input_ids=trl_batch["input_ids"], labels=trl_batch["labels"]).loss.item()
@@ -159,8 +163,7 @@ def test_the_eos_after_the_response_is_the_tokenizers_own(llama_tokenizer):
 def test_a_gemma2_record_has_one_bos_and_the_response_ends_with_the_turn_end(gemma_tokenizer):
     """gemma2: the rendered text already writes <bos>; tokenizing it naively adds a second (README), the
     record keeps one."""
-    text = (f"<bos><start_of_turn>user\n{INSTRUCTION}<end_of_turn>\n"
-            f"<start_of_turn>model\n{RESPONSE}<end_of_turn>\n")
+    text = f"<bos><start_of_turn>user\n{INSTRUCTION}<end_of_turn>\n<start_of_turn>model\n{RESPONSE}<end_of_turn>\n"
     bos = gemma_tokenizer.bos_token_id
     naive = gemma_tokenizer(text)["input_ids"]
     assert naive[:2] == [bos, bos]
@@ -219,9 +222,17 @@ def test_neftune_adds_bounded_uniform_noise_to_embeddings_in_training_only(tiny_
 
     alpha = load_recipe("llm2024").training_arguments["neftune_noise_alpha"]
     bound = 5 / 32
-    args = TrainingArguments(output_dir=str(tmp_path), neftune_noise_alpha=alpha, max_steps=1, report_to="none",
-                             learning_rate=0.0, per_device_train_batch_size=1, use_cpu=True, save_strategy="no",
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        neftune_noise_alpha=alpha,
+        max_steps=1,
+        report_to="none",
+        learning_rate=0.0,
+        per_device_train_batch_size=1,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     ids = torch.randint(3, 2000, (1, 16), generator=torch.Generator().manual_seed(0))
     embedding = tiny_gemma2.get_input_embeddings()
     with torch.no_grad():
@@ -233,8 +244,12 @@ def test_neftune_adds_bounded_uniform_noise_to_embeddings_in_training_only(tiny_
         def on_train_begin(self, *args, **kwargs):
             self.handle = embedding.register_forward_hook(record)
 
-    trainer = Trainer(model=tiny_gemma2, args=args, train_dataset=[{"input_ids": ids[0], "labels": ids[0]}],
-                      callbacks=[AfterNeftune()])
+    trainer = Trainer(
+        model=tiny_gemma2,
+        args=args,
+        train_dataset=[{"input_ids": ids[0], "labels": ids[0]}],
+        callbacks=[AfterNeftune()],
+    )
     trainer.train()
     embedding.register_forward_hook(record)
     training, noisy = seen[0]

@@ -51,8 +51,9 @@ def test_the_trainer_itself_plans_15000_steps_for_10000_records_batch_2_3_epochs
     """The Trainer's own set-up (its dataloader and set_initial_training_values) gives the same total."""
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=3,
-                             report_to="none", use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=3, report_to="none", use_cpu=True
+    )
     trainer = Trainer(model=OneWeight(), args=args, train_dataset=one_weight_dataset(10_000))
     values = trainer.set_initial_training_values(args, trainer.get_train_dataloader())
     num_train_epochs, steps_per_epoch, _, _, _, micro_batches_per_epoch_, max_steps = values
@@ -73,14 +74,18 @@ CASES = {
     "fractional_epochs": StepSettings(records=10, batch_size=2, grad_accum=2, epochs=1.5),
     "max_steps_crosses_epochs": StepSettings(records=9, batch_size=2, grad_accum=2, max_steps=7),
     "max_steps_inside_first_epoch": StepSettings(records=40, batch_size=2, grad_accum=2, max_steps=3),
-    "save_steps_and_total_limit": StepSettings(records=16, batch_size=2, grad_accum=1, epochs=1, save_steps=3,
-                                               save_total_limit=2),
-    "fractional_save_and_logging_steps": StepSettings(records=20, batch_size=2, grad_accum=1, epochs=1.3,
-                                                      save_steps=0.25, logging_steps=0.2),
-    "save_per_epoch_with_fractional_epochs": StepSettings(records=12, batch_size=4, grad_accum=1, epochs=2.5,
-                                                          save_strategy="epoch", save_total_limit=2),
-    "logging_first_step_and_every_3": StepSettings(records=14, batch_size=1, grad_accum=2, epochs=1,
-                                                   logging_steps=3, logging_first_step=True),
+    "save_steps_and_total_limit": StepSettings(
+        records=16, batch_size=2, grad_accum=1, epochs=1, save_steps=3, save_total_limit=2
+    ),
+    "fractional_save_and_logging_steps": StepSettings(
+        records=20, batch_size=2, grad_accum=1, epochs=1.3, save_steps=0.25, logging_steps=0.2
+    ),
+    "save_per_epoch_with_fractional_epochs": StepSettings(
+        records=12, batch_size=4, grad_accum=1, epochs=2.5, save_strategy="epoch", save_total_limit=2
+    ),
+    "logging_first_step_and_every_3": StepSettings(
+        records=14, batch_size=1, grad_accum=2, epochs=1, logging_steps=3, logging_first_step=True
+    ),
     "logging_per_epoch": StepSettings(records=7, batch_size=2, grad_accum=1, epochs=3, logging_strategy="epoch"),
     "drop_last": StepSettings(records=11, batch_size=3, grad_accum=2, epochs=2, drop_last=True, logging_steps=1),
     "no_saving": StepSettings(records=6, batch_size=2, epochs=2, save_strategy="no", logging_steps=2),
@@ -120,8 +125,14 @@ EXPECTED = {
 
 
 def counted(p) -> tuple:
-    return (p.micro_batches, p.total_optimizer_steps, p.epochs_run, p.checkpoints_written, p.checkpoint_steps_kept,
-            p.log_lines)
+    return (
+        p.micro_batches,
+        p.total_optimizer_steps,
+        p.epochs_run,
+        p.checkpoints_written,
+        p.checkpoint_steps_kept,
+        p.log_lines,
+    )
 
 
 @pytest.mark.claim("P10")
@@ -189,8 +200,10 @@ def test_whole_warmup_steps_are_taken_as_given_and_fractions_round_up(warmup, st
 
 
 @pytest.mark.claim("P10", "X3")
-@pytest.mark.parametrize("records,batch,world,drop_last", [(11, 2, 2, False), (10, 3, 3, False), (9, 1, 4, False),
-                                                            (13, 2, 2, True), (3, 4, 2, False)])
+@pytest.mark.parametrize(
+    "records,batch,world,drop_last",
+    [(11, 2, 2, False), (10, 3, 3, False), (9, 1, 4, False), (13, 2, 2, True), (3, 4, 2, False)],
+)
 def test_micro_batches_per_process_equal_accelerates_sharded_dataloader(records, batch, world, drop_last):
     """Several processes: accelerate deals the batches out round-robin and evens them up; count them."""
     from accelerate.data_loader import BatchSamplerShard
@@ -223,13 +236,21 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.claim("P9", "L4")
 def test_steps_cli_prints_json_with_the_contract_keys():
     """15,000 steps (P9); warmup 0.125 of them = 1,875; STEPS_PER_EPOCH = 10,000 // 2 = 5,000."""
-    result = run_cli("steps", "--records", "10000", "--batch-size", "2", "--epochs", "3", "--warmup", "0.125",
-                     "--json")
+    result = run_cli("steps", "--records", "10000", "--batch-size", "2", "--epochs", "3", "--warmup", "0.125", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    for key in ("micro_batches", "micro_batches_per_epoch", "optimizer_steps_per_epoch", "total_optimizer_steps",
-                "effective_batch_size", "warmup_steps", "checkpoints_written", "checkpoints_kept", "log_lines",
-                "custom_loop_steps_per_epoch"):
+    for key in (
+        "micro_batches",
+        "micro_batches_per_epoch",
+        "optimizer_steps_per_epoch",
+        "total_optimizer_steps",
+        "effective_batch_size",
+        "warmup_steps",
+        "checkpoints_written",
+        "checkpoints_kept",
+        "log_lines",
+        "custom_loop_steps_per_epoch",
+    ):
         assert key in data
     assert (data["total_optimizer_steps"], data["warmup_steps"]) == (15_000, 1_875)
     assert data["custom_loop_steps_per_epoch"] == 5_000
@@ -244,14 +265,17 @@ def test_steps_cli_table_shows_trainer_and_custom_loop_side_by_side():
     assert "STEPS_PER_EPOCH" in result.stdout and "250 (drops 1 records)" in result.stdout
 
 
-@pytest.mark.parametrize("args,named", [
-    (["--records", "0", "--batch-size", "2"], "--records"),
-    (["--records", "10", "--batch-size", "0"], "--batch-size"),
-    (["--records", "10", "--batch-size", "2", "--warmup", "2.5"], "--warmup"),
-    (["--records", "10", "--batch-size", "2", "--warmup", "abc"], "--warmup"),
-    (["--records", "10", "--batch-size", "2", "--save-strategy", "sometimes"], "--save-strategy"),
-    (["--records", "ten", "--batch-size", "2"], "--records"),
-])
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--records", "0", "--batch-size", "2"], "--records"),
+        (["--records", "10", "--batch-size", "0"], "--batch-size"),
+        (["--records", "10", "--batch-size", "2", "--warmup", "2.5"], "--warmup"),
+        (["--records", "10", "--batch-size", "2", "--warmup", "abc"], "--warmup"),
+        (["--records", "10", "--batch-size", "2", "--save-strategy", "sometimes"], "--save-strategy"),
+        (["--records", "ten", "--batch-size", "2"], "--records"),
+    ],
+)
 def test_steps_cli_rejects_bad_arguments_with_exit_2_naming_the_argument(args, named):
     result = run_cli("steps", *args)
     assert result.returncode == 2
@@ -293,10 +317,22 @@ def test_step_plan_equals_a_real_trainer_on_random_configurations(seed, tmp_path
     s = random_settings(random.Random(seed))
     p = plan(s)
     seen = run_trainer(tmp_path, s.records, **trainer_arguments(s))
-    observed = (seen.micro_batches, seen.optimizer_steps, seen.epochs_begun, len(seen.save_steps),
-                seen.checkpoints_on_disk, len(seen.loss_log_steps))
-    expected = (p.micro_batches, p.total_optimizer_steps, p.epochs_run, p.checkpoints_written,
-                p.checkpoint_steps_kept, p.log_lines)
+    observed = (
+        seen.micro_batches,
+        seen.optimizer_steps,
+        seen.epochs_begun,
+        len(seen.save_steps),
+        seen.checkpoints_on_disk,
+        len(seen.loss_log_steps),
+    )
+    expected = (
+        p.micro_batches,
+        p.total_optimizer_steps,
+        p.epochs_run,
+        p.checkpoints_written,
+        p.checkpoint_steps_kept,
+        p.log_lines,
+    )
     assert observed == expected, s
 
 
@@ -307,7 +343,11 @@ def test_warmup_that_lasts_the_whole_run_is_warned_about(capsys, warmup, max_ste
     Warmup 4 of 4 steps never reaches the peak either (the last step runs at 3/4); warmup 3 of 4 does."""
     from reference import cli
 
-    assert cli.main(["steps", "--records", "100", "--batch-size", "4", "--max-steps", str(max_steps),
-                     "--warmup", str(warmup)]) == 0
+    assert (
+        cli.main(
+            ["steps", "--records", "100", "--batch-size", "4", "--max-steps", str(max_steps), "--warmup", str(warmup)]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert ("warning: warmup of" in err and "never reaches its peak" in err) is warned

@@ -46,13 +46,21 @@ from reference.recipes import apply_overrides, load_recipe
 from spec.observe import QA_COLUMNS, Observed, assert_trained, run_recipe, unwrapped
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-RUN = ["max_steps=4", "per_device_train_batch_size=2", "gradient_accumulation_steps=2", "warmup_steps=0",
-       "save_steps=2", "logging_steps=1", "learning_rate=2e-3", "sft.max_seq_length=64"]
+RUN = [
+    "max_steps=4",
+    "per_device_train_batch_size=2",
+    "gradient_accumulation_steps=2",
+    "warmup_steps=0",
+    "save_steps=2",
+    "logging_steps=1",
+    "learning_rate=2e-3",
+    "sft.max_seq_length=64",
+]
 """By hand: 24 records / batch 2 = 12 micro-batches an epoch, 6 optimizer steps at accumulation 2; max_steps 4
 stops inside the first epoch after 8 micro-batches (16 records). Checkpoints at steps 2 and 4."""
 QUANTIZATION = {"nf4": load_recipe("llm2024").quantization, "int8": {"load_in_8bit": True}, "bf16": {}, "full": {}}
 IDS = torch.tensor([[2, 100, 200, 300, 400, 500, 600, 700]])
-TIED_TOLERANCE = 2 ** -7  # bf16 resolution near 1: training keeps norms in fp32 (peft), a plain reload in bf16
+TIED_TOLERANCE = 2**-7  # bf16 resolution near 1: training keeps norms in fp32 (peft), a plain reload in bf16
 
 LORA_TRAINABLE, FULL_PARAMETERS = 131_072, 257_472
 WEIGHT_BYTES = {"nf4": 420_848, "int8": 445_312, "bf16": 514_944, "full": 514_944}
@@ -75,8 +83,13 @@ def mixed_length_records(directory: Path) -> Path:
     lines = (FIXTURES / "data" / "qa111_sample.jsonl").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
     path = directory / "qa_mixed.jsonl"
-    path.write_text("".join(json.dumps({"input": r["input"][:12], "output": r["output"][:4 + 7 * (i % 4)]},
-                                       ensure_ascii=False) + "\n" for i, r in enumerate(rows)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps({"input": r["input"][:12], "output": r["output"][: 4 + 7 * (i % 4)]}, ensure_ascii=False) + "\n"
+            for i, r in enumerate(rows)
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -112,8 +125,15 @@ def train_on(base: str, device: str, data: Path, output: Path) -> Run:
     from spec.conftest import FIXTURES
 
     observed, seen = Observed(), {}
-    record = train.run(recipe_for(base, device), str(FIXTURES / "models" / "tiny-gemma2"), str(data), str(output),
-                       columns=QA_COLUMNS, say=observed.lines.append, before_train=watch_logits(observed, device, seen))
+    record = train.run(
+        recipe_for(base, device),
+        str(FIXTURES / "models" / "tiny-gemma2"),
+        str(data),
+        str(output),
+        columns=QA_COLUMNS,
+        say=observed.lines.append,
+        before_train=watch_logits(observed, device, seen),
+    )
     observed.logits_before = seen
     return Run(record, observed, output, device, data)
 
@@ -138,6 +158,7 @@ def runs(device, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ D1: one method on every base
+
 
 @pytest.mark.slow
 @pytest.mark.claim("D1", "C12")
@@ -192,17 +213,20 @@ def test_the_qlora_base_is_nf4_with_double_quantisation_and_bf16_compute_packed_
 
 
 @pytest.mark.claim("C1", "D2")
-@pytest.mark.parametrize("double_quant, compute, weight_bytes", [(True, "bfloat16", 420_848),
-                                                                 (False, "float16", 409_856)])
-def test_the_recipes_quantization_section_reaches_the_base_a_run_loads(fixtures_dir, double_quant, compute,
-                                                                        weight_bytes):
+@pytest.mark.parametrize(
+    "double_quant, compute, weight_bytes", [(True, "bfloat16", 420_848), (False, "float16", 409_856)]
+)
+def test_the_recipes_quantization_section_reaches_the_base_a_run_loads(
+    fixtures_dir, double_quant, compute, weight_bytes
+):
     """The run's base follows the recipe's [quantization], not a default: with double quantisation off and
     fp16 compute the layers say so, and the weights take 409,856 bytes (derived in test_models.py) instead
     of 420,848."""
     recipe = load_recipe("llm2024")
     recipe.quantization.update(bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute)
-    model, identity, measured, _ = train.prepare_model(recipe, fixtures_dir / "models" / "tiny-gemma2", "cpu", False,
-                                                       "bfloat16", None, say=lambda text: None)
+    model, identity, measured, _ = train.prepare_model(
+        recipe, fixtures_dir / "models" / "tiny-gemma2", "cpu", False, "bfloat16", None, say=lambda text: None
+    )
     layer = unwrapped(model).model.layers[0].self_attn.q_proj.base_layer
     assert layer.weight.quant_state.nested is double_quant and layer.compute_dtype == getattr(torch, compute)
     assert (identity.quantization, measured) == ("nf4", weight_bytes)
@@ -223,6 +247,7 @@ def test_before_the_first_update_the_model_gives_the_bases_logits(runs):
 
 
 # ------------------------------------------------------------------ C13, C15, C16 on the QLoRA run
+
 
 @pytest.mark.slow
 @pytest.mark.claim("C13")
@@ -255,8 +280,12 @@ def test_use_cache_is_off_and_checkpointing_on_during_training_and_the_reverse_f
     model = observed.trainer.model
     assert not model.training and not unwrapped(model).is_activation_checkpointing
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([[2, 100, 200]], device=run.device), max_new_tokens=3,
-                             do_sample=False, return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=torch.tensor([[2, 100, 200]], device=run.device),
+            max_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
     assert out.past_key_values.get_seq_length() == 3 + 3 - 1  # the prompt and the new tokens but the last
 
 
@@ -272,8 +301,12 @@ def test_the_saved_adapter_and_tokenizer_reload_and_give_the_trained_models_logi
     output, trained = run.output, run.observed.trainer.model
     assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(output))
-    base, _ = models.load_causal_lm(run.record.model["path"], dtype="bfloat16", quantization="nf4",
-                                    device=f"{run.device}:0" if run.device == "cuda" else None)
+    base, _ = models.load_causal_lm(
+        run.record.model["path"],
+        dtype="bfloat16",
+        quantization="nf4",
+        device=f"{run.device}:0" if run.device == "cuda" else None,
+    )
     reloaded = PeftModel.from_pretrained(base, str(output)).eval()
     saved = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
     weights = dict(trained.named_parameters())
@@ -285,6 +318,7 @@ def test_the_saved_adapter_and_tokenizer_reload_and_give_the_trained_models_logi
 
 
 # ------------------------------------------------------------------ L2: progress and tokens/s
+
 
 @pytest.mark.slow
 @pytest.mark.claim("L2")
@@ -324,6 +358,7 @@ def test_progress_is_a_line_per_step_and_the_first_step_is_left_out_of_the_stead
 
 # ------------------------------------------------------------------ X2, X8, P12: the run record
 
+
 @pytest.mark.slow
 @pytest.mark.claim("X8", "P12")
 def test_the_manifests_settings_are_exactly_the_arguments_the_trainer_ran_with(runs):
@@ -354,8 +389,10 @@ def test_the_manifest_holds_versions_hashes_seeds_the_step_plan_and_per_step_los
     run = runs("nf4")
     manifest = json.loads((run.output / train.MANIFEST).read_text())
     settings = manifest["settings"]
-    assert (settings["versions"]["transformers"], settings["versions"]["peft"]) == (transformers.__version__,
-                                                                                 peft.__version__)
+    assert (settings["versions"]["transformers"], settings["versions"]["peft"]) == (
+        transformers.__version__,
+        peft.__version__,
+    )
     assert (settings["training_arguments"]["seed"], settings["lora"]["random_state"]) == (3407, 3407)
     assert "adam_beta2" in settings["training_arguments"]  # defaults written out too
     digest = hashlib.sha256(run.data.read_bytes()).hexdigest()
@@ -376,6 +413,7 @@ def test_the_manifest_holds_versions_hashes_seeds_the_step_plan_and_per_step_los
 
 
 # ------------------------------------------------------------------ A2: nothing trainable is refused
+
 
 def frozen_load(model, adapter_dir, trainable=True):
     """The user's mistake of seed 000: peft's default load, is_trainable=False, whatever was asked for."""
@@ -398,21 +436,42 @@ def test_continuing_an_adapter_loaded_frozen_is_refused_before_any_step(runs, tm
     monkeypatch.setattr(lora, "load_adapter", frozen_load)
     observed = Observed()
     with pytest.raises(InputError) as error:
-        run_recipe(recipe_for("nf4", run.device), fixtures_dir / "models" / "tiny-gemma2", run.data, tmp_path / "out",
-                   observed, adapter=str(run.output))
+        run_recipe(
+            recipe_for("nf4", run.device),
+            fixtures_dir / "models" / "tiny-gemma2",
+            run.data,
+            tmp_path / "out",
+            observed,
+            adapter=str(run.output),
+        )
     assert f"adapter loaded from {run.output}, not created" in str(error.value) and "is_trainable" in str(error.value)
     assert not hasattr(observed, "trainer") and nothing_written(tmp_path / "out")
 
 
 @pytest.mark.slow
 @pytest.mark.claim("A2")
-def test_the_continue_command_refuses_a_frozen_adapter_with_exit_2_and_writes_nothing(runs, tmp_path, monkeypatch,
-                                                                                       capsys, fixtures_dir):
+def test_the_continue_command_refuses_a_frozen_adapter_with_exit_2_and_writes_nothing(
+    runs, tmp_path, monkeypatch, capsys, fixtures_dir
+):
     run = runs("nf4")
     monkeypatch.setattr(lora, "load_adapter", frozen_load)
-    code = cli.main(["continue", "--model", str(fixtures_dir / "models" / "tiny-gemma2"), "--adapter", str(run.output),
-                     "--data", str(run.data), "--columns", "instruction=input,response=output",
-                     "--output", str(tmp_path / "out"), *RUN, *(["use_cpu=true"] if run.device == "cpu" else [])])
+    code = cli.main(
+        [
+            "continue",
+            "--model",
+            str(fixtures_dir / "models" / "tiny-gemma2"),
+            "--adapter",
+            str(run.output),
+            "--data",
+            str(run.data),
+            "--columns",
+            "instruction=input,response=output",
+            "--output",
+            str(tmp_path / "out"),
+            *RUN,
+            *(["use_cpu=true"] if run.device == "cpu" else []),
+        ]
+    )
     stderr = capsys.readouterr().err
     assert code == 2 and "adapter loaded from" in stderr and "is_trainable=False" in stderr
     assert "Traceback" not in stderr and nothing_written(tmp_path / "out")
@@ -422,11 +481,14 @@ def test_the_continue_command_refuses_a_frozen_adapter_with_exit_2_and_writes_no
 @pytest.mark.claim("A2")
 def test_a_fresh_run_says_it_created_the_adapter(runs):
     run = runs("nf4")
-    assert any(line.startswith("adapter created fresh (r=64, lora_alpha=64), not loaded; 131,072 weights trainable")
-               for line in run.observed.lines)
+    assert any(
+        line.startswith("adapter created fresh (r=64, lora_alpha=64), not loaded; 131,072 weights trainable")
+        for line in run.observed.lines
+    )
 
 
 # ------------------------------------------------------------------ C13: auto_find_batch_size
+
 
 @pytest.mark.slow
 @pytest.mark.claim("C13")
@@ -436,21 +498,39 @@ def test_auto_find_batch_size_shrinks_the_batch_on_out_of_memory_and_recomputes_
     the batch by 0.9 rather than halving it as in the seed's day: int(4 x 0.9) = 3 fails too, int(3 x 0.9)
     = 2 runs. The run's plan follows, by hand: 24 records / 2 = 12 micro-batches, 6 steps at accumulation 2."""
     observed = Observed()
-    recipe = apply_overrides(load_recipe("llm2024"), ["num_train_epochs=1", "per_device_train_batch_size=4",
-                                                      "gradient_accumulation_steps=2", "warmup_steps=0", "save_steps=100",
-                                                      "sft.max_seq_length=24", "quantization.load_in_4bit=false"])
+    recipe = apply_overrides(
+        load_recipe("llm2024"),
+        [
+            "num_train_epochs=1",
+            "per_device_train_batch_size=4",
+            "gradient_accumulation_steps=2",
+            "warmup_steps=0",
+            "save_steps=100",
+            "sft.max_seq_length=24",
+            "quantization.load_in_4bit=false",
+        ],
+    )
 
     def limit_batch(trainer):
         observed.before_train(trainer)
 
         def hook(module, args, kwargs):
             if kwargs["input_ids"].shape[0] > 2:
-                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.")
+                raise RuntimeError(
+                    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes."
+                )
 
         trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
 
-    record = train.run(recipe, str(fixtures_dir / "models" / "tiny-gemma2"), str(fixtures_dir / "data" / "qa111_sample.jsonl"),
-                       str(tmp_path), columns=QA_COLUMNS, say=observed.lines.append, before_train=limit_batch)
+    record = train.run(
+        recipe,
+        str(fixtures_dir / "models" / "tiny-gemma2"),
+        str(fixtures_dir / "data" / "qa111_sample.jsonl"),
+        str(tmp_path),
+        columns=QA_COLUMNS,
+        say=observed.lines.append,
+        before_train=limit_batch,
+    )
     assert record.batch_size_attempts == [4, 3, 2]
     assert any("out of memory at batch size 4" in line and "retries with 3" in line for line in observed.lines)
     assert any("out of memory at batch size 3" in line and "retries with 2" in line for line in observed.lines)
@@ -474,6 +554,7 @@ def test_the_sequence_length_defaults_to_2048_and_the_loss_to_the_response(tmp_p
 
 # ------------------------------------------------------------------ P2 and the command's errors
 
+
 def train_command(*args: str, capsys) -> tuple[int, str]:
     """`ftref train ...` in this process (the same main() the console script runs): exit code and stderr."""
     code = cli.main(["train", *args])
@@ -482,23 +563,49 @@ def train_command(*args: str, capsys) -> tuple[int, str]:
 
 @pytest.fixture
 def common(tmp_path, fixtures_dir):
-    return ["--recipe", "llm2024", "--model", str(fixtures_dir / "models" / "tiny-gemma2"),
-            "--output", str(tmp_path / "o"), "--columns", "instruction=input,response=output"]
+    return [
+        "--recipe",
+        "llm2024",
+        "--model",
+        str(fixtures_dir / "models" / "tiny-gemma2"),
+        "--output",
+        str(tmp_path / "o"),
+        "--columns",
+        "instruction=input,response=output",
+    ]
 
 
 @pytest.mark.claim("P2")
-@pytest.mark.parametrize("name, text, where", [
-    ("broken.jsonl", '{"input": "a", "output": "b"}\n{"input": "c", "output": \n{"input": "d", "output": "e"}\n',
-     "row 2 (line 2): not JSON"),
-    ("blank-then-list.jsonl", '{"input": "a", "output": "b"}\n\n[1, 2]\n', "row 2 (line 3): expected a JSON object"),
-    ("extra-field.csv", "input,output\na,b\nc,d,e\nf,g\n", "row 2 (line 3): 3 fields, the header has 2"),
-    ("open-quote.csv", 'input,output\na,b\n\nc,d\n"e,f\ng,h\n', "row 3 (line 5)"),
-    ("not-text.jsonl", '{"input": "a", "output": "b"}\n{"input": 3, "output": "c"}\n', "row 2, column 'input'"),
-    ("missing-answer.csv", "input,output\na,b\nc\n", "row 2, column 'output'"),
-], ids=["jsonl-not-json", "jsonl-not-an-object", "csv-extra-field", "csv-open-quote", "jsonl-not-text",
-        "csv-missing-field"])
-def test_a_malformed_row_on_the_train_path_names_the_file_and_the_row_with_exit_2(tmp_path, common, capsys, name, text,
-                                                                                   where):
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        (
+            "broken.jsonl",
+            '{"input": "a", "output": "b"}\n{"input": "c", "output": \n{"input": "d", "output": "e"}\n',
+            "row 2 (line 2): not JSON",
+        ),
+        (
+            "blank-then-list.jsonl",
+            '{"input": "a", "output": "b"}\n\n[1, 2]\n',
+            "row 2 (line 3): expected a JSON object",
+        ),
+        ("extra-field.csv", "input,output\na,b\nc,d,e\nf,g\n", "row 2 (line 3): 3 fields, the header has 2"),
+        ("open-quote.csv", 'input,output\na,b\n\nc,d\n"e,f\ng,h\n', "row 3 (line 5)"),
+        ("not-text.jsonl", '{"input": "a", "output": "b"}\n{"input": 3, "output": "c"}\n', "row 2, column 'input'"),
+        ("missing-answer.csv", "input,output\na,b\nc\n", "row 2, column 'output'"),
+    ],
+    ids=[
+        "jsonl-not-json",
+        "jsonl-not-an-object",
+        "csv-extra-field",
+        "csv-open-quote",
+        "jsonl-not-text",
+        "csv-missing-field",
+    ],
+)
+def test_a_malformed_row_on_the_train_path_names_the_file_and_the_row_with_exit_2(
+    tmp_path, common, capsys, name, text, where
+):
     """Rows count records from 1 (a blank line is no record; a CSV header is no record), lines count the
     file's lines: the third case's list is on line 3 but is the second record."""
     path = tmp_path / name
@@ -527,9 +634,26 @@ def test_the_train_command_exits_2_without_a_traceback_on_an_unreadable_row(tmp_
     broken = tmp_path / "broken.csv"
     with open(broken, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([["input", "output"], ["a", "b"], ["c", "d", "e"]])
-    result = subprocess.run([sys.executable, "-m", "reference", "train", "--recipe", "llm2024", "--model",
-                             str(fixtures_dir / "models" / "tiny-gemma2"), "--data", str(broken), "--output",
-                             str(tmp_path / "o"), "--columns", "instruction=input,response=output"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reference",
+            "train",
+            "--recipe",
+            "llm2024",
+            "--model",
+            str(fixtures_dir / "models" / "tiny-gemma2"),
+            "--data",
+            str(broken),
+            "--output",
+            str(tmp_path / "o"),
+            "--columns",
+            "instruction=input,response=output",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and f"{broken}, row 2 (line 3)" in result.stderr
     assert "Traceback" not in result.stderr

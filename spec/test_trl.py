@@ -87,8 +87,15 @@ def trl_sft_encoding(records: list[dict], max_length: int) -> list[dict]:
     tok = tokenizer()
     rows = [{"text": seed_text(r["instruction"], r["response"], tok.eos_token)} for r in records]
     texts = datasets.Dataset.from_list(rows)
-    config = trl.SFTConfig(output_dir="unused", dataset_text_field="text", max_length=max_length, packing=False,
-                           bf16=False, use_cpu=True, report_to="none")
+    config = trl.SFTConfig(
+        output_dir="unused",
+        dataset_text_field="text",
+        max_length=max_length,
+        packing=False,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+    )
     trainer = trl.SFTTrainer(model=base_model(), args=config, train_dataset=texts, processing_class=tok)
     return list(trainer.train_dataset)
 
@@ -173,13 +180,30 @@ def assert_moved_alike(ours: dict, theirs: dict, start: dict) -> None:
 
 def project_run(tmp_path):
     """reference.train.run on the llm2024 recipe, fp32 base (no NF4), cut to four steps of 2 x 2 records."""
-    recipe = apply_overrides(load_recipe("llm2024"), [
-        f"max_steps={STEPS}", f"per_device_train_batch_size={BATCH}", f"gradient_accumulation_steps={ACCUMULATION}",
-        "warmup_steps=0", f"learning_rate={LEARNING_RATE}", "save_steps=1000", "bf16=false",
-        "quantization.load_in_4bit=false", f"sft.max_seq_length={MAX_LENGTH}"])
+    recipe = apply_overrides(
+        load_recipe("llm2024"),
+        [
+            f"max_steps={STEPS}",
+            f"per_device_train_batch_size={BATCH}",
+            f"gradient_accumulation_steps={ACCUMULATION}",
+            "warmup_steps=0",
+            f"learning_rate={LEARNING_RATE}",
+            "save_steps=1000",
+            "bf16=false",
+            "quantization.load_in_4bit=false",
+            f"sft.max_seq_length={MAX_LENGTH}",
+        ],
+    )
     observed = Observed()
-    record = train.run(recipe, str(MODEL), str(QA111), str(tmp_path / "project"), columns=QA_COLUMNS,
-                       say=observed.lines.append, before_train=observed.before_train)
+    record = train.run(
+        recipe,
+        str(MODEL),
+        str(QA111),
+        str(tmp_path / "project"),
+        columns=QA_COLUMNS,
+        say=observed.lines.append,
+        before_train=observed.before_train,
+    )
     return record, observed
 
 
@@ -195,15 +219,38 @@ def trl_run(tmp_path):
     rows = [{"text": seed_text(r["input"], r["output"], tok.eos_token)} for r in read_jsonl(QA111)]
     texts = datasets.Dataset.from_list(rows)
     torch.manual_seed(3407)
-    model = peft.get_peft_model(base_model(), peft.LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, bias="none",
-                                                              target_modules=SEVEN_PROJECTIONS, task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        base_model(),
+        peft.LoraConfig(
+            r=64, lora_alpha=64, lora_dropout=0.0, bias="none", target_modules=SEVEN_PROJECTIONS, task_type="CAUSAL_LM"
+        ),
+    )
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     config = trl.SFTConfig(
-        output_dir=str(tmp_path / "trl"), dataset_text_field="text", max_length=MAX_LENGTH, packing=False,
-        per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION, max_steps=STEPS,
-        learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_8bit", weight_decay=0.01,
-        neftune_noise_alpha=5, seed=3407, auto_find_batch_size=True, do_eval=True, gradient_checkpointing=True,
-        bf16=False, use_cpu=True, logging_steps=1, save_steps=1000, report_to="none", disable_tqdm=True)
+        output_dir=str(tmp_path / "trl"),
+        dataset_text_field="text",
+        max_length=MAX_LENGTH,
+        packing=False,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATION,
+        max_steps=STEPS,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        optim="adamw_8bit",
+        weight_decay=0.01,
+        neftune_noise_alpha=5,
+        seed=3407,
+        auto_find_batch_size=True,
+        do_eval=True,
+        gradient_checkpointing=True,
+        bf16=False,
+        use_cpu=True,
+        logging_steps=1,
+        save_steps=1000,
+        report_to="none",
+        disable_tqdm=True,
+    )
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=texts, processing_class=tok)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -260,14 +307,25 @@ def lora_policy(seed: int = 0):
     import peft
 
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-                             init_lora_weights=False, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     return peft.get_peft_model(base_model(), config)
 
 
 def dpo_config(tmp_path, **settings):
-    defaults = {"beta": BETA, "max_length": 256, "bf16": False, "use_cpu": True, "report_to": "none",
-                "disable_tqdm": True}
+    defaults = {
+        "beta": BETA,
+        "max_length": 256,
+        "bf16": False,
+        "use_cpu": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+    }
     return trl.DPOConfig(output_dir=str(tmp_path), **{**defaults, **settings})
 
 
@@ -278,8 +336,13 @@ def trl_dpo(tmp_path_factory):
 
     policy = lora_policy()
     policy.eval()
-    trainer = trl.DPOTrainer(model=policy, ref_model=base_model(), args=dpo_config(tmp_path_factory.mktemp("dpo")),
-                             train_dataset=datasets.Dataset.from_list(preference_rows()), processing_class=tokenizer())
+    trainer = trl.DPOTrainer(
+        model=policy,
+        ref_model=base_model(),
+        args=dpo_config(tmp_path_factory.mktemp("dpo")),
+        train_dataset=datasets.Dataset.from_list(preference_rows()),
+        processing_class=tokenizer(),
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
@@ -355,9 +418,13 @@ def test_a_pair_whose_prompt_fills_max_length_is_dropped_and_the_others_cut_as_t
 
     from reference.errors import InputError
 
-    trainer = trl.DPOTrainer(model=lora_policy(), ref_model=base_model(),
-                             args=dpo_config(tmp_path, max_length=max_length),
-                             train_dataset=datasets.Dataset.from_list(preference_rows()), processing_class=tokenizer())
+    trainer = trl.DPOTrainer(
+        model=lora_policy(),
+        ref_model=base_model(),
+        args=dpo_config(tmp_path, max_length=max_length),
+        train_dataset=datasets.Dataset.from_list(preference_rows()),
+        processing_class=tokenizer(),
+    )
     kept = [dpo.encode_pair(tokenizer(), dpo.PreferencePair(**row), max_length) for row in preference_rows()]
     assert sum(pair is not None for pair in kept) == len(trainer.train_dataset) == {3: 0, 4: 2}[max_length]
     if max_length == 3:
@@ -384,7 +451,8 @@ def saved_sft_adapter(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.claim("X9", "D3")
 def test_dpo_from_a_saved_adapter_takes_trls_steps_with_that_adapter_frozen_as_the_reference(
-        tmp_path, saved_sft_adapter):
+    tmp_path, saved_sft_adapter
+):
     """Both start from the saved adapter, loaded trainable. trl copies it to a frozen "ref" adapter; so must
     we: the first loss is exactly log 2 (r_w = r_l = 0), the next ones equal trl's (AdamW, lr 5e-3,
     weight decay 0.01, constant rate, no clipping, all pairs in one batch), and after training the
@@ -396,17 +464,33 @@ def test_dpo_from_a_saved_adapter_takes_trls_steps_with_that_adapter_frozen_as_t
     steps, learning_rate = 3, 5e-3
     rows = read_jsonl(PAIRS)
     theirs = peft.PeftModel.from_pretrained(base_model(), str(saved_sft_adapter), is_trainable=True)
-    config = dpo_config(tmp_path, per_device_train_batch_size=len(rows), learning_rate=learning_rate, max_steps=steps,
-                        lr_scheduler_type="constant", weight_decay=0.01, optim="adamw_torch", max_grad_norm=0.0,
-                        gradient_checkpointing=False, logging_steps=1, save_strategy="no")
-    trainer = trl.DPOTrainer(model=theirs, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tokenizer())
+    config = dpo_config(
+        tmp_path,
+        per_device_train_batch_size=len(rows),
+        learning_rate=learning_rate,
+        max_steps=steps,
+        lr_scheduler_type="constant",
+        weight_decay=0.01,
+        optim="adamw_torch",
+        max_grad_norm=0.0,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    trainer = trl.DPOTrainer(
+        model=theirs, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer()
+    )
     trainer.train()
     trl_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     ours = lora.load_adapter(base_model(), saved_sft_adapter, trainable=True)
-    record = dpo.train(ours, tokenizer(), dpo.read_pairs(PAIRS),
-                       dpo.DPOSettings(steps=steps, learning_rate=learning_rate, beta=BETA), say=lambda _: None)
+    record = dpo.train(
+        ours,
+        tokenizer(),
+        dpo.read_pairs(PAIRS),
+        dpo.DPOSettings(steps=steps, learning_rate=learning_rate, beta=BETA),
+        say=lambda _: None,
+    )
     assert record.losses[0] == pytest.approx(math.log(2), abs=1e-6) == trl_losses[0]
     assert record.losses == pytest.approx(trl_losses, abs=1e-5)
     assert record.reference_logps == [record.reference_logps[0]] * steps

@@ -21,9 +21,13 @@ from reference.errors import InputError
 def run_record(losses: dict[int, float], resumed_from: str | None = None) -> dict:
     """A manifest as `train` writes one, with only what verify reads."""
     return {
-        "settings": {"training_arguments": {"learning_rate": 2e-4, "output_dir": "/runs/a/checkpoints"},
-                     "lora": {"r": 64}, "quantization": {"load_in_4bit": True}, "sft": {"max_seq_length": 2048},
-                     "versions": {"torch": "2.13.0"}},
+        "settings": {
+            "training_arguments": {"learning_rate": 2e-4, "output_dir": "/runs/a/checkpoints"},
+            "lora": {"r": 64},
+            "quantization": {"load_in_4bit": True},
+            "sft": {"max_seq_length": 2048},
+            "versions": {"torch": "2.13.0"},
+        },
         "model": {"path": "/models/tiny", "weights_sha256": "m" * 64},
         "data": {"path": "/data/qa.jsonl", "sha256": "d" * 64},
         "step_plan": {"total_optimizer_steps": max(losses)},
@@ -104,17 +108,25 @@ def test_model_data_settings_and_losses_are_reported_apart():
     assert verdict.notes == ["versions.torch: '2.13.0' vs '2.14.1'"]
     text = manifest.report(verdict, "a", "b")
     assert [line for line in text.splitlines() if line.startswith("  ") and not line.startswith("    ")] == [
-        "  model: 1 difference(s)", "  data: 1 difference(s)", "  settings: 1 difference(s)",
-        "  step plan: 1 difference(s)", "  losses: 1 difference(s)", "  note: versions.torch: '2.13.0' vs '2.14.1'"]
+        "  model: 1 difference(s)",
+        "  data: 1 difference(s)",
+        "  settings: 1 difference(s)",
+        "  step plan: 1 difference(s)",
+        "  losses: 1 difference(s)",
+        "  note: versions.torch: '2.13.0' vs '2.14.1'",
+    ]
 
 
 @pytest.mark.claim("X8")
-@pytest.mark.parametrize("content,says", [
-    ('{"reproduces": true}', "not a manifest written by `train`: settings, model, data, step_plan, steps"),
-    ("[1, 2, 3]", "not a manifest (a JSON object written by `train`), but a JSON list"),
-    ("{not json", "not a readable manifest"),
-    (b"\xff\xfe", "not a readable manifest"),
-])
+@pytest.mark.parametrize(
+    "content,says",
+    [
+        ('{"reproduces": true}', "not a manifest written by `train`: settings, model, data, step_plan, steps"),
+        ("[1, 2, 3]", "not a manifest (a JSON object written by `train`), but a JSON list"),
+        ("{not json", "not a readable manifest"),
+        (b"\xff\xfe", "not a readable manifest"),
+    ],
+)
 def test_a_file_that_is_not_a_manifest_is_a_clear_error(tmp_path, content, says):
     path = tmp_path / "manifest.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -28,7 +28,9 @@ class OneWeight(nn.Module):
 
 
 def one_weight_dataset(records: int) -> list[dict]:
-    return [{"x": torch.tensor([float(i % 7 + 1)]), "labels": torch.tensor([2.0 * (i % 7 + 1)])} for i in range(records)]
+    return [
+        {"x": torch.tensor([float(i % 7 + 1)]), "labels": torch.tensor([2.0 * (i % 7 + 1)])} for i in range(records)
+    ]
 
 
 @dataclass
@@ -80,7 +82,12 @@ def run_trainer(output_dir: Path, records: int, model: nn.Module | None = None, 
         **{"learning_rate": 1e-3, **training_arguments},
     )
     callback = CountingCallback()
-    trainer = Trainer(model=model if model is not None else OneWeight(), args=args, train_dataset=one_weight_dataset(records), callbacks=[callback])
+    trainer = Trainer(
+        model=model if model is not None else OneWeight(),
+        args=args,
+        train_dataset=one_weight_dataset(records),
+        callbacks=[callback],
+    )
     trainer.train()
     counts = callback.counts
     counts.checkpoints_on_disk = sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*"))
