@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -404,3 +405,34 @@ def describe(recipe: Recipe) -> str:
                 f"{row['trainable_parameters']:>13,}  {row['result']}"
             )
     return "\n".join(lines)
+
+
+def _whole(value, minimum: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+def check_numbers(recipe) -> None:
+    """The recipe's counts and rates once the key=value overrides are in, checked before anything loads.
+    Counts are whole numbers >= 1; learning_rate, and num_train_epochs unless max_steps > 0, are finite and > 0.
+    The message names the setting: `per_device_train_batch_size=0: must be a whole number >= 1`."""
+    arguments = recipe.training_arguments
+    counts = {
+        "per_device_train_batch_size": arguments.get("per_device_train_batch_size"),
+        "gradient_accumulation_steps": arguments.get("gradient_accumulation_steps"),
+        "lora.r": recipe.lora.get("r"),
+        "sft.max_seq_length": recipe.sft.get("max_seq_length"),
+    }
+    for name, value in counts.items():
+        if value is not None and not _whole(value, 1):
+            raise InputError(f"{name}={value!r}: must be a whole number >= 1")
+    max_steps = arguments.get("max_steps", -1)
+    if not _whole(max_steps):
+        raise InputError(f"max_steps={max_steps!r}: must be a whole number (<= 0: train num_train_epochs)")
+    rates = {"learning_rate": arguments.get("learning_rate")}
+    if max_steps <= 0:
+        rates["num_train_epochs"] = arguments.get("num_train_epochs")
+    for name, value in rates.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise InputError(f"{name}={value!r}: must be a finite number > 0")

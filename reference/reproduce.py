@@ -128,8 +128,8 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
         "pipeline": shown,
         "filter": kept.counts,
         "training_records": len(table),
-        "sft": _run_summary(sft),
-        "continued": _run_summary(continued),
+        "sft": train.summary(sft),
+        "continued": train.summary(continued),
         "tasks": len(tasks),
         "prompt_tokens": [f.tokens for f in fitted],
         "output": str(out / "output.jsonl"),
@@ -138,18 +138,6 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
     write_report(out, summary, sft, continued)
     say(f"done: {out / 'output.jsonl'}, report {out / 'report.md'}")
     return summary
-
-
-def _run_summary(record) -> dict:
-    return {
-        "steps": len(record.steps),
-        "first_loss": record.steps[0]["loss"],
-        "last_loss": record.steps[-1]["loss"],
-        "steady_tokens_per_second": record.steady_tokens_per_second,
-        "step_plan": record.step_plan,
-        "adapter": record.adapter,
-        "output": record.output,
-    }
 
 
 def loss_svg(curves: dict[str, list[float]], width: int = 480, height: int = 200) -> str:

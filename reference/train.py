@@ -342,6 +342,22 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     return record
 
 
+def summary(record: RunRecord) -> dict:
+    """A run in a few numbers: where it is, its steps and first/last loss, speed, the adapter, a resume."""
+    return {
+        "output": record.output,
+        "manifest": str(Path(record.output) / MANIFEST),
+        "steps": len(record.steps),
+        "first_loss": record.steps[0]["loss"] if record.steps else None,
+        "last_loss": record.steps[-1]["loss"] if record.steps else None,
+        "steady_tokens_per_second": record.steady_tokens_per_second,
+        "trainable_parameters": record.trainable_parameters,
+        "step_plan": record.step_plan,
+        "adapter": record.adapter,
+        "resumed_from": record.resumed_from,
+    }
+
+
 def trainable_digest(model) -> str:
     """SHA-256 over the trainable weights' names and bytes: equal digests mean equal weights."""
     digest = hashlib.sha256()

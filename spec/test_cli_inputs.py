@@ -339,9 +339,9 @@ def test_reproduce_names_an_out_of_range_set_override(tmp_path, capsys):
 )
 def test_the_smallest_allowed_overrides_are_accepted(overrides):
     """Trainer ignores num_train_epochs when max_steps > 0, so 0 epochs is refused only without max_steps."""
-    cli.check_training_numbers(recipes.apply_overrides(recipes.load_recipe("llm2024"), overrides))
+    recipes.check_numbers(recipes.apply_overrides(recipes.load_recipe("llm2024"), overrides))
 
 
 @pytest.mark.parametrize("name", ["primer", "llm2024"])
 def test_the_shipped_recipes_pass_the_check(name):
-    cli.check_training_numbers(recipes.load_recipe(name))
+    recipes.check_numbers(recipes.load_recipe(name))

@@ -1,0 +1,110 @@
+"""Argument types and argument groups shared by several commands.
+
+Every number is validated where argparse reads it: a bad value is `argument --NAME: must be >= 1, got '0'`,
+exit 2, before anything loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+
+def _number(value: str, kind: type) -> int | float:
+    """VALUE read as an int or a float; inf and nan are refused: no count or rate is endless or undefined."""
+    try:
+        number = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'a whole number' if kind is int else 'a number'}, got {value!r}"
+        ) from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
+    return number
+
+
+def finite(value: str) -> float:
+    """An argparse type: any finite float (the command checks its own range)."""
+    return _number(value, float)
+
+
+def at_least(minimum: int | float, kind: type = int):
+    """An argparse type: a finite `kind` >= minimum; argparse reports 'argument --NAME: must be >= ...', exit 2."""
+
+    def check(value: str) -> int | float:
+        number = _number(value, kind)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value!r}")
+        return number
+
+    check.__name__ = f"at_least_{minimum}"
+    return check
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a finite float > 0 (a learning rate, a beta, a number of epochs)."""
+    number = _number(value, float)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+    return number
+
+
+positive_int = at_least(1)
+
+
+def progress(total: int, description: str):
+    """A tqdm bar on stderr when a person is watching (a terminal) and the input is long; else None."""
+    if total < 2000 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="rec", file=sys.stderr, mininterval=0.5)
+
+
+def say(text: str) -> None:
+    """Progress and notes go to stderr; stdout holds the command's result."""
+    print(text, file=sys.stderr)
+
+
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    """What every training command takes besides its model: data, output, columns, resume, overrides."""
+    p.add_argument("--data", required=True, help="records: JSONL/JSON/CSV/Parquet or a saved dataset folder")
+    p.add_argument(
+        "--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json"
+    )
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="column map, e.g. instruction=input,response=output (default: "
+        "magpie conversations or instruction/response)",
+    )
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="carry on from the newest complete checkpoint in OUTPUT/checkpoints (the same model, data "
+        "and settings, checked)",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an OUTPUT that holds a run: its files are removed first",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe overrides: a TrainingArguments name, or section.key (lora.r=16, sft.max_seq_length=512)",
+    )
+
+
+def print_run(record) -> None:
+    """A training run's summary as JSON on stdout, from the main process only under torchrun."""
+    from reference import train
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(json.dumps(train.summary(record), indent=2))

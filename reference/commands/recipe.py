@@ -1,0 +1,27 @@
+"""`recipe`: a named recipe, or every setting it resolves to (claims P7, P12, C13, C17, C22)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "recipe"
+HELP = "show a named recipe, or its fully resolved settings (claims P7, P12, C13, C17, C22)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="recipe name (primer, llm2024) or a TOML file")
+    p.add_argument("--resolved", action="store_true", help="print every setting, defaults included, as JSON")
+    p.add_argument("--output-dir", default="runs/recipe", help="output_dir to resolve TrainingArguments with")
+
+
+def run(args: argparse.Namespace) -> int:
+    from reference import recipes
+
+    recipe = recipes.load_recipe(args.name)
+    if args.resolved:
+        settings = recipes.resolved_settings(recipe, output_dir=args.output_dir)
+        print(json.dumps(settings, ensure_ascii=False, indent=2, default=str))
+    else:
+        print(recipes.describe(recipe))
+    return 0

@@ -1,0 +1,29 @@
+"""`train`: LoRA/QLoRA supervised fine-tuning with a recipe (claims P1, P3, C11-C16, L2)."""
+
+from __future__ import annotations
+
+import argparse
+
+from reference.commands.arguments import print_run, run_arguments
+
+NAME = "train"
+HELP = "LoRA/QLoRA supervised fine-tuning with a recipe (claims P1, P3, C11-C16, L2)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe name (primer, llm2024) or a TOML file")
+    p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
+    run_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from reference import recipes, train
+
+    recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
+    recipes.check_numbers(recipe)
+    columns = train.parse_columns(args.columns)
+    record = train.run(
+        recipe, args.model, args.data, args.output, columns=columns, resume=args.resume, overwrite=args.overwrite
+    )
+    print_run(record)
+    return 0
