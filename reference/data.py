@@ -266,6 +266,8 @@ def load_records(path: str | Path, columns: dict[str, str] | None = None):
             remove_columns=table.column_names,
         )
     columns = columns or {"instruction": "instruction", "response": "response"}
+    if columns["instruction"] == columns["response"]:
+        raise InputError(f"{path}: instruction and response are both column {columns['instruction']!r}")
     missing = [c for c in columns.values() if c not in table.column_names]
     if missing:
         raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(table.column_names)})")

@@ -136,6 +136,14 @@ def test_a_missing_column_names_the_file_and_the_column(tmp_path):
 
 
 @pytest.mark.claim("P2")
+def test_instruction_and_response_mapped_to_one_column_is_refused_naming_it(tmp_path):
+    """`--columns instruction=input,response=input` would train the model to echo its prompt."""
+    path = write(tmp_path, "csv")
+    with pytest.raises(InputError, match="instruction and response are both column 'input'"):
+        load_records(path, {"instruction": "input", "response": "input"})
+
+
+@pytest.mark.claim("P2")
 def test_a_row_that_is_not_text_names_file_row_and_column(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(
