@@ -5,8 +5,9 @@
 
 Both commands read the same generated magpie-style corpus (reference/synthetic.py) and must write
 byte-identical output; each is timed as a separate process (`python -m reference filter` against
-`python benchmarks/seed_filter.py`), median of the repeats after one warm-up run of ours (the seed's
-algorithm is slow enough that its first run is its steady state). The ratio is seed / ours.
+`python -m reference.seed_filter`, the seed's algorithm transcribed literally), median of the repeats
+after one warm-up run of ours (the seed's algorithm is slow enough that its first run is its steady
+state). The ratio is seed / ours.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def compare(records: int, repeats: int, response_lines=(4, 9), seed_repeats: int
             "--rejects",
             f"{tmp}/rejects.jsonl",
         ]
-        seed = [sys.executable, "benchmarks/seed_filter.py", "--input", str(corpus), "--output", f"{tmp}/seed.jsonl"]
+        seed = [sys.executable, "-m", "reference.seed_filter", "--input", str(corpus), "--output", f"{tmp}/seed.jsonl"]
         timed(ours)  # warm-up: page cache, imports
         ours_times = [timed(ours) for _ in range(repeats)]
         seed_times = [timed(seed) for _ in range(seed_repeats or repeats)]

@@ -2,7 +2,7 @@
 
 Hand-made cases need characters that are *not* rare, so each builds on BASE: forty records of the same
 two Japanese sentences (every character of them is counted 40+ times, far above the pass-1 limit of 19).
-`filtered` runs our filter and also the seed's algorithm, transcribed literally (benchmarks/seed_filter.py),
+`filtered` runs our filter and also the seed's algorithm, transcribed literally (reference/seed_filter.py),
 on the same records, and asserts that both keep the same rows; the test then checks by hand why.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks.seed_filter import seed_filter
 from reference.data import Pair, Unreadable, pair_from_row, read_pairs
 from reference.filters import RULES, FilterConfig, language_ok, output_row, run_filter
 from reference.recipes import load_recipe
+from reference.seed_filter import seed_filter
 from reference.synthetic import magpie_records
 
 INSTRUCTION = "日本の四季について簡単に説明してください。"
@@ -368,7 +368,7 @@ def sample(fixtures_dir, config):
 
 @pytest.mark.claim("C9")
 def test_every_input_row_is_kept_or_rejected_with_a_rule(sample):
-    counts = sample[1].counts()
+    counts = sample[1].counts
     assert counts["input_rows"] == 81 == counts["kept"] + sum(counts[r] for r in RULES) and counts["unreadable"] == 1
     assert sorted(r.line for r in sample[1].rejects) == sorted({r.line for r in sample[1].rejects})
 
@@ -457,7 +457,8 @@ def test_cutting_the_input_into_shards_changes_nothing(config):
 @pytest.mark.claim("C9")
 def test_rows_are_written_as_json_dumps_would_write_them():
     """The writers build each line without a dict; json.dumps(row, ensure_ascii=False) is the reference."""
-    from reference.filters import Reject, output_line
+    from reference.filter_workers import output_line, reject_line
+    from reference.filters import Reject
 
     odd = 'quote " backslash \\ tab \t newline \n control \x01 ' + "日本 \u2028 😢"
     pairs = [
@@ -474,4 +475,4 @@ def test_rows_are_written_as_json_dumps_would_write_them():
         Reject(9, "unreadable", "not UTF-8", Unreadable(9, "e", odd)),
     ]
     for reject in rejects:
-        assert reject.to_line() == json.dumps(reject.to_row(), ensure_ascii=False) + "\n"
+        assert reject_line(reject) == json.dumps(reject.to_row(), ensure_ascii=False) + "\n"

@@ -1,7 +1,8 @@
 """`filter`: the LLM2024 quality filter over a JSONL file (claims C3-C9).
 
-The per-rule counts come last on stdout; the full character table of the kept records is written to a
-file beside --output (the top few are shown)."""
+The seed prints the character table of the kept records, one line per character (hundreds of lines);
+here the whole table goes to a file beside --output (`<output stem>.chars.tsv`), stdout shows its top
+few, and the per-rule counts come last. `--json` prints the counts and the whole table as JSON."""
 
 from __future__ import annotations
 
@@ -15,11 +16,17 @@ from reference.errors import InputError
 
 NAME = "filter"
 HELP = "the LLM2024 quality filter (claims C3-C9)"
+TOP_CHARACTERS = 10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="JSONL: magpie rows (conversations) or instruction/response rows")
-    p.add_argument("--output", required=True, help="JSONL of kept records: id (if any), instruction, response")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="JSONL of kept records: id (if any), instruction, response; their character table goes beside it "
+        "as <output stem>.chars.tsv",
+    )
     p.add_argument("--rejects", required=True, help="JSONL of dropped rows with the rule that dropped each")
     p.add_argument(
         "--recipe", default="llm2024", help="recipe whose [filter] constants to use (default llm2024, the seed's)"
@@ -28,30 +35,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers", type=positive_int, default=None, help="processes to use, >= 1 (default: one per available core)"
     )
-    p.add_argument("--json", action="store_true", help="print counts and the character table as JSON")
+    p.add_argument("--json", action="store_true", help="print counts and the whole character table as JSON")
 
 
-def _not_a_directory(path: str, flag: str) -> None:
-    target = Path(path)
-    if target.is_dir():
-        raise InputError(f"{flag} {path}: is a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
+def char_table_path(output: str) -> Path:
+    """Where the character table of the records kept in `output` goes: kept.jsonl -> kept.chars.tsv."""
+    return Path(output).with_suffix(".chars.tsv")
+
+
+def shown(char: str) -> str:
+    """A character as a person can read it on one line: \\n, \\t, \\u2028 and the like escaped."""
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
+def char_table_tsv(table: list[tuple[str, int]]) -> str:
+    """The table as TSV, most common first: the character (escaped when unprintable), its code point, count."""
+    lines = ["character\tcode_point\tcount"]
+    lines += [f"{shown(char)}\tU+{ord(char):04X}\t{count}" for char, count in table]
+    return "\n".join(lines) + "\n"
+
+
+def _outputs(args: argparse.Namespace) -> Path:
+    """Refuse before any work an output that is a folder, one file for two outputs, or a character table
+    over an input (X6; the CLI has checked --output and --rejects); return where the table goes."""
+    from reference import paths
+
+    for path, flag in ((args.output, "--output"), (args.rejects, "--rejects")):
+        if Path(path).is_dir():
+            raise InputError(f"{flag} {path}: is a directory")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if Path(args.output).resolve() == Path(args.rejects).resolve():
+        raise InputError(f"--output and --rejects are the same file: {args.output}")
+    table = char_table_path(args.output)
+    if table.resolve() == Path(args.rejects).resolve():
+        raise InputError(f"--rejects {args.rejects} is where the character table of --output goes ({table})")
+    inputs = {"--input": args.input, "--recipe": args.recipe}
+    paths.check_outputs({"the character table": table}, {k: v for k, v in inputs.items() if Path(v).exists()})
+    return table
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import filters, recipes
+    from reference import filter_workers, filters, paths, recipes
 
     config = filters.FilterConfig.from_recipe(recipes.load_recipe(args.recipe))
     source = Path(args.input)
     if not source.is_file():
         raise InputError(f"--input {args.input}: no such file")
-    _not_a_directory(args.output, "--output")
-    _not_a_directory(args.rejects, "--rejects")
-    if Path(args.output).resolve() == Path(args.rejects).resolve():
-        raise InputError(f"--output and --rejects are the same file: {args.output}")
-    filters.keep_freed_memory()
+    table_path = _outputs(args)
+    filter_workers.keep_freed_memory()
     bar = progress(source.stat().st_size // 800, "filter: language check")  # about 800 bytes a record
-    result = filters.filter_file(
+    result = filter_workers.filter_file(
         args.input,
         args.output,
         args.rejects,
@@ -62,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if bar:
         bar.close()
+    paths.write_text_atomic(table_path, char_table_tsv(result.char_table))
     counts = result.counts
     if args.json:
         report = {
@@ -70,12 +104,15 @@ def run(args: argparse.Namespace) -> int:
             "pass2_ng_size": result.pass2_ng_size,
             "output": args.output,
             "rejects": args.rejects,
+            "char_table_file": str(table_path),
             "char_table": result.char_table,
         }
         print(json.dumps(report, ensure_ascii=False))
         return 0
-    lines = ["character frequencies of the kept records:"]
-    lines += [f"{char}: {count}" for char, count in result.char_table]
+    top = result.char_table[:TOP_CHARACTERS]
+    lines = [f"character frequencies of the kept records, top {len(top)} of {len(result.char_table)}:"]
+    lines += [f"{count:>12}  U+{ord(char):04X}  {shown(char)}" for char, count in top]
+    lines += [f"the whole table: {table_path}", ""]
     lines += [f"{rule:>16}: {count}" for rule, count in counts.items()]
     lines += [
         f"pass-1 NG list: {result.ng_list_size} strings; pass-2 rare characters: {result.pass2_ng_size}",
