@@ -12,25 +12,24 @@ so a kill in that instant can leave no complete checkpoint (keep at least two).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+import torch.distributed as dist
+from transformers import TrainerCallback
+
 from reference.errors import InputError
+from reference.hashing import digests
 
 MARKER = "complete.json"
 PREFIX = "checkpoint-"
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
-    hashes = {}
-    for path in sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
-    ):
-        with open(path, "rb") as handle:
-            hashes[str(path.relative_to(directory))] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return hashes
+    """Path inside the checkpoint -> SHA-256 for every file the Trainer wrote (not the marker, not a .tmp)."""
+    written = (p for p in directory.rglob("*") if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp"))
+    return digests(directory, written)
 
 
 def mark_complete(directory: str | Path) -> None:
@@ -82,17 +81,11 @@ def last_complete(checkpoints: str | Path, say=print) -> Path:
     raise InputError(f"{folder}: no complete checkpoint to resume from")
 
 
-def marker_callback():
-    """A TrainerCallback that marks each checkpoint complete once the Trainer has written it."""
-    from transformers import TrainerCallback
+class CompletionMarker(TrainerCallback):
+    """Marks each checkpoint complete once every process has written its part of it."""
 
-    class CompletionMarker(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()  # every process has written its part (each saves its own RNG state)
-            if state.is_world_process_zero:
-                mark_complete(Path(args.output_dir) / f"{PREFIX}{state.global_step}")
-
-    return CompletionMarker()
+    def on_save(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every process has written its part (each saves its own RNG state)
+        if state.is_world_process_zero:
+            mark_complete(Path(args.output_dir) / f"{PREFIX}{state.global_step}")

@@ -19,7 +19,9 @@ Encoding, as trl's DPOTrainer: the prompt and the whole text (prompt + answer + 
 the answer does not end with it) are each tokenized with one BOS; the answer starts where the two token
 lists first differ, taken over both answers of the pair, so a token that spans the prompt's end and the
 answer's start is scored as part of the answer. Sequences longer than max_length lose their end; a pair
-whose prompt alone fills max_length is dropped (no answer token would be left to score).
+whose prompt alone fills max_length is dropped (no answer token would be left to score). Sequences are
+padded as SFT records are (reference.sft.collator). `run` goes from files to the saved policy adapter and
+dpo.json (the `dpo` command calls it).
 
 Not handled here: the IPO/hinge variants, label smoothing, and reference log-probs precomputed once
 (they are recomputed each step, which costs a forward pass but keeps the code short).
@@ -27,12 +29,24 @@ Not handled here: the IPO/hinge variants, label smoothing, and reference log-pro
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import peft
+import torch
+import torch.nn.functional as F
+
+from reference import lora, models
+from reference.data import read_text_rows
 from reference.errors import InputError
+from reference.formats import encode_prompt
+from reference.paths import complete_directory, write_text_atomic
+from reference.sft import IGNORE_INDEX, collator
+from reference.shapes import PROJECTIONS
 
 REFERENCE_ADAPTER = "reference"
 """The name the frozen copy of the starting adapter gets in the PeftModel."""
@@ -40,8 +54,6 @@ REFERENCE_ADAPTER = "reference"
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float):
     """(mean loss, chosen rewards, rejected rewards) from per-pair sequence log-probabilities (tensors)."""
-    import torch.nn.functional as F
-
     chosen_rewards = beta * (policy_chosen - reference_chosen)
     rejected_rewards = beta * (policy_rejected - reference_rejected)
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
@@ -68,9 +80,6 @@ def shared_prefix(ids: list[int], other: list[int]) -> int:
 def encode_pair(tokenizer, pair: PreferencePair, max_length: int):
     """(chosen, rejected), each (token ids, labels that score the answer and its EOS only); None when the
     prompt alone fills max_length (see the module docstring)."""
-    from reference.formats import encode_prompt
-    from reference.sft import IGNORE_INDEX
-
     eos = tokenizer.eos_token
     prompt = encode_prompt(tokenizer, pair.prompt)
     wholes = [
@@ -85,19 +94,14 @@ def encode_pair(tokenizer, pair: PreferencePair, max_length: int):
     )
 
 
-def sequence_logprobs(model, batch: list[tuple[list[int], list[int]]], pad_token_id: int):
-    """Sum over each sequence's scored tokens of log p(token | everything before it)."""
-    import torch
-
-    from reference.sft import IGNORE_INDEX
-
-    width = max(len(ids) for ids, _ in batch)
-    device = next(model.parameters()).device
-    ids = torch.tensor([i + [pad_token_id] * (width - len(i)) for i, _ in batch], device=device)
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=device)
-    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch], device=device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
+def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], tokenizer):
+    """Sum over each sequence's scored tokens (label not IGNORE_INDEX) of log p(token | everything before it).
+    The (ids, labels) sequences are padded as SFT batches are (reference.sft.collator: on the right, labels
+    with IGNORE_INDEX), so padding is never scored."""
+    batch = collator(tokenizer)([{"input_ids": ids, "labels": labels} for ids, labels in sequences])
+    batch = batch.to(next(model.parameters()).device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
     scored = targets != IGNORE_INDEX
     token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (token_logprobs * scored).sum(-1)
@@ -105,8 +109,6 @@ def sequence_logprobs(model, batch: list[tuple[list[int], list[int]]], pad_token
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """JSONL rows with prompt, chosen and rejected text; a bad row is an error naming file and line."""
-    from reference.data import read_text_rows
-
     rows = read_text_rows(path, ("prompt", "chosen", "rejected"))
     return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
 
@@ -114,10 +116,6 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
 def keep_reference(model) -> None:
     """Copy the policy's (active) adapter, as it is now, to a frozen adapter named REFERENCE_ADAPTER
     (trl's "ref" adapter); a model that already holds one keeps it (a run that continues keeps its pi_ref)."""
-    import copy
-
-    import peft
-
     if REFERENCE_ADAPTER in model.peft_config:
         return
     policy = model.active_adapter
@@ -154,7 +152,9 @@ class DPOSettings:
 
 
 @dataclass
-class DPORecord:
+class DPOLog:
+    """What a DPO run did, step by step (written to dpo.json)."""
+
     settings: dict
     pairs_dropped: int = 0
     """Pairs whose prompt alone filled max_length (left out, as trl does)."""
@@ -173,14 +173,12 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int):
     return [c for c, _ in encoded], [r for _, r in encoded], len(pairs) - len(encoded)
 
 
-def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, say=print) -> DPORecord:
+def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, say=print) -> DPOLog:
     """DPO on a peft model: the policy is its adapter, trained; the reference a frozen copy of that adapter
-    as DPO starts (keep_reference), left in the model under REFERENCE_ADAPTER."""
-    import torch
-
+    as DPO starts (keep_reference), left in the model under REFERENCE_ADAPTER. The tokenizer needs a pad
+    token (`run` sets its EOS when it has none, as SFT does)."""
     torch.manual_seed(settings.seed)
     chosen, rejected, dropped = encode_pairs(tokenizer, pairs, settings.max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not hasattr(model, "peft_config"):
         raise InputError("dpo: the policy must be a peft model with a LoRA adapter (attach or load one)")
     if not any(p.requires_grad for p in model.parameters()):
@@ -188,17 +186,17 @@ def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, 
     keep_reference(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
-    record = DPORecord(settings=asdict(settings), pairs_dropped=dropped)
+    log = DPOLog(settings=asdict(settings), pairs_dropped=dropped)
     if dropped:
         say(f"dpo: {dropped} pair(s) left out: the prompt alone fills max_length {settings.max_length}")
     model.train()
     for step in range(1, settings.steps + 1):
         with torch.no_grad(), reference_of(model):
-            reference_chosen = sequence_logprobs(model, chosen, pad)
-            reference_rejected = sequence_logprobs(model, rejected, pad)
+            reference_chosen = sequence_logprobs(model, chosen, tokenizer)
+            reference_rejected = sequence_logprobs(model, rejected, tokenizer)
         loss, r_w, r_l = dpo_loss(
-            sequence_logprobs(model, chosen, pad),
-            sequence_logprobs(model, rejected, pad),
+            sequence_logprobs(model, chosen, tokenizer),
+            sequence_logprobs(model, rejected, tokenizer),
             reference_chosen,
             reference_rejected,
             settings.beta,
@@ -207,11 +205,50 @@ def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, 
         loss.backward()
         optimizer.step()
         margin = float((r_w - r_l).detach().mean())
-        record.losses.append(float(loss.detach()))
-        record.margins.append(margin)
-        record.reference_logps.append([float(reference_chosen.mean()), float(reference_rejected.mean())])
+        log.losses.append(float(loss.detach()))
+        log.margins.append(margin)
+        log.reference_logps.append([float(reference_chosen.mean()), float(reference_rejected.mean())])
         say(
-            f"dpo step {step}/{settings.steps} loss {record.losses[-1]:.4f} reward margin {margin:+.4f} "
+            f"dpo step {step}/{settings.steps} loss {log.losses[-1]:.4f} reward margin {margin:+.4f} "
             f"(log 2 = {math.log(2):.4f} at the start)"
         )
-    return record
+    return log
+
+
+def run(
+    model_dir: str | Path,
+    data_path: str | Path,
+    output_dir: str | Path,
+    settings: DPOSettings,
+    adapter: str | Path | None = None,
+    r: int = 8,
+    say=print,
+) -> dict:
+    """DPO from files to files: the model from `model_dir`, the policy the saved `adapter` (loaded trainable)
+    or a fresh one of rank r (alpha 2r) on every projection; the tokenizer the adapter's own when it saved one
+    (lora.load_tokenizer), its pad token EOS when it has none. Saves the trained policy adapter alone (not the
+    reference) with the tokenizer in `output_dir`, and the run's log, the model and where the reference came
+    from in output_dir/dpo.json, which it returns."""
+    pairs = read_pairs(data_path)
+    model, identity = models.load_causal_lm(model_dir)
+    if adapter:
+        policy = lora.load_adapter(model, adapter, trainable=True)
+    else:
+        policy = lora.attach(model, {"r": r, "lora_alpha": 2 * r, "target_modules": list(PROJECTIONS)})
+    tokenizer = lora.load_tokenizer(model_dir, adapter)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log = train(policy, tokenizer, pairs, settings, say=say)
+    out = Path(output_dir)
+    with complete_directory(out) as partial:
+        policy.save_pretrained(partial, safe_serialization=True, selected_adapters=[policy.active_adapter])
+        tokenizer.save_pretrained(partial)
+    result = {
+        **asdict(log),
+        "model": asdict(identity),
+        "pairs": len(pairs),
+        "adapter": None if adapter is None else str(adapter),
+        "reference": f"the starting adapter ({adapter or 'fresh, B = 0: the base'}), frozen",
+    }
+    write_text_atomic(out / "dpo.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+    return result

@@ -9,10 +9,19 @@ alpha / r so the update's size does not shrink as r grows.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
 from pathlib import Path
 
+import peft
+import torch
+from transformers import AutoTokenizer
+
+from reference import models
+from reference.errors import InputError
+from reference.paths import complete_directory
 from reference.shapes import projection_shapes
 
 
@@ -36,12 +45,6 @@ PEFT_ONLY = ("random_state",)  # recipe keys from unsloth's get_peft_model that 
 
 def lora_config(section: dict):
     """peft.LoraConfig from a recipe's [lora] section (unsloth-only keys set aside, others must be known)."""
-    import dataclasses
-
-    import peft
-
-    from reference.errors import InputError
-
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     settings = {k: v for k, v in section.items() if k not in PEFT_ONLY}
     unknown = sorted(set(settings) - fields)
@@ -55,9 +58,6 @@ def attach(model, section: dict, gradient_checkpointing: bool = False):
     """A fresh, trainable LoRA adapter on `model` (prepared for k-bit training when the base is quantised).
 
     Seeded with the recipe's random_state (unsloth's argument) so A is initialised the same each run."""
-    import peft
-    import torch
-
     model = prepare_base(model, gradient_checkpointing)
     if "random_state" in section:
         torch.manual_seed(section["random_state"])
@@ -69,8 +69,6 @@ def attach(model, section: dict, gradient_checkpointing: bool = False):
 def prepare_base(model, gradient_checkpointing: bool):
     """Ready a frozen base for adapter training: a k-bit base gets peft's preparation (norms and
     embeddings in fp32, input gradients on); any base gets non-reentrant gradient checkpointing if asked."""
-    import peft
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
@@ -88,8 +86,6 @@ def prepare_base(model, gradient_checkpointing: bool):
 def require_trainable(model) -> int:
     """The number of trainable weights, or an error when there are none: a saved adapter loaded with
     peft's default is_trainable=False is frozen, and "training" it changes nothing (seed 000's trap)."""
-    from reference.errors import InputError
-
     trainable, _ = count_trainable(model)
     if trainable == 0:
         raise InputError(
@@ -112,10 +108,6 @@ SAFE_WEIGHTS = "adapter_model.safetensors"
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
     """A saved adapter on `model`, its weights trainable (peft's default, is_trainable=False, freezes them:
     the mistake behind "it only learned the new data", seed 000). A mismatch is an error naming both."""
-    import peft
-
-    from reference.errors import InputError
-
     directory = Path(adapter_dir)
     if not (directory / "adapter_config.json").is_file():
         raise InputError(f"adapter {adapter_dir}: no adapter_config.json (not a saved peft adapter)")
@@ -140,6 +132,19 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
         raise InputError(f"adapter {adapter_dir} does not fit {base}: {str(error).splitlines()[0]}") from None
 
 
+def tokenizer_dir(base_dir: str | Path, adapter_dir: str | Path | None = None) -> Path:
+    """Where the tokenizer for a base with an adapter lives: the adapter's own when it saved one (training
+    saves it beside the adapter, added tokens included), else the base's."""
+    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return Path(adapter_dir)
+    return Path(base_dir)
+
+
+def load_tokenizer(base_dir: str | Path, adapter_dir: str | Path | None = None):
+    """The tokenizer `tokenizer_dir` chooses, read from the local directory."""
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(base_dir, adapter_dir)), local_files_only=True)
+
+
 SHAPE_KEYS = (
     "model_type",
     "hidden_size",
@@ -156,10 +161,6 @@ def check_recorded_base(adapter_dir: Path, config: dict) -> None:
     """peft can only see shapes; two architectures of the same sizes take each other's adapters
     silently. So the base the adapter records (adapter_config's base_model_name_or_path), when that
     directory is at hand, must be the same kind of model as the one it is loaded onto."""
-    import json
-
-    from reference.errors import InputError
-
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not recorded or not (Path(recorded) / "config.json").is_file():
         return
@@ -176,21 +177,15 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path,
 
     With `quantization="nf4"` (or a base saved 4-bit) the base is loaded as the adapter was trained on
     it, in NF4, and dequantised to bf16 before the merge: the merged weights are then the very weights
-    the adapter saw, plus its update. Returns what was merged, for the run record."""
-    from transformers import AutoTokenizer
-
-    from reference import models
-    from reference.paths import complete_directory
-
+    the adapter saw, plus its update. Returns what was merged, for the run's manifest."""
     model, identity = models.load_causal_lm(base_dir, dtype="bfloat16", quantization=quantization)
     if identity.quantization != "none":
         model = model.dequantize()
     merged = load_adapter(model, adapter_dir, trainable=False).merge_and_unload()
     target = Path(output_dir)
-    tokenizer_dir = Path(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() else Path(base_dir)
     with complete_directory(target) as partial:
         merged.save_pretrained(partial, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(partial)
+        load_tokenizer(base_dir, adapter_dir).save_pretrained(partial)
     return {
         "base": identity.path,
         "base_quantization": identity.quantization,

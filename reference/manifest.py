@@ -1,12 +1,16 @@
-"""Does one run reproduce another? Two run records (manifest.json, written by reference.train) compared.
+"""A run's manifest (manifest.json): what a `train` run writes about itself, and does one run reproduce another.
 
-A run reproduces another when it trained the same model (weight hash) on the same data (hash) with the same
-settings (every TrainingArguments field but the paths, LoRA, quantisation, SFT settings) and the same step
-plan, and its losses agree at every optimizer step both recorded: |loss_a - loss_b| <= rtol x max(|loss_a|,
-|loss_b|), so rtol = 0 asks for equal losses. Steps are matched by their step number, not by their place
-in the list: a run resumed from a checkpoint records only the steps after it, and it reproduces the
-uninterrupted run it continues when those steps agree. A step that one run recorded and the other did not
-(other than the steps before a resume) is a difference.
+`RunManifest` is what reference.train writes once a run has finished: the resolved settings, package
+versions, data and model hashes, the step plan, and per optimizer step its loss, learning rate, tokens and
+seconds (`StepLog`); `AdapterMode` says whether the run created an adapter, loaded one, or had none.
+
+Two manifests are compared by `compare`. A run reproduces another when it trained the same model (weight
+hash) on the same data (hash) with the same settings (every TrainingArguments field but the paths, LoRA,
+quantisation, SFT settings) and the same step plan, and its losses agree at every optimizer step both
+recorded: |loss_a - loss_b| <= rtol x max(|loss_a|, |loss_b|), so rtol = 0 asks for equal losses. Steps are
+matched by their step number, not by their place in the list: a run resumed from a checkpoint records only
+the steps after it, and it reproduces the uninterrupted run it continues when those steps agree. A step that
+one run recorded and the other did not (other than the steps before a resume) is a difference.
 
 Differences are reported apart, by part: model, data, settings, step plan, losses. Package versions are
 compared and reported as notes; a difference there is not by itself a failure (it is often the reason for a
@@ -15,12 +19,82 @@ loss divergence, which is).
 
 from __future__ import annotations
 
+import enum
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reference.errors import InputError
+from reference.paths import write_text_atomic
+
+FILE = "manifest.json"
+
+
+class AdapterMode(enum.StrEnum):
+    """What a run did about an adapter; manifest.json holds the value as it is written here."""
+
+    CREATED = "created"
+    """A fresh LoRA adapter from the recipe's [lora], trained."""
+    LOADED = "loaded"
+    """A saved adapter, loaded trainable and trained on."""
+    NONE = "none (full fine-tuning)"
+    """No adapter: every weight of the model trained."""
+
+
+@dataclass
+class StepLog:
+    """One optimizer step of a run."""
+
+    step: int
+    epoch: float
+    loss: float
+    """The step's loss: the sum over its micro-batches, each already divided by the accumulation window."""
+    learning_rate: float
+    """The rate this step's update used."""
+    tokens: int
+    """Real tokens the step was fed: its micro-batches' attention_mask sums (padding left out)."""
+    seconds: float
+    tokens_per_second: float
+
+
+@dataclass
+class RunManifest:
+    """What `manifest.json` holds: how a finished run was made and what it did, step by step."""
+
+    settings: dict
+    """reference.recipes.resolved_settings: the TrainingArguments the Trainer ran with, LoRA, versions."""
+    data: dict
+    model: dict
+    """reference.models.ModelIdentity of the base."""
+    trainable_parameters: int
+    all_parameters: int
+    weight_bytes: int
+    step_plan: dict
+    batch_size_attempts: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    """One StepLog (as a dict) per optimizer step."""
+    warmup_step_seconds: float | None = None
+    steady_tokens_per_second: float | None = None
+    train_seconds: float | None = None
+    use_cache: dict = field(default_factory=dict)
+    adapter: dict = field(default_factory=dict)
+    """{"mode": AdapterMode, ...}: r and lora_alpha of a created adapter, path and SHA-256 of a loaded one."""
+    resumed_from: str | None = None
+    """The checkpoint the run carried on from, if any."""
+    trainable_sha256_per_process: list = field(default_factory=list)
+    """Digest of the trained weights on each process (torchrun): all equal when data parallelism kept them in step."""
+    output: str = ""
+
+    @property
+    def path(self) -> Path:
+        """Where the manifest is written: manifest.json in the run's output directory."""
+        return Path(self.output) / FILE
+
+    def write(self) -> None:
+        """Write manifest.json, put in place whole (never half written)."""
+        write_text_atomic(self.path, json.dumps(asdict(self), ensure_ascii=False, indent=2, default=str) + "\n")
+
 
 PATH_ARGUMENTS = ("output_dir", "logging_dir", "run_name", "hub_model_id")
 PARTS = ("model", "data", "settings", "step plan", "losses")
@@ -46,7 +120,7 @@ class Verdict:
 def load(path: str | Path) -> dict:
     """The manifest in a run directory (or the file itself); anything else is an error naming the file."""
     source = Path(path)
-    file = source / "manifest.json" if source.is_dir() else source
+    file = source / FILE if source.is_dir() else source
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -110,7 +184,7 @@ def _span(steps: list[int]) -> str:
 
 
 def what_ran_differences(a: dict, b: dict) -> dict[str, list[str]]:
-    """Model, data and settings of two records (manifests, or run.json): what differs, by part."""
+    """Model, data and settings of two runs (their manifests, or run.json): what differs, by part."""
     diffs: dict[str, list[str]] = {"model": [], "data": [], "settings": []}
     if a["model"].get("weights_sha256") != b["model"].get("weights_sha256"):
         diffs["model"].append(f"weights: {a['model'].get('path')} vs {b['model'].get('path')} (different SHA-256)")

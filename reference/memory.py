@@ -25,6 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
 SCHEMES = ("fp32", "bf16", "int8", "nf4", "nf4-dq")
 BLOCK = 64  # values per NF4 absmax (bitsandbytes' default blocksize)
 NESTED_BLOCK = 256  # absmaxes per second-level absmax under double quantisation
@@ -52,9 +55,6 @@ class Parameters:
 
 def parameters(config: dict) -> Parameters:
     """Count a model config's parameters by building its real class on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = dict(config)
     model_type = config.pop("model_type")
     hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "architectures"})
@@ -87,9 +87,8 @@ def weight_memory(params: Parameters, scheme: str, other_bytes: int = 2) -> int:
     if scheme == "int8":
         quantised = sum(out * inp + out * 4 for out, inp in params.linear_shapes)
     elif scheme in ("nf4", "nf4-dq"):
-        quantised = sum(
-            math.ceil(out * inp / 2) + nf4_constants(out * inp, scheme == "nf4-dq") for out, inp in params.linear_shapes
-        )
+        sizes = [out * inp for out, inp in params.linear_shapes]
+        quantised = sum(math.ceil(n / 2) + nf4_constants(n, scheme == "nf4-dq") for n in sizes)
     else:
         raise ValueError(f"scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     return quantised + params.other * other_bytes

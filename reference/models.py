@@ -5,7 +5,7 @@ compute, saved once with `save_pretrained`, and the saved 4-bit directory is wha
 re-quantisation: the packed 4-bit weights and their scales are read back as they were written).
 
 Every load records the model's identity (resolved directory and a SHA-256 of its weight files), so a
-silent substitution, such as the pre-quantised model unsloth swaps in, shows in the run record.
+silent substitution, such as the pre-quantised model unsloth swaps in, shows in the run's manifest.
 
 Only local directories are read: weights from safetensors, never pickles, and no remote code unless
 asked for. A hub name fails at once with how to download it (with `HF_TOKEN` or `token=` for a gated
@@ -14,13 +14,16 @@ model); nothing here contacts a hub, so nothing can hang on one, and a token is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
 from reference.errors import InputError
+from reference.hashing import digests, listing_sha256
 from reference.paths import complete_directory
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -72,37 +75,29 @@ def weight_files(directory: Path) -> list[Path]:
 
 def identity(path: str | Path, quantization: str = "none") -> ModelIdentity:
     directory = require_model_dir(path).resolve()
-    total, files = hashlib.sha256(), {}
-    for file in weight_files(directory):
-        with open(file, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        files[file.name] = digest
-        total.update(f"{file.name}\0{digest}\n".encode())
-    return ModelIdentity(str(directory), total.hexdigest(), files, quantization)
+    files = digests(directory, weight_files(directory))
+    return ModelIdentity(str(directory), listing_sha256(files), files, quantization)
+
+
+def quantization_name(settings: dict) -> str:
+    """nf4, 8bit or none: the name of what bitsandbytes settings load, from a recipe's [quantization] or a
+    saved model's quantization_config (another method's config is named by its quant_method)."""
+    if settings.get("load_in_4bit"):
+        return "nf4"
+    if settings.get("load_in_8bit"):
+        return "8bit"
+    return settings.get("quant_method", "none")
 
 
 def saved_quantization(directory: Path) -> str | None:
     """The quantisation a saved directory already carries (its config's quantization_config), if any."""
-    import json
-
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     settings = config.get("quantization_config")
-    if not settings:
-        return None
-    return (
-        "nf4"
-        if settings.get("load_in_4bit")
-        else "8bit"
-        if settings.get("load_in_8bit")
-        else settings.get("quant_method")
-    )
+    return quantization_name(settings) if settings else None
 
 
 def bnb_config(quantization: str, section: dict | None = None):
     """BitsAndBytesConfig: nf4 with the recipe's [quantization] (seed: double quant, bf16 compute), or 8-bit."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     section = dict(section or {})
@@ -126,9 +121,6 @@ def load_causal_lm(
     `quantization` is none, 8bit or nf4; a directory saved already quantised loads as saved. `device`
     (e.g. "cuda:0") places the weights there as they load; quantised layers are packed on it.
     `model_class` (default AutoModelForCausalLM) and `model_kwargs` (e.g. num_labels=3) go to from_pretrained."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if quantization not in QUANTIZATIONS:
@@ -158,8 +150,6 @@ def quantize_and_save(
     path: str | Path, output: str | Path, quantization: str = "nf4", quantization_section=None
 ) -> ModelIdentity:
     """Load once with bitsandbytes, save the quantised weights (safetensors) and the tokenizer beside them."""
-    from transformers import AutoTokenizer
-
     if quantization == "none":
         raise InputError("quantize: choose --bits 4 (nf4) or 8")
     directory = require_model_dir(path)
@@ -181,8 +171,6 @@ def weight_bytes(model) -> int:
     constants bitsandbytes keeps beside packed weights (NF4 absmax, nested or not, the offset and the
     quantisation maps `code`; int8 SCB). Buffers
     (rotary frequencies, Gemma's embedding normaliser) are not weights and are left out."""
-    import torch
-
     seen, total = set(), 0
 
     def add(tensor) -> None:

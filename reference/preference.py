@@ -11,8 +11,9 @@ Inputs follow the thread's Config: the text is "<prompt>: " + prompt, "\\n\\n<re
 "\\n\\n<response_b>: " + b (the markers of the public notebook the thread refers to).
 `spread_max_length=False` cuts the joined text to `max_length` tokens, so a long prompt can leave no
 room for the responses; True cuts each of the three parts to `max_length // 3` and joins them.
-`tta` also scores each row with a and b swapped and averages, after swapping that prediction's
-p(a) and p(b) back.
+`tta` (test-time augmentation) also scores each row with a and b swapped; in that scoring the first
+column is p(the row's b wins) and the second p(the row's a wins), so those two are swapped back before
+the two scorings are averaged. Batches are padded on the right by transformers' DataCollatorWithPadding.
 
 Competition rows hold prompt and responses as JSON lists of turns; they are joined with newlines.
 """
@@ -21,14 +22,31 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import peft
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from reference import lora, models
+from reference.data import read_text_rows
 from reference.errors import InputError
 from reference.paths import complete_directory, write_text_atomic
+from reference.shapes import PROJECTIONS
 
 LABELS = ("winner_model_a", "winner_model_b", "winner_tie")
 COLUMNS = ("prompt", "response_a", "response_b", *LABELS)
+A_AND_B_SWAPPED_BACK = [1, 0, 2]
+"""Column order that turns a prediction for (b, a) into one for (a, b): p(a wins), p(b wins), p(tie)."""
 
 
 @dataclass
@@ -60,8 +78,6 @@ def as_text(value) -> str:
 
 def read_rows(path: str | Path, need_labels: bool = True) -> list[dict]:
     """Competition-format JSONL rows; a missing column or a label row that is not one-hot is named."""
-    from reference.data import read_text_rows
-
     rows = []
     for number, row in read_text_rows(path, COLUMNS[:3], with_lines=True):
         parts = {c: as_text(row[c]) for c in COLUMNS[:3]}
@@ -83,62 +99,65 @@ def encode(tokenizer, prompt: str, response_a: str, response_b: str, config: Pre
     return tokenizer("".join(parts), max_length=config.max_length, truncation=True)["input_ids"]
 
 
-def load_classifier(path: str | Path, dtype: str = "bfloat16"):
-    """(model, tokenizer): the causal LM with a 3-way head; the pad token set (EOS when it has none)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from reference import models
-
+def load_classifier(path: str | Path, adapter: str | Path | None = None, dtype: str = "bfloat16"):
+    """(model, tokenizer): the causal LM with a 3-way head, and a trained classifier adapter on it (frozen)
+    when given. The tokenizer is the adapter's own when it saved one (lora.load_tokenizer), its pad token
+    set (EOS when it has none) and padding on the right."""
     model, _ = models.load_causal_lm(path, dtype=dtype, model_class=AutoModelForSequenceClassification, num_labels=3)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = lora.load_tokenizer(path, adapter)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
     model.config.pad_token_id = tokenizer.pad_token_id
+    if adapter is not None:
+        model = lora.load_adapter(model, adapter, trainable=False)
     return model, tokenizer
 
 
-def pad_batch(rows: list[list[int]], pad_token_id: int, side: str = "right"):
-    import torch
+def class_probabilities(model, tokenizer, rows: list[dict], config: PreferenceConfig) -> torch.Tensor:
+    """softmax of the head's logits per row (n x 3), config.batch_size rows per forward pass."""
+    collate = DataCollatorWithPadding(tokenizer)
+    device = next(model.parameters()).device
+    probabilities = []
+    for start in range(0, len(rows), config.batch_size):
+        chunk = rows[start : start + config.batch_size]
+        batch = collate(
+            [{"input_ids": encode(tokenizer, r["prompt"], r["response_a"], r["response_b"], config)} for r in chunk]
+        )
+        with torch.no_grad():
+            logits = model(**batch.to(device)).logits.float()
+        probabilities.append(torch.softmax(logits, dim=-1).cpu())
+    return torch.cat(probabilities)
 
-    width = max(len(r) for r in rows)
-    ids, mask = [], []
-    for r in rows:
-        pad = [pad_token_id] * (width - len(r))
-        ids.append(r + pad if side == "right" else pad + r)
-        mask.append([1] * len(r) + [0] * len(pad) if side == "right" else [0] * len(pad) + [1] * len(r))
-    return torch.tensor(ids), torch.tensor(mask)
 
-
-def predict(model, tokenizer, rows: list[dict], config: PreferenceConfig):
-    """Class probabilities per row (n x 3); with tta, averaged with the swapped scoring."""
-    import torch
-
-    def probabilities(swap: bool):
-        out = []
-        for start in range(0, len(rows), config.batch_size):
-            chunk = rows[start : start + config.batch_size]
-            encoded = [
-                encode(
-                    tokenizer,
-                    r["prompt"],
-                    *((r["response_b"], r["response_a"]) if swap else (r["response_a"], r["response_b"])),
-                    config,
-                )
-                for r in chunk
-            ]
-            ids, mask = pad_batch(encoded, tokenizer.pad_token_id)
-            device = next(model.parameters()).device
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            out.append(torch.softmax(logits, dim=-1).cpu())
-        return torch.cat(out)
-
+def predict(model, tokenizer, rows: list[dict], config: PreferenceConfig) -> torch.Tensor:
+    """Class probabilities per row (n x 3). With config.tta, the mean of that and the scoring of the same rows
+    with a and b swapped, whose p(a wins) and p(b wins) are swapped back first (claim A5)."""
     model.eval()
-    p = probabilities(False)
-    if config.tta:
-        swapped = probabilities(True)[:, [1, 0, 2]]  # the swapped run's p(a) is p(b) of the row, and back
-        p = (p + swapped) / 2
-    return p
+    probabilities = class_probabilities(model, tokenizer, rows, config)
+    if not config.tta:
+        return probabilities
+    swapped_rows = [{**row, "response_a": row["response_b"], "response_b": row["response_a"]} for row in rows]
+    swapped = class_probabilities(model, tokenizer, swapped_rows, config)
+    swapped_back = swapped[:, A_AND_B_SWAPPED_BACK]
+    return (probabilities + swapped_back) / 2
+
+
+def predict_file(
+    model_dir: str | Path,
+    data_path: str | Path,
+    output: str | Path,
+    config: PreferenceConfig,
+    adapter: str | Path | None = None,
+) -> dict:
+    """Probabilities for every row of a competition-format file (labels not needed), written as JSONL, one
+    {winner_model_a, winner_model_b, winner_tie} object per row; returns what was written."""
+    model, tokenizer = load_classifier(model_dir, adapter)
+    rows = read_rows(data_path, need_labels=False)
+    probabilities = predict(model, tokenizer, rows, config).tolist()
+    lines = [json.dumps(dict(zip(LABELS, row, strict=True))) + "\n" for row in probabilities]
+    write_text_atomic(output, "".join(lines))
+    return {"output": str(output), "rows": len(rows), "config": asdict(config)}
 
 
 def log_loss(probabilities, labels: list[int]) -> float:
@@ -164,14 +183,6 @@ def train(
     """LoRA on the projections plus a fully trained head, with a real Trainer; log-loss before and after
     on a held-out split (the last `eval_fraction` of the rows after a seeded shuffle). The seed also
     draws the new head's first weights, so repeated runs start from the same head."""
-    import random
-
-    import peft
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
-
-    from reference.sft import Collator
-    from reference.shapes import PROJECTIONS
-
     rows = read_rows(data_path)
     random.Random(seed).shuffle(rows)
     held = max(1, int(len(rows) * eval_fraction))
@@ -194,7 +205,7 @@ def train(
         num_train_epochs=epochs,
         learning_rate=learning_rate,
         bf16=True,
-        use_cpu=_no_cuda(),
+        use_cpu=not torch.cuda.is_available(),
         save_strategy="no",
         report_to="none",
         logging_steps=1,
@@ -202,9 +213,8 @@ def train(
         disable_tqdm=True,
         remove_unused_columns=False,
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=features, data_collator=_ClassCollator(Collator(tokenizer.pad_token_id))
-    )
+    # DataCollatorWithPadding pads input_ids and attention_mask; each row's label is one class, not padded.
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=DataCollatorWithPadding(tokenizer))
     trainer.remove_callback(PrinterCallback)  # stdout carries the JSON result only
     trainer.train()
     after = log_loss(predict(model, tokenizer, eval_rows, config), labels)
@@ -221,30 +231,10 @@ def train(
         "uniform_log_loss": math.log(3),
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
-        "config": config.__dict__,
+        "config": asdict(config),
         "epochs": epochs,
         "learning_rate": learning_rate,
     }
     write_text_atomic(out / "preference.json", json.dumps(result, indent=2) + "\n")
     say(f"held-out log-loss {before:.4f} -> {after:.4f} (uniform guess: {math.log(3):.4f})")
     return result
-
-
-def _no_cuda() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-class _ClassCollator:
-    """Pads like the SFT collator, but the label is one class per row."""
-
-    def __init__(self, pad):
-        self.pad = pad
-
-    def __call__(self, features):
-        import torch
-
-        batch = self.pad([{"input_ids": f["input_ids"], "labels": f["input_ids"]} for f in features])
-        batch["labels"] = torch.tensor([f["labels"] for f in features])
-        return batch

@@ -2,7 +2,8 @@
 
 A recipe keeps its source's arguments as the source wrote them (``[training_arguments]``), lists every
 place it departs from the source with the reason (``[departures]``), and carries the method's other
-settings (``[lora]``, ``[quantization]``, ``[sft]``) and records (``[[trials]]``, ``[targets]``).
+settings (``[lora]``, ``[quantization]``, ``[sft]``) and the results its source reported (``[[trials]]``,
+``[targets]``).
 
 Mapping onto the installed transformers is explicit:
 * an argument renamed or removed upstream is migrated only by a rule written here (``warmup_ratio``
@@ -25,6 +26,9 @@ message about a bad override). ``include_num_input_tokens_seen`` counts tokens (
 plus ``RUN_SETTINGS`` (how every run feeds and reports) and activation checkpointing as the recipe asks.
 ``resolved_settings`` writes out every field of that object, defaults included (claims P12, X8): what the
 manifest records is what the Trainer ran with, never a second object built alongside.
+
+This module imports no torch when it loads: the fast `filter` command reads a recipe's [filter] section.
+transformers, torch and peft are imported by the functions that map a recipe onto them.
 """
 
 from __future__ import annotations

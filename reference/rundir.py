@@ -20,12 +20,13 @@ import os
 import shutil
 from pathlib import Path
 
+from reference import manifest
 from reference.errors import InputError
 from reference.paths import write_text_atomic
 
 LOCK = ".lock"
 RUN = "run.json"
-FINISHED = "manifest.json"
+FINISHED = manifest.FILE
 
 
 def _alive(pid: int) -> bool:
@@ -97,10 +98,8 @@ def claimed(directory: str | Path, resume: bool = False, overwrite: bool = False
         lock.unlink(missing_ok=True)
 
 
-def record_or_check(directory: str | Path, what_runs: dict, resume: bool) -> None:
+def write_or_check(directory: str | Path, what_runs: dict, resume: bool) -> None:
     """Write run.json (model, data, settings) for a new run; on --resume, refuse a different one."""
-    from reference import manifest
-
     path = Path(directory) / RUN
     what_runs = json.loads(json.dumps(what_runs, default=str))  # compared as run.json holds it
     if not resume:

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning data: records to token ids and labels, padding, and what NEFTune adds.
+"""Supervised fine-tuning data: records to token ids and labels, the collator that pads them, and NEFTune.
 
 Follows seed 001 §2.2.2 (alpaca_prompt_jp, EOS after a non-empty response, max_seq_length 2048, no
 packing) and the primer's base/instruct distinction (seed 004):
@@ -20,7 +20,10 @@ generation see the embeddings unchanged. `neftune_bound` states that magnitude.
 
 from __future__ import annotations
 
+import copy
 import math
+
+from transformers import DataCollatorForSeq2Seq
 
 from reference.errors import InputError
 from reference.formats import ALPACA_PROMPT_JP, FORMATS, render
@@ -77,23 +80,17 @@ def encode_record(
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-class Collator:
-    """Right-pads a list of encoded records into tensors; padding is masked out and never a target."""
+def collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """Pads a list of encoded records into one batch: transformers' DataCollatorForSeq2Seq, which pads
+    input_ids with the tokenizer's pad token, attention_mask with 0 and labels with IGNORE_INDEX (so padding
+    is masked out and never a target), each batch to its longest record.
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        width = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            pad = width - len(f["input_ids"])
-            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
-            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
-            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    Always on the right, as trl's SFTTrainer pads, whatever side the tokenizer was saved with (Gemma-2's
+    says left): the collator pads with a copy of the tokenizer set to the right, the caller's keeps its
+    side. The tokenizer needs a pad token (training sets its EOS when it has none)."""
+    right_padding = copy.copy(tokenizer)
+    right_padding.padding_side = "right"
+    return DataCollatorForSeq2Seq(right_padding, label_pad_token_id=IGNORE_INDEX)
 
 
 def neftune_bound(alpha: float, length: int, hidden: int) -> float:

@@ -1,5 +1,5 @@
-"""One supervised fine-tuning run: a recipe, a local model and a data file in; adapter, tokenizer and a
-run record out. The pieces are the real ones: a `transformers.Trainer`, peft LoRA on a bf16, 8-bit or
+"""One supervised fine-tuning run: a recipe, a local model and a data file in; adapter, tokenizer and the
+run's manifest out. The pieces are the real ones: a `transformers.Trainer`, peft LoRA on a bf16, 8-bit or
 NF4 base (bitsandbytes), the recipe's optimizer (`adamw_8bit` runs on the CPU too) and schedule.
 
 What a run does, in order (seed 001 §2.2.2 for the llm2024 recipe):
@@ -11,8 +11,9 @@ What a run does, in order (seed 001 §2.2.2 for the llm2024 recipe):
 4. train with `use_cache` off (the run's `use_cache=False`, which the Trainer puts on the model's config: a
    cache is useless, and wasteful, while checkpointing a training pass), then turn it back on for generation
    (C15);
-5. save adapter and tokenizer to the output directory, which reloads (C16), and `manifest.json`:
-   resolved settings, versions, data and model hashes, the step plan, per-step loss and tokens/s (X2).
+5. save adapter and tokenizer to the output directory, which reloads (C16), and `manifest.json`
+   (reference.manifest.RunManifest): resolved settings, versions, data and model hashes, the step plan,
+   per-step loss and tokens/s (X2).
 
 Progress is one line per optimizer step with tokens/s; the first step (allocation, warm-up) is reported
 apart and left out of the steady rate (L2). With `auto_find_batch_size` the Trainer shrinks the batch
@@ -22,35 +23,21 @@ accelerate of the seed's day halved it); the run logs each retry and recomputes 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from accelerate.utils import gather_object
+from transformers import PrinterCallback, Trainer, TrainerCallback
+
+from reference import checkpoints, data, lora, models, recipes, rundir, sft, steps
 from reference.errors import InputError
-from reference.paths import complete_directory, write_text_atomic
+from reference.hashing import sha256_of, trainable_weights_sha256
+from reference.manifest import AdapterMode, RunManifest, StepLog
+from reference.paths import complete_directory
 
-MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
-
-
-def sha256_of(path: str | Path) -> str:
-    """SHA-256 of a file, or of a folder's files (names and contents, in name order)."""
-    source = Path(path)
-    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-    total = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        total.update(f"{file.relative_to(source) if source.is_dir() else file.name}\0{digest}\n".encode())
-    return total.hexdigest()
-
-
-def quantization_of(recipe) -> str:
-    q = recipe.quantization
-    return "nf4" if q.get("load_in_4bit") else "8bit" if q.get("load_in_8bit") else "none"
 
 
 def parse_columns(text: str | None) -> dict | None:
@@ -64,121 +51,87 @@ def parse_columns(text: str | None) -> dict | None:
     return columns
 
 
-@dataclass
-class StepRecord:
-    step: int
-    epoch: float
-    loss: float
-    learning_rate: float
-    tokens: int
-    seconds: float
-    tokens_per_second: float
+class StepTrainer(Trainer):
+    """A Trainer that sums each optimizer step's loss and counts its real tokens, for ProgressReporter."""
+
+    window_loss = 0.0
+    window_tokens = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.window_loss += float(loss)  # already scaled by the accumulation window: the sum is the step's loss
+        self.window_tokens += int(inputs["attention_mask"].sum())
+        return loss
+
+    def take_window(self) -> tuple[float, int]:
+        """The finished step's loss and tokens; the next step counts from zero."""
+        window = self.window_loss, self.window_tokens
+        self.window_loss, self.window_tokens = 0.0, 0
+        return window
 
 
-@dataclass
-class RunRecord:
-    """What `manifest.json` holds (see the module docstring)."""
+class ProgressReporter(TrainerCallback):
+    """Says the step plan when training starts (again, after an out-of-memory retry) and one line per
+    optimizer step, and keeps each step's StepLog in the manifest."""
 
-    settings: dict
-    data: dict
-    model: dict
-    trainable_parameters: int
-    all_parameters: int
-    weight_bytes: int
-    step_plan: dict
-    batch_size_attempts: list = field(default_factory=list)
-    steps: list = field(default_factory=list)
-    warmup_step_seconds: float | None = None
-    steady_tokens_per_second: float | None = None
-    train_seconds: float | None = None
-    use_cache: dict = field(default_factory=dict)
-    adapter: dict = field(default_factory=dict)
-    """created (fresh), loaded (continued from a saved adapter) or none (full fine-tuning)."""
-    resumed_from: str | None = None
-    """The checkpoint the run carried on from, if any."""
-    trainable_sha256_per_process: list = field(default_factory=list)
-    """Digest of the trained weights on each process (torchrun): all equal when data parallelism kept them in step."""
-    output: str = ""
+    def __init__(self, manifest: RunManifest, records: int, say):
+        self.manifest, self.records, self.say = manifest, records, say
+        self.trainer: StepTrainer | None = None
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        batch = state.train_batch_size or args.per_device_train_batch_size
+        attempts = self.manifest.batch_size_attempts
+        if attempts and attempts[-1] != batch:
+            self.say(f"out of memory at batch size {attempts[-1]}: auto_find_batch_size retries with {batch}")
+        attempts.append(batch)
+        plan = steps.plan(steps.settings_from_training_arguments(args, self.records, batch))
+        self.manifest.step_plan = plan.to_dict()
+        self.manifest.steps.clear()
+        self.say(
+            f"step plan: batch {batch} x accumulation {args.gradient_accumulation_steps} x {args.world_size} "
+            f"process(es) = {plan.effective_batch_size} records per step; {plan.total_optimizer_steps} steps "
+            f"over {plan.epochs_run} epoch(s), warmup {plan.warmup_steps}"
+        )
+        if plan.warmup_warning():
+            self.say(plan.warmup_warning())
+        use_cache = getattr(model.config, "use_cache", None) if model is not None else None
+        self.manifest.use_cache["during_training"] = use_cache
+        self.last = time.perf_counter()
 
-def _trainer_classes():
-    """A Trainer that keeps each optimizer step's loss and token count, and the callback that reports them."""
-    from transformers import Trainer, TrainerCallback
+    def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.learning_rate = lr_scheduler.get_last_lr()[0]  # the rate this step's update uses
 
-    class RecordingTrainer(Trainer):
-        window_loss = 0.0
-        window_tokens = 0
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        loss, tokens = self.trainer.take_window()
+        log = StepLog(
+            step=state.global_step,
+            epoch=round(state.epoch or 0.0, 4),
+            loss=loss,
+            learning_rate=self.learning_rate,
+            tokens=tokens,
+            seconds=seconds,
+            tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        )
+        self.manifest.steps.append(asdict(log))
+        if log.step == 1:
+            self.manifest.warmup_step_seconds = seconds  # allocation and warm-up: not in the steady rate
+        else:
+            steady = self.manifest.steps[1:]
+            steady_seconds = max(sum(s["seconds"] for s in steady), 1e-9)
+            self.manifest.steady_tokens_per_second = sum(s["tokens"] for s in steady) / steady_seconds
+        self.say(self.progress_line(log, state.epoch))
 
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self.window_loss += float(loss)  # already scaled by the accumulation window: the sum is the step's loss
-            self.window_tokens += int(inputs["attention_mask"].sum())
-            return loss
-
-    class Reporter(TrainerCallback):
-        def __init__(self, run: RunRecord, records: int, say):
-            self.run, self.records, self.say = run, records, say
-            self.trainer = None
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            from reference import steps
-
-            batch = state.train_batch_size or args.per_device_train_batch_size
-            attempts = self.run.batch_size_attempts
-            if attempts and attempts[-1] != batch:
-                self.say(f"out of memory at batch size {attempts[-1]}: auto_find_batch_size retries with {batch}")
-            attempts.append(batch)
-            plan = steps.plan(steps.settings_from_training_arguments(args, self.records, batch))
-            self.run.step_plan = plan.to_dict()
-            self.run.steps.clear()
-            self.say(
-                f"step plan: batch {batch} x accumulation {args.gradient_accumulation_steps} x {args.world_size} "
-                f"process(es) = {plan.effective_batch_size} records per step; {plan.total_optimizer_steps} steps "
-                f"over {plan.epochs_run} epoch(s), warmup {plan.warmup_steps}"
-            )
-            if plan.warmup_warning():
-                self.say(plan.warmup_warning())
-            self.run.use_cache["during_training"] = (
-                getattr(model.config, "use_cache", None) if model is not None else None
-            )
-            self.started = self.last = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.learning_rate = self.trainer.lr_scheduler.get_last_lr()[0]  # the rate this step's update uses
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            trainer = self.trainer
-            seconds, tokens = now - self.last, trainer.window_tokens
-            record = StepRecord(
-                step=state.global_step,
-                epoch=round(state.epoch or 0.0, 4),
-                loss=trainer.window_loss,
-                learning_rate=self.learning_rate,
-                tokens=tokens,
-                seconds=seconds,
-                tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
-            )
-            trainer.window_loss, trainer.window_tokens, self.last = 0.0, 0, now
-            self.run.steps.append(asdict(record))
-            total = self.run.step_plan["total_optimizer_steps"]
-            epochs = self.run.step_plan["epochs_run"]
-            where = f"epoch {min(int(state.epoch - 1e-9) + 1, epochs)}/{epochs} step {state.global_step}/{total}"
-            if state.global_step == 1:
-                self.run.warmup_step_seconds = seconds
-                self.say(
-                    f"{where} loss {record.loss:.4f} - first step {seconds:.2f} s (warm-up, not in the steady rate)"
-                )
-            else:
-                steady = self.run.steps[1:]
-                rate = sum(s["tokens"] for s in steady) / max(sum(s["seconds"] for s in steady), 1e-9)
-                self.run.steady_tokens_per_second = rate
-                self.say(
-                    f"{where} loss {record.loss:.4f} lr {record.learning_rate:.3g} "
-                    f"{record.tokens_per_second:,.0f} tok/s (steady {rate:,.0f} tok/s)"
-                )
-
-    return RecordingTrainer, Reporter
+    def progress_line(self, log: StepLog, epoch: float) -> str:
+        """`epoch 1/1 step 2/4 loss 5.1234 lr 0.0015 900 tok/s (steady 900 tok/s)`; step 1 says warm-up."""
+        total, epochs = self.manifest.step_plan["total_optimizer_steps"], self.manifest.step_plan["epochs_run"]
+        epoch_number = min(int(epoch - 1e-9) + 1, epochs)  # state.epoch 1.0 is the end of the first epoch
+        where = f"epoch {epoch_number}/{epochs} step {log.step}/{total} loss {log.loss:.4f}"
+        if log.step == 1:
+            return f"{where} - first step {log.seconds:.2f} s (warm-up, not in the steady rate)"
+        rate = self.manifest.steady_tokens_per_second
+        return f"{where} lr {log.learning_rate:.3g} {log.tokens_per_second:,.0f} tok/s (steady {rate:,.0f} tok/s)"
 
 
 def stderr_line(text: str) -> None:
@@ -186,9 +139,7 @@ def stderr_line(text: str) -> None:
 
 
 def encode_data(recipe, tokenizer, data_path: str, columns: dict | None) -> tuple[list[dict], dict]:
-    """The records encoded as the recipe says, and what the run record says about them."""
-    from reference import data, sft
-
+    """The records encoded as the recipe says, and what the manifest says about them."""
     loss_on = recipe.sft.get("loss_on", "response")
     max_seq_length = int(recipe.sft.get("max_seq_length", 2048))
     table = data.load_records(data_path, columns)
@@ -212,29 +163,29 @@ def encode_data(recipe, tokenizer, data_path: str, columns: dict | None) -> tupl
 def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dtype: str, adapter: str | None, say):
     """The base as the recipe quantises it, with a fresh adapter, a saved one to continue (trainable),
     or none (full fine-tuning). Returns (model, identity, weight bytes, what the adapter is)."""
-    from reference import lora, models
-
-    quantization = quantization_of(recipe)
+    bnb_4bit_settings = {k: v for k, v in recipe.quantization.items() if k.startswith("bnb_4bit")}
     model, identity = models.load_causal_lm(
         directory,
         dtype=dtype,
-        quantization=quantization,
-        quantization_section={k: v for k, v in recipe.quantization.items() if k.startswith("bnb_4bit")},
-        device=device,
-    )  # packed where it trains (a 4-bit model cannot move)
+        quantization=models.quantization_name(recipe.quantization),
+        quantization_section=bnb_4bit_settings,
+        device=device,  # packed where it trains (a 4-bit model cannot move)
+    )
     weight_bytes = models.weight_bytes(model)
     if adapter is not None:
         model = lora.load_adapter(lora.prepare_base(model, checkpointing), adapter, trainable=True)
-        adapter_info = {"mode": "loaded", "path": str(Path(adapter).resolve()), "sha256": sha256_of(adapter)}
+        path, digest = str(Path(adapter).resolve()), sha256_of(adapter)
+        adapter_info = {"mode": AdapterMode.LOADED, "path": path, "sha256": digest}
         what = f"adapter loaded from {adapter}, not created"
     elif recipe.lora:
         model = lora.attach(model, recipe.lora, gradient_checkpointing=checkpointing)
-        adapter_info = {"mode": "created", "r": recipe.lora.get("r"), "lora_alpha": recipe.lora.get("lora_alpha")}
-        what = f"adapter created fresh (r={adapter_info['r']}, lora_alpha={adapter_info['lora_alpha']}), not loaded"
+        r, alpha = recipe.lora.get("r"), recipe.lora.get("lora_alpha")
+        adapter_info = {"mode": AdapterMode.CREATED, "r": r, "lora_alpha": alpha}
+        what = f"adapter created fresh (r={r}, lora_alpha={alpha}), not loaded"
     else:
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
-        adapter_info = {"mode": "none (full fine-tuning)"}
+        adapter_info = {"mode": AdapterMode.NONE}
         what = "no adapter: full fine-tuning"
     try:
         trainable = lora.require_trainable(model)
@@ -256,35 +207,26 @@ def run(
     adapter: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
-) -> RunRecord:
-    """Train as the recipe says and save; returns the run record also written to output/manifest.json.
+) -> RunManifest:
+    """Train as the recipe says and save; returns the run's manifest, also written to output/manifest.json.
 
     `adapter`: continue training that saved adapter (a new schedule from step 0). `resume`: carry on
     from the newest complete checkpoint in output/checkpoints (optimizer, scheduler, RNG state and
     step restored), refused when the model, data or settings differ from the run's. `overwrite`: start
     again in a directory that holds a run. The directory is held by this run alone (reference.rundir).
     `before_train(trainer)` is called once the Trainer is built (tests observe the run)."""
-    from reference import models, rundir
-
     models.require_model_dir(model_dir)  # first: a wrong model fails before any work
     with rundir.claimed(output_dir, resume, overwrite, say):
         return _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume)
 
 
 def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume):
-    from transformers import AutoTokenizer, PrinterCallback
-
-    from reference import checkpoints, lora, models, recipes, rundir, sft
-
     directory = models.require_model_dir(model_dir)
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
     args = recipes.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
     settings = recipes.resolved_settings(recipe, str(checkpoint_dir), args=args)
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else directory),
-        local_files_only=True,
-    )
+    tokenizer = lora.load_tokenizer(directory, adapter)  # a continued adapter's own tokenizer, if it saved one
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoded, data_info = encode_data(recipe, tokenizer, data_path, columns)
@@ -292,12 +234,13 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     checkpointing = args.activation_checkpointing
     if args.process_index != 0:  # under torchrun the main process reports for all
         say = lambda text: None  # noqa: E731
+    dtype = "bfloat16" if args.bf16 else "float32"
     model, identity, weight_bytes, adapter_info = prepare_model(
-        recipe, directory, str(args.device), checkpointing, "bfloat16" if args.bf16 else "float32", adapter, say
+        recipe, directory, str(args.device), checkpointing, dtype, adapter, say
     )
     trainable, total = lora.count_trainable(model)
 
-    record = RunRecord(
+    manifest = RunManifest(
         settings=settings,
         model=asdict(identity),
         trainable_parameters=trainable,
@@ -310,82 +253,61 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
         output=str(Path(output_dir).resolve()),
     )
     if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
-        rundir.record_or_check(output_dir, {"model": record.model, "data": data_info, "settings": settings}, resume)
-    RecordingTrainer, Reporter = _trainer_classes()
-    reporter = Reporter(record, len(encoded), say)
-    trainer = RecordingTrainer(
+        what_runs = {"model": manifest.model, "data": data_info, "settings": settings}
+        rundir.write_or_check(output_dir, what_runs, resume)
+    reporter = ProgressReporter(manifest, len(encoded), say)
+    trainer = StepTrainer(
         model=model,
         args=args,
         train_dataset=encoded,
-        data_collator=sft.Collator(tokenizer.pad_token_id),
-        callbacks=[reporter, checkpoints.marker_callback(), *callbacks],
+        data_collator=sft.collator(tokenizer),
+        callbacks=[reporter, checkpoints.CompletionMarker(), *callbacks],
     )
     reporter.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # our per-step lines replace its dict dumps
     if before_train is not None:
         before_train(trainer)
+    resuming = f", resuming from {resume_from.name}" if resume_from else ""
     say(
         f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
-        f"weights {weight_bytes:,} bytes, base {identity.quantization} ({identity.path})"
-        + (f", resuming from {resume_from.name}" if resume_from else "")
+        f"weights {weight_bytes:,} bytes, base {identity.quantization} ({identity.path}){resuming}"
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    record.train_seconds = time.perf_counter() - started
+    manifest.train_seconds = time.perf_counter() - started
     if checkpointing:
         model.activation_checkpointing_disable()  # generation cannot use a cache while checkpointing
     model.eval()
     model.config.use_cache = True  # C15: on again for generation
-    record.use_cache["after_training"] = model.config.use_cache
-    record.trainable_sha256_per_process = per_process(trainable_digest(model))
-    save(trainer, tokenizer, record, Path(output_dir), say)
-    return record
+    manifest.use_cache["after_training"] = model.config.use_cache
+    manifest.trainable_sha256_per_process = gather_object([trainable_weights_sha256(model)])  # in rank order
+    save(trainer, tokenizer, manifest, say)
+    return manifest
 
 
-def summary(record: RunRecord) -> dict:
+def summary(manifest: RunManifest) -> dict:
     """A run in a few numbers: where it is, its steps and first/last loss, speed, the adapter, a resume."""
     return {
-        "output": record.output,
-        "manifest": str(Path(record.output) / MANIFEST),
-        "steps": len(record.steps),
-        "first_loss": record.steps[0]["loss"] if record.steps else None,
-        "last_loss": record.steps[-1]["loss"] if record.steps else None,
-        "steady_tokens_per_second": record.steady_tokens_per_second,
-        "trainable_parameters": record.trainable_parameters,
-        "step_plan": record.step_plan,
-        "adapter": record.adapter,
-        "resumed_from": record.resumed_from,
+        "output": manifest.output,
+        "manifest": str(manifest.path),
+        "steps": len(manifest.steps),
+        "first_loss": manifest.steps[0]["loss"] if manifest.steps else None,
+        "last_loss": manifest.steps[-1]["loss"] if manifest.steps else None,
+        "steady_tokens_per_second": manifest.steady_tokens_per_second,
+        "trainable_parameters": manifest.trainable_parameters,
+        "step_plan": manifest.step_plan,
+        "adapter": manifest.adapter,
+        "resumed_from": manifest.resumed_from,
     }
 
 
-def trainable_digest(model) -> str:
-    """SHA-256 over the trainable weights' names and bytes: equal digests mean equal weights."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def per_process(value) -> list:
-    """The value from every process of a torchrun job, in rank order ([value] when there is one)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def save(trainer, tokenizer, record: RunRecord, out: Path, say) -> None:
-    """Adapter (or model) and tokenizer, reloadable (C16), and the run record; on the main process only."""
+def save(trainer, tokenizer, manifest: RunManifest, say) -> None:
+    """Adapter (or model) and tokenizer, reloadable (C16), and the manifest; on the main process only."""
     if not trainer.args.should_save:
         return
-    with complete_directory(out) as partial:
+    with complete_directory(manifest.output) as partial:
         trainer.model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
-    write_text_atomic(out / MANIFEST, json.dumps(asdict(record), ensure_ascii=False, indent=2, default=str) + "\n")
-    saved = "model" if record.adapter.get("mode") == "none (full fine-tuning)" else "adapter"
-    say(f"saved {saved}, tokenizer and {MANIFEST} to {out}")
+    manifest.write()
+    saved = "model" if manifest.adapter["mode"] is AdapterMode.NONE else "adapter"
+    say(f"saved {saved}, tokenizer and {manifest.path.name} to {manifest.output}")

@@ -54,8 +54,9 @@ def llama_tokenizer():
     return AutoTokenizer.from_pretrained(str(FIXTURES / "tokenizer-llama3"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_gemma2_dir() -> Path:
+    """Session-wide, so module-scoped fixtures (a shared training run) can take it too."""
     return FIXTURES / "models" / "tiny-gemma2"
 
 
@@ -70,3 +71,30 @@ def tiny_gemma2(tiny_gemma2_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(tiny_gemma2_dir))
+
+
+@pytest.fixture(scope="session", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def sft_device(request) -> str:
+    """Where the shared SFT runs train: the CPU always, and the GPU again when CUDA is present."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def sft_runs(sft_device, tmp_path_factory):
+    """sft_runs(base) -> the cut llm2024 run on that base (nf4, int8, bf16 or full), made once per session and
+    device and shared by every test file that reads it (spec/sft_runs.py)."""
+    from spec.sft_runs import Runs
+
+    return Runs(sft_device, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qa_data() -> Path:
+    """24 question/answer records in columns `input` and `output` (--columns instruction=input,response=output)."""
+    return FIXTURES / "data" / "qa111_sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def magpie_data() -> Path:
+    """80 magpie records (a `conversations` list each), which train reads without a column map."""
+    return FIXTURES / "data" / "magpie_sample.jsonl"

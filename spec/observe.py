@@ -2,7 +2,7 @@
 optimizer step what the model was fed (attention_mask sums of the micro-batches), use_cache and checkpointing.
 
 What is seen here is seen from outside the code under test: the Trainer's own arguments object, forward
-hooks on the model, a callback of our own. Nothing is read back from reference.train's records.
+hooks on the model, a callback of our own. Nothing is read back from reference.train's manifest.
 """
 
 from __future__ import annotations

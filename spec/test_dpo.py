@@ -41,7 +41,7 @@ def test_sequence_log_probability_scores_the_answer_tokens_only(gemma_tokenizer,
     pair = dpo.PreferencePair("質問：", "東京です。", "大阪です。")
     (ids, labels), _ = dpo.encode_pair(gemma_tokenizer, pair, 64)
     with torch.no_grad():
-        ours = dpo.sequence_logprobs(tiny_gemma2, [(ids, labels)], 0)[0]
+        ours = dpo.sequence_logprobs(tiny_gemma2, [(ids, labels)], gemma_tokenizer)[0]
         log_probs = torch.log_softmax(tiny_gemma2(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     scored = [t for t in range(1, len(ids)) if labels[t] != -100]
     assert gemma_tokenizer.decode([ids[t] for t in scored]) == "東京です。<eos>"
@@ -59,17 +59,15 @@ def test_a_few_dpo_steps_on_a_lora_policy_raise_the_reward_margin(fixtures_dir, 
     pairs = dpo.read_pairs(fixtures_dir / "data" / "preference_pairs.jsonl")
     chosen, rejected, _ = dpo.encode_pairs(gemma_tokenizer, pairs, dpo.DPOSettings().max_length)
     with torch.no_grad():
-        base = [dpo.sequence_logprobs(model, s, gemma_tokenizer.pad_token_id).mean().item() for s in (chosen, rejected)]
+        base = [dpo.sequence_logprobs(model, s, gemma_tokenizer).mean().item() for s in (chosen, rejected)]
     policy = lora.attach(
         model, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
     )
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    record = dpo.train(
-        policy, gemma_tokenizer, pairs, dpo.DPOSettings(steps=10, learning_rate=5e-3), say=lambda _: None
-    )
-    assert record.losses[0] == pytest.approx(math.log(2), abs=1e-6) and record.margins[0] == pytest.approx(0, abs=1e-6)
-    assert record.margins[-1] > record.margins[0] + 0.05 and record.losses[-1] < record.losses[0]
-    assert all(step == pytest.approx(base, rel=1e-6) for step in record.reference_logps)
+    log = dpo.train(policy, gemma_tokenizer, pairs, dpo.DPOSettings(steps=10, learning_rate=5e-3), say=lambda _: None)
+    assert log.losses[0] == pytest.approx(math.log(2), abs=1e-6) and log.margins[0] == pytest.approx(0, abs=1e-6)
+    assert log.margins[-1] > log.margins[0] + 0.05 and log.losses[-1] < log.losses[0]
+    assert all(step == pytest.approx(base, rel=1e-6) for step in log.reference_logps)
     for name, param in policy.named_parameters():
         if name in before:
             assert torch.equal(param, before[name]) != param.requires_grad, name
@@ -112,6 +110,23 @@ def test_dpo_command_trains_and_saves_an_adapter(tmp_path, fixtures_dir):
     assert not (tmp_path / dpo.REFERENCE_ADAPTER).exists()  # the policy alone is saved
 
 
+@pytest.mark.slow
+@pytest.mark.claim("D3")
+def test_dpo_runs_from_python_on_a_model_whose_tokenizer_has_no_pad_token(tmp_path, tiny_llama_dir, fixtures_dir):
+    """dpo.run, the function the command calls, on the tiny Llama: its tokenizer has no pad token (checked
+    first), so the pairs are padded with its EOS, <|eot_id|>, as SFT pads; one step from a fresh adapter gives
+    exactly log 2. The adapter, the tokenizer (padding with EOS) and dpo.json, the returned log, are saved."""
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tiny_llama_dir)).pad_token is None
+    pairs = fixtures_dir / "data" / "preference_pairs.jsonl"
+    result = dpo.run(tiny_llama_dir, pairs, tmp_path, dpo.DPOSettings(steps=1), say=lambda _: None)
+    assert result["losses"] == [pytest.approx(math.log(2), abs=1e-6)] and result["adapter"] is None
+    assert result == json.loads((tmp_path / "dpo.json").read_text(encoding="utf-8"))
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).pad_token == "<|eot_id|>"
+
+
 def saved_adapter(directory, fixtures_dir):
     """A saved LoRA adapter that is not the identity (peft's init_lora_weights=False: B != 0), with the
     tokenizer, as the SFT command leaves one."""
@@ -141,7 +156,7 @@ def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_p
     saved adapter's files are untouched; the adapter written is the trained policy alone, and it moved."""
     from safetensors.torch import load_file
 
-    from reference.train import sha256_of
+    from reference.hashing import sha256_of
 
     start = saved_adapter(tmp_path / "sft", fixtures_dir)
     digest = sha256_of(start)
@@ -169,8 +184,8 @@ def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_p
     summary = json.loads(result.stdout)
     assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert summary["margins"][0] == pytest.approx(0, abs=1e-6) and summary["losses"][-1] < summary["losses"][0]
-    record = json.loads((out / "dpo.json").read_text(encoding="utf-8"))
-    assert record["reference_logps"] == [record["reference_logps"][0]] * 3
+    log = json.loads((out / "dpo.json").read_text(encoding="utf-8"))
+    assert log["reference_logps"] == [log["reference_logps"][0]] * 3
     assert sha256_of(start) == digest
     saved = load_file(str(start / "adapter_model.safetensors"))
     trained = load_file(str(out / "adapter_model.safetensors"))

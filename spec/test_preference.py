@@ -108,12 +108,14 @@ def test_left_and_right_padding_pool_the_same_last_non_pad_token(backbone, reque
     model, tokenizer = request.getfixturevalue(backbone)
     rows = [tokenizer("短い")["input_ids"], tokenizer("これはもう少し長い入力の文です。")["input_ids"]]
     assert tokenizer.pad_token_id not in rows[0] + rows[1]
+    right_padded = tokenizer.pad({"input_ids": rows}, padding_side="right", return_tensors="pt")
+    left_padded = tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt")
+    assert right_padded["input_ids"][0, -1] == left_padded["input_ids"][0, 0] == tokenizer.pad_token_id
     with torch.no_grad():
-        ids, mask = preference.pad_batch(rows, tokenizer.pad_token_id, "right")
-        right = model(input_ids=ids, attention_mask=mask).logits
-        left = model(*preference.pad_batch(rows, tokenizer.pad_token_id, "left")).logits
+        right = model(**right_padded).logits
+        left = model(**left_padded).logits
         alone = torch.cat([model(input_ids=torch.tensor([row])).logits for row in rows])
-        last_position = model.score(model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1])
+        last_position = model.score(model.model(**right_padded).last_hidden_state[:, -1])
     assert torch.allclose(right, alone, atol=2e-3) and torch.allclose(left, alone, atol=2e-3)
     assert not torch.allclose(last_position[0], alone[0], atol=2e-3)
 
@@ -126,11 +128,18 @@ def test_the_config_defaults_are_the_threads():
 
 
 @pytest.mark.claim("A5")
-def test_the_preference_command_defaults_to_the_threads_config():
+def test_the_preference_command_defaults_to_the_threads_config_and_takes_what_is_given():
+    """Nothing given: seed 000's Config (2048, 4, False, False). Given: --max-length 64 --batch-size 2 --tta
+    --spread-max-length, exactly those."""
     from reference import cli
+    from reference.commands import preference as command
 
-    args = cli.build_parser().parse_args(["preference", "predict", "--model", "m", "--data", "d", "--output", "o"])
-    assert (args.max_length, args.batch_size, args.tta, args.spread_max_length) == (2048, 4, False, False)
+    argv = ["preference", "predict", "--model", "m", "--data", "d", "--output", "o"]
+    config = command.config_of(cli.build_parser().parse_args(argv))
+    assert (config.max_length, config.batch_size, config.tta, config.spread_max_length) == (2048, 4, False, False)
+    given = ["--max-length", "64", "--batch-size", "2", "--tta", "--spread-max-length"]
+    config = command.config_of(cli.build_parser().parse_args(argv + given))
+    assert (config.max_length, config.batch_size, config.tta, config.spread_max_length) == (64, 2, True, True)
 
 
 @pytest.mark.claim("A5")
@@ -175,6 +184,33 @@ def test_tta_averages_with_the_swapped_scoring_after_swapping_its_a_and_b_back(c
     by_hand = (plain + swapped[:, [1, 0, 2]]) / 2
     tta = preference.predict(model, tokenizer, rows, PreferenceConfig(max_length=128, tta=True))
     assert torch.allclose(tta, by_hand) and torch.allclose(tta.sum(-1), torch.ones(3))
+
+
+@pytest.mark.claim("L1")
+def test_predicting_a_file_writes_each_rows_three_probabilities_in_the_competitions_columns(fixtures_dir, tmp_path):
+    """One JSON object per row of the file, keys winner_model_a, winner_model_b, winner_tie in that order;
+    the values are the softmax of the head's logits for that row scored alone (no padding), its text written
+    out by hand from the competition's JSON lists and cut at max_length 60 (the fixture's first 8 rows run from
+    45 to 62 tokens). In batches of 5 and 3 every row but the longest is padded, which must not change it.
+    The new head's weights are drawn at load, so both loads draw them from the same seed."""
+    backbone, data, output = fixtures_dir / "models" / "tiny-gemma2", tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    lines = (fixtures_dir / "data" / "lmsys_sample.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    summary = preference.predict_file(backbone, data, output, PreferenceConfig(max_length=60, batch_size=5))
+    raw = [json.loads(line) for line in lines]
+    written = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert summary["rows"] == len(written) == 8
+    torch.manual_seed(0)
+    model, tokenizer = preference.load_classifier(backbone)
+    for row, probabilities in zip(raw, written, strict=True):
+        prompt, a, b = ("\n".join(json.loads(row[column])) for column in ("prompt", "response_a", "response_b"))
+        text = "<prompt>: " + prompt + "\n\n<response_a>: " + a + "\n\n<response_b>: " + b
+        ids = tokenizer(text, max_length=60, truncation=True)["input_ids"]
+        with torch.no_grad():
+            alone = torch.softmax(model(input_ids=torch.tensor([ids])).logits.float(), dim=-1)[0]
+        assert list(probabilities) == ["winner_model_a", "winner_model_b", "winner_tie"]
+        assert list(probabilities.values()) == pytest.approx(alone.tolist(), abs=2e-3)
 
 
 @pytest.mark.claim("L1")
@@ -239,12 +275,9 @@ def test_training_the_classifier_lowers_its_loss_and_reports_held_out_log_loss(f
     assert summary == json.loads((tmp_path / "preference.json").read_text())
     assert (tmp_path / "adapter_model.safetensors").is_file()
 
-    from reference import lora
-
     raw = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
     held = held_out_line_numbers(len(raw))
-    model, tokenizer = preference.load_classifier(fixtures_dir / "models" / "tiny-gemma2")
-    model = lora.load_adapter(model, tmp_path, trainable=False)
+    model, tokenizer = preference.load_classifier(fixtures_dir / "models" / "tiny-gemma2", adapter=tmp_path)
     texts = preference.read_rows(data)
 
     def by_hand(numbers: list[int]) -> float:

@@ -1,7 +1,8 @@
 """Training data for SFT (reference/sft.py): labels, BOS/EOS, truncation, padding and NEFTune.
 
 Expected values come from outside reference/: the alpaca text written out by hand (seed 001 §2.2.2), the
-model's own loss against a cross-entropy summed by hand, the Trainer's NEFTune hook, trl's collator.
+model's own loss against a cross-entropy summed by hand, the Trainer's NEFTune hook, trl's collator, padded
+batches worked out by hand.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from reference import sft
 from reference.errors import InputError
 from reference.recipes import load_recipe
-from reference.sft import Collator, encode_record
+from reference.sft import encode_record
 
 INSTRUCTION = "日本の首都はどこですか。"
 RESPONSE = "日本の首都は東京です。"
@@ -194,12 +195,30 @@ def test_records_are_cut_at_max_seq_length(gemma_tokenizer):
     assert cut["labels"] == whole["labels"][:32] and cut["attention_mask"] == [1] * 32
 
 
-def test_padding_is_masked_and_never_a_target():
-    records = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [-100]}]
-    batch = Collator(pad_token_id=0)(records)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+def records_of_3_and_1_tokens() -> list[dict]:
+    return [
+        {"input_ids": [2, 6, 7], "attention_mask": [1, 1, 1], "labels": [IGNORED, 6, 7]},
+        {"input_ids": [2], "attention_mask": [1], "labels": [IGNORED]},
+    ]
+
+
+def test_padded_labels_are_minus_100_so_padding_is_masked_and_never_a_target(gemma_tokenizer):
+    """transformers' DataCollatorForSeq2Seq, by hand: the short record gets two <pad> (id 0) in input_ids,
+    two 0 in attention_mask and two -100 in labels; the batch is as wide as its longest record."""
+    assert gemma_tokenizer.pad_token_id == 0
+    batch = sft.collator(gemma_tokenizer)(records_of_3_and_1_tokens())
+    assert batch["input_ids"].tolist() == [[2, 6, 7], [2, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+    assert batch["labels"].tolist() == [[IGNORED, 6, 7], [IGNORED, IGNORED, IGNORED]]
+
+
+def test_batches_are_padded_on_the_right_even_when_the_tokenizer_pads_left(gemma_tokenizer):
+    """Gemma-2's own tokenizer is saved with padding_side "left"; SFT batches still pad on the right (as
+    trl's SFTTrainer does), and the caller's tokenizer keeps its side."""
+    gemma_tokenizer.padding_side = "left"
+    batch = sft.collator(gemma_tokenizer)(records_of_3_and_1_tokens())
+    assert batch["input_ids"].tolist()[1] == [2, 0, 0] and batch["labels"].tolist()[1] == [IGNORED, IGNORED, IGNORED]
+    assert gemma_tokenizer.padding_side == "left"
 
 
 @pytest.mark.claim("C14")

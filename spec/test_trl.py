@@ -354,11 +354,11 @@ def trl_dpo(tmp_path_factory):
 def our_logps(policy) -> list:
     """reference.dpo's sequence log-probs: policy chosen, policy rejected, then the same with the adapter off."""
     chosen, rejected, _ = our_encoding()
-    pad = tokenizer().pad_token_id
+    tok = tokenizer()
     with torch.no_grad():
-        ours = [dpo.sequence_logprobs(policy, chosen, pad), dpo.sequence_logprobs(policy, rejected, pad)]
+        ours = [dpo.sequence_logprobs(policy, chosen, tok), dpo.sequence_logprobs(policy, rejected, tok)]
         with policy.disable_adapter():
-            ours += [dpo.sequence_logprobs(policy, chosen, pad), dpo.sequence_logprobs(policy, rejected, pad)]
+            ours += [dpo.sequence_logprobs(policy, chosen, tok), dpo.sequence_logprobs(policy, rejected, tok)]
     return ours
 
 
@@ -484,16 +484,16 @@ def test_dpo_from_a_saved_adapter_takes_trls_steps_with_that_adapter_frozen_as_t
     trl_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     ours = lora.load_adapter(base_model(), saved_sft_adapter, trainable=True)
-    record = dpo.train(
+    log = dpo.train(
         ours,
         tokenizer(),
         dpo.read_pairs(PAIRS),
         dpo.DPOSettings(steps=steps, learning_rate=learning_rate, beta=BETA),
         say=lambda _: None,
     )
-    assert record.losses[0] == pytest.approx(math.log(2), abs=1e-6) == trl_losses[0]
-    assert record.losses == pytest.approx(trl_losses, abs=1e-5)
-    assert record.reference_logps == [record.reference_logps[0]] * steps
+    assert log.losses[0] == pytest.approx(math.log(2), abs=1e-6) == trl_losses[0]
+    assert log.losses == pytest.approx(trl_losses, abs=1e-5)
+    assert log.reference_logps == [log.reference_logps[0]] * steps
 
     saved = load_file(str(saved_sft_adapter / "adapter_model.safetensors"))
     weights = peft.get_peft_model_state_dict(ours, adapter_name=dpo.REFERENCE_ADAPTER)

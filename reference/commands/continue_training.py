@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import lora, recipes, rundir, train
+    from reference import lora, models, recipes, rundir, train
 
     recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
     recipes.check_numbers(recipe)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     rundir.check_reuse(output, args.resume, overwrite=False)
     merged = output / "merged-base"
     if not (args.resume and merged.is_dir()):  # resuming: the base the run was merged onto is there
-        lora.merge(args.model, args.adapter, merged, quantization=train.quantization_of(recipe))
+        lora.merge(args.model, args.adapter, merged, quantization=models.quantization_name(recipe.quantization))
         say(f"merged {args.adapter} into {args.model} -> {merged}; training a new adapter on it")
     record = train.run(recipe, str(merged), args.data, args.output, columns=columns, resume=args.resume)
     print_run(record)

@@ -27,34 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-    from pathlib import Path
+    from reference import dpo
 
-    from transformers import AutoTokenizer
-
-    from reference import dpo, lora, models, paths
-    from reference.shapes import PROJECTIONS
-
-    pairs = dpo.read_pairs(args.data)
-    model, identity = models.load_causal_lm(args.model)
-    if args.adapter:
-        policy = lora.load_adapter(model, args.adapter, trainable=True)
-    else:
-        policy = lora.attach(model, {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": list(PROJECTIONS)})
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model, local_files_only=True)
     settings = dpo.DPOSettings(beta=args.beta, learning_rate=args.lr, steps=args.steps)
-    record = dpo.train(policy, tokenizer, pairs, settings, say=say)
-    out = Path(args.output)
-    with paths.complete_directory(out) as partial:
-        policy.save_pretrained(partial, safe_serialization=True, selected_adapters=[policy.active_adapter])
-        tokenizer.save_pretrained(partial)
-    result = {
-        **asdict(record),
-        "model": asdict(identity),
-        "pairs": len(pairs),
-        "adapter": args.adapter,
-        "reference": f"the starting adapter ({args.adapter or 'fresh, B = 0: the base'}), frozen",
-    }
-    paths.write_text_atomic(out / "dpo.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
-    print(json.dumps({"output": str(out), "losses": record.losses, "margins": record.margins}, indent=2))
+    result = dpo.run(args.model, args.data, args.output, settings, adapter=args.adapter, r=args.r, say=say)
+    print(json.dumps({"output": args.output, "losses": result["losses"], "margins": result["margins"]}, indent=2))
     return 0

@@ -12,8 +12,6 @@ HELP = "the LMSYS 3-class preference classifier (claims L1, A5)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from reference import preference  # a light module: the defaults live there
-
     p.add_argument("action", choices=["train", "predict"])
     p.add_argument("--model", required=True, help="local causal-LM directory (the backbone)")
     p.add_argument(
@@ -28,15 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-length",
         type=at_least(3),
-        default=preference.PreferenceConfig.max_length,
-        help="tokens per input, >= 3 so each of the 3 parts gets one when spread (default %(default)s, the thread's)",
+        default=None,
+        help="tokens per input, >= 3 so each of the 3 parts gets one when spread (default: the thread's, 2048)",
     )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=preference.PreferenceConfig.batch_size,
-        help="default %(default)s (the thread's)",
-    )
+    p.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default: the thread's, 4)")
     p.add_argument(
         "--spread-max-length", action="store_true", help="cut each part to max_length // 3 instead of the joined input"
     )
@@ -45,27 +38,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, default=1e-3, help="train: learning rate (default 1e-3)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from reference import lora, paths, preference
+def config_of(args: argparse.Namespace):
+    """The thread's Config (PreferenceConfig's defaults, seed 000) with what the command line gives."""
+    from reference.preference import PreferenceConfig
 
-    config = preference.PreferenceConfig(
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        spread_max_length=args.spread_max_length,
-        tta=args.tta,
-    )
+    given = {
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "spread_max_length": args.spread_max_length,
+        "tta": args.tta,
+    }
+    return PreferenceConfig(**{name: value for name, value in given.items() if value is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    from reference import preference
+
+    config = config_of(args)
     if args.action == "train":
         result = preference.train(
             args.model, args.data, args.output, config, epochs=args.epochs, learning_rate=args.lr, say=say
         )
-        print(json.dumps(result, indent=2))
-        return 0
-    model, tokenizer = preference.load_classifier(args.model)
-    if args.adapter:
-        model = lora.load_adapter(model, args.adapter, trainable=False)
-    rows = preference.read_rows(args.data, need_labels=False)
-    probabilities = preference.predict(model, tokenizer, rows, config).tolist()
-    lines = [json.dumps(dict(zip(preference.LABELS, row, strict=True))) + "\n" for row in probabilities]
-    paths.write_text_atomic(args.output, "".join(lines))
-    print(json.dumps({"output": args.output, "rows": len(rows), "config": config.__dict__}, indent=2))
+    else:
+        result = preference.predict_file(args.model, args.data, args.output, config, adapter=args.adapter)
+    print(json.dumps(result, indent=2))
     return 0
