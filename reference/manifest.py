@@ -63,7 +63,7 @@ class RunManifest:
     """What `manifest.json` holds: how a finished run was made and what it did, step by step."""
 
     settings: dict
-    """reference.recipes.resolved_settings: the TrainingArguments the Trainer ran with, LoRA, versions."""
+    """reference.training_arguments.resolved_settings: the TrainingArguments the Trainer ran with, LoRA, versions."""
     data: dict
     model: dict
     """reference.models.ModelIdentity of the base."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from accelerate.utils import gather_object
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from reference import checkpoints, data, lora, models, recipes, rundir, sft, steps
+from reference import checkpoints, data, lora, models, rundir, sft, steps, training_arguments
 from reference.errors import InputError
 from reference.hashing import sha256_of, trainable_weights_sha256
 from reference.manifest import AdapterMode, RunManifest, StepLog
@@ -224,8 +224,8 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     directory = models.require_model_dir(model_dir)
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
-    args = recipes.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
-    settings = recipes.resolved_settings(recipe, str(checkpoint_dir), args=args)
+    args = training_arguments.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
+    settings = training_arguments.resolved_settings(recipe, str(checkpoint_dir), args=args)
     tokenizer = lora.load_tokenizer(directory, adapter)  # a continued adapter's own tokenizer, if it saved one
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -10,14 +10,8 @@ import sys
 import pytest
 
 from reference.errors import InputError
-from reference.recipes import (
-    apply_overrides,
-    load_recipe,
-    map_training_arguments,
-    resolved_settings,
-    to_training_arguments,
-    trial_report,
-)
+from reference.recipes import apply_overrides, load_recipe, trial_report
+from reference.training_arguments import map_training_arguments, resolved_settings, to_training_arguments
 
 # The arguments of the primer's TrainingArguments example (seed 004 §5), as written there.
 PRIMER_ARGUMENTS = {

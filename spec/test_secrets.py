@@ -31,7 +31,7 @@ import sys
 import pytest
 import torch
 
-from reference import recipes
+from reference import recipes, training_arguments
 from reference.errors import InputError
 
 SECRET = "hf_SECRETvalue123"
@@ -139,7 +139,7 @@ def test_the_run_record_says_the_token_was_given_and_withheld_from_the_trainers_
 def test_the_arguments_a_trainer_gets_hold_no_token_so_their_pickle_cannot(tmp_path):
     """What the Trainer does with them at each save: torch.save(args, "training_args.bin")."""
     recipe = recipes.apply_overrides(recipes.load_recipe("llm2024"), ["use_cpu=true", f"hub_token={SECRET}"])
-    arguments = recipes.run_arguments(recipe, str(tmp_path))
+    arguments = training_arguments.run_arguments(recipe, str(tmp_path))
     pickled = io.BytesIO()
     torch.save(arguments, pickled)
     assert arguments.hub_token is None
@@ -148,7 +148,7 @@ def test_the_arguments_a_trainer_gets_hold_no_token_so_their_pickle_cannot(tmp_p
 
 @pytest.mark.claim("X7")
 def test_resolved_settings_redact_a_token_in_every_section_and_keep_what_is_not_a_secret(tmp_path):
-    settings = recipes.resolved_settings(secret_recipe(tmp_path), str(tmp_path))
+    settings = training_arguments.resolved_settings(secret_recipe(tmp_path), str(tmp_path))
     assert SECRET not in json.dumps(settings, default=str)
     assert settings["training_arguments_given"]["hub_token"] == "<redacted>"
     assert settings["departures"]["hub_token"]["source_value"] == "<redacted>"
@@ -169,6 +169,6 @@ def test_the_recipe_summary_shows_a_token_key_but_not_its_value(tmp_path):
 def test_a_refused_override_names_the_token_key_but_never_echoes_its_value(override):
     """An unknown [sft] key, an unknown section, and a key TrainingArguments lacks: each refused by name."""
     with pytest.raises(InputError) as refused:
-        recipes.map_training_arguments(recipes.apply_overrides(recipes.load_recipe("llm2024"), [override]))
+        training_arguments.map_training_arguments(recipes.apply_overrides(recipes.load_recipe("llm2024"), [override]))
     assert "token" in str(refused.value).lower()
     assert SECRET not in str(refused.value)

@@ -69,7 +69,7 @@ def say(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def run_arguments(p: argparse.ArgumentParser) -> None:
+def add_run_options(p: argparse.ArgumentParser) -> None:
     """What every training command takes besides its model: data, output, columns, resume, overrides."""
     p.add_argument("--data", required=True, help="records: JSONL/JSON/CSV/Parquet or a saved dataset folder")
     p.add_argument(

@@ -9,7 +9,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from reference.commands.arguments import print_run, run_arguments, say
+from reference.commands.arguments import add_run_options, print_run, say
 
 NAME = "continue"
 HELP = "train further from a saved LoRA adapter (claims A1-A3)"
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="adapter: keep training the same adapter (trainable); merge: fold it into the base, then "
         "train a fresh adapter (default adapter)",
     )
-    run_arguments(p)
+    add_run_options(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,11 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import recipes
+    from reference import recipes, training_arguments
 
     recipe = recipes.load_recipe(args.name)
     if args.resolved:
-        settings = recipes.resolved_settings(recipe, output_dir=args.output_dir)
+        settings = training_arguments.resolved_settings(recipe, output_dir=args.output_dir)
         print(json.dumps(settings, ensure_ascii=False, indent=2, default=str))
     else:
         print(recipes.describe(recipe))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from reference.commands.arguments import print_run, run_arguments
+from reference.commands.arguments import add_run_options, print_run
 
 NAME = "train"
 HELP = "LoRA/QLoRA supervised fine-tuning with a recipe (claims P1, P3, C11-C16, L2)"
@@ -13,7 +13,7 @@ HELP = "LoRA/QLoRA supervised fine-tuning with a recipe (claims P1, P3, C11-C16,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe name (primer, llm2024) or a TOML file")
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
-    run_arguments(p)
+    add_run_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
