@@ -40,7 +40,9 @@ LOGGING_STRATEGIES = ("steps", "epoch", "no")
 
 @dataclass(frozen=True)
 class StepSettings:
-    """The TrainingArguments that decide the step plan. Defaults are the Trainer's own."""
+    """The TrainingArguments that decide the step plan. Defaults are the Trainer's own.
+
+    Each field is a flag of the `steps` command, its docstring the flag's help (reference/commands/steps.py)."""
 
     records: int
     """Rows in the training set."""
@@ -61,7 +63,7 @@ class StepSettings:
     save_steps: float = 500
     """Optimizer steps between checkpoints (steps strategy); a fraction < 1 of the total."""
     save_total_limit: int | None = None
-    """Checkpoints kept on disk (the newest); None or <= 0 keeps all."""
+    """Checkpoints kept on disk, the newest; None (unset) or <= 0 keeps them all."""
     logging_strategy: str = "steps"
     """When loss lines are logged: steps, epoch or no."""
     logging_steps: float = 500

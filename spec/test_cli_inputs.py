@@ -23,23 +23,14 @@ from __future__ import annotations
 import pytest
 
 from reference import cli, recipes
+from spec.cli_runner import run_main
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """The command's exit code, stdout and stderr; argparse's own errors arrive as SystemExit."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_refused(argv: list[str], named: str, capsys, *outputs) -> None:
+def assert_refused(argv: list[str], named: str, *outputs) -> None:
     """Exit 2, one error message naming `named`, no traceback, nothing printed to stdout, no output written.
     Values are passed as --flag=VALUE: argparse reads a separate '-1e-4' or '-inf' as an option and would refuse
     it ('expected one argument') before the range check this file pins."""
-    code, out, err = run_cli(argv, capsys)
+    code, out, err = run_main(*argv)
     assert code == 2, err
     error_lines = [line for line in err.splitlines() if "error:" in line]
     assert len(error_lines) == 1, err
@@ -72,8 +63,8 @@ STEPS = ["steps", "--records", "10", "--batch-size", "2"]
         ("--warmup", "nan"),
     ],
 )
-def test_steps_refuses_an_endless_undefined_or_empty_number_of_epochs_or_steps(flag, value, capsys):
-    assert_refused([*STEPS, f"{flag}={value}"], flag, capsys)
+def test_steps_refuses_an_endless_undefined_or_empty_number_of_epochs_or_steps(flag, value):
+    assert_refused([*STEPS, f"{flag}={value}"], flag)
 
 
 @pytest.mark.parametrize(
@@ -83,15 +74,15 @@ def test_steps_refuses_an_endless_undefined_or_empty_number_of_epochs_or_steps(f
         (["generate", "--model", "m", "--tasks", "t", "--shots", "s", "--output", "o", "--k", "-1"], "argument --k:"),
     ],
 )
-def test_the_reviewers_commands_as_typed_end_with_the_argument_named(argv, named, tmp_path, monkeypatch, capsys):
+def test_the_reviewers_commands_as_typed_end_with_the_argument_named(argv, named, tmp_path, monkeypatch):
     """`generate --k -1` used to take 23 of 24 shots (a [:-1] slice); `steps --epochs inf` ended in a traceback."""
     monkeypatch.chdir(tmp_path)
-    assert_refused(argv, named, capsys, tmp_path / "o")
+    assert_refused(argv, named, tmp_path / "o")
 
 
-def test_steps_still_takes_fractional_epochs(capsys):
+def test_steps_still_takes_fractional_epochs():
     """10 records / batch 2 = 5 steps an epoch; 0.5 epochs = ceil(2.5) = 3 optimizer steps."""
-    code, out, _ = run_cli([*STEPS, "--epochs", "0.5", "--json"], capsys)
+    code, out, _ = run_main(*STEPS, "--epochs", "0.5", "--json")
     assert code == 0 and '"total_optimizer_steps": 3' in out
 
 
@@ -122,9 +113,9 @@ def generate_argv(nowhere, output):
         ("--batch-size", "0"),
     ],
 )
-def test_generate_refuses_counts_below_one_before_reading_or_loading_anything(flag, value, nowhere, tmp_path, capsys):
+def test_generate_refuses_counts_below_one_before_reading_or_loading_anything(flag, value, nowhere, tmp_path):
     output = tmp_path / "outputs.jsonl"
-    assert_refused([*generate_argv(nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys, output)
+    assert_refused([*generate_argv(nowhere, output), f"{flag}={value}"], f"argument {flag}:", output)
 
 
 def preference_argv(action, nowhere, output):
@@ -146,10 +137,10 @@ def preference_argv(action, nowhere, output):
     ],
 )
 def test_preference_refuses_empty_training_and_a_max_length_that_spread_cannot_cut_in_three(
-    action, flag, value, nowhere, tmp_path, capsys
+    action, flag, value, nowhere, tmp_path
 ):
     output = tmp_path / "out"
-    assert_refused([*preference_argv(action, nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys, output)
+    assert_refused([*preference_argv(action, nowhere, output), f"{flag}={value}"], f"argument {flag}:", output)
 
 
 def dpo_argv(nowhere, output):
@@ -170,22 +161,22 @@ def dpo_argv(nowhere, output):
         ("--lr", "inf"),
     ],
 )
-def test_dpo_refuses_a_zero_rank_beta_step_count_or_learning_rate(flag, value, nowhere, tmp_path, capsys):
+def test_dpo_refuses_a_zero_rank_beta_step_count_or_learning_rate(flag, value, nowhere, tmp_path):
     """--steps 0 would save the fresh adapter untrained; --beta 0 divides the margin's scale away."""
     output = tmp_path / "adapter"
-    assert_refused([*dpo_argv(nowhere, output), f"{flag}={value}"], f"argument {flag}:", capsys, output)
+    assert_refused([*dpo_argv(nowhere, output), f"{flag}={value}"], f"argument {flag}:", output)
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])
-def test_filter_refuses_fewer_than_one_worker(value, nowhere, tmp_path, capsys):
+def test_filter_refuses_fewer_than_one_worker(value, nowhere, tmp_path):
     output, rejects = tmp_path / "kept.jsonl", tmp_path / "rejects.jsonl"
     argv = ["filter", "--input", nowhere / "in.jsonl", "--output", output, "--rejects", rejects, f"--workers={value}"]
-    assert_refused(argv, "argument --workers:", capsys, output, rejects)
+    assert_refused(argv, "argument --workers:", output, rejects)
 
 
 @pytest.mark.parametrize("value", ["-1", "-1e-9", "nan", "inf"])
-def test_verify_refuses_a_negative_or_undefined_tolerance(value, nowhere, capsys):
-    assert_refused(["verify", nowhere / "a", nowhere / "b", f"--rtol={value}"], "argument --rtol:", capsys)
+def test_verify_refuses_a_negative_or_undefined_tolerance(value, nowhere):
+    assert_refused(["verify", nowhere / "a", nowhere / "b", f"--rtol={value}"], "argument --rtol:")
 
 
 @pytest.mark.parametrize(
@@ -299,7 +290,7 @@ def test_the_parsed_numbers_keep_their_type_and_value():
     ],
 )
 @pytest.mark.parametrize("command", ["train", "continue"])
-def test_train_and_continue_name_the_override_that_is_out_of_range(command, override, named, nowhere, tmp_path, capsys):
+def test_train_and_continue_name_the_override_that_is_out_of_range(command, override, named, nowhere, tmp_path):
     output = tmp_path / "run"
     argv = [
         command,
@@ -315,15 +306,14 @@ def test_train_and_continue_name_the_override_that_is_out_of_range(command, over
     ]
     if command == "continue":
         argv[1:1] = ["--adapter", nowhere / "adapter"]
-    assert_refused(argv, f"{named}: must be", capsys, output)
+    assert_refused(argv, f"{named}: must be", output)
 
 
-def test_reproduce_names_an_out_of_range_set_override(tmp_path, capsys):
+def test_reproduce_names_an_out_of_range_set_override(tmp_path):
     output = tmp_path / "reproduce"
     assert_refused(
         ["reproduce", "--output", output, "--set", "per_device_train_batch_size=0"],
         "per_device_train_batch_size=0: must be",
-        capsys,
         output,
     )
 

@@ -38,6 +38,7 @@ from reference.formats import (
     render_llama31,
     render_with_tokenizer,
 )
+from spec.cli_runner import run_cli
 
 SEED_001 = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "001_64dfb1311dccf466.md"
 
@@ -398,12 +399,6 @@ def write_messages(tmp_path, messages) -> str:
     return str(path)
 
 
-def run_render_process(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "reference", "render", *args], input=stdin, capture_output=True, text=True, timeout=120
-    )
-
-
 @pytest.fixture
 def ftref_render(capsys, monkeypatch, tmp_path):
     """`ftref render --format FMT --messages M ...` in this process (transformers is already imported here).
@@ -422,8 +417,8 @@ def ftref_render(capsys, monkeypatch, tmp_path):
 @pytest.mark.claim("P4", "C2")
 def test_render_prints_exactly_the_gemma2_prompt(tmp_path, gemma_jinja):
     messages = CONVERSATIONS["two_turns"]
-    result = run_render_process(
-        "--format", "gemma2", "--messages", write_messages(tmp_path, messages), "--add-generation-prompt"
+    result = run_cli(
+        "render", "--format", "gemma2", "--messages", write_messages(tmp_path, messages), "--add-generation-prompt"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == jinja(gemma_jinja, messages, add_generation_prompt=True)
@@ -484,7 +479,7 @@ def test_render_alpaca_ja_with_a_tokenizer_uses_its_eos_and_one_bos(ftref_render
 @pytest.mark.claim("C2")
 def test_render_exits_2_with_the_templates_message(tmp_path):
     messages = [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]
-    result = run_render_process("--format", "gemma2", "--messages", write_messages(tmp_path, messages))
+    result = run_cli("render", "--format", "gemma2", "--messages", write_messages(tmp_path, messages))
     assert result.returncode == 2
     assert "System role not supported" in result.stderr and "Traceback" not in result.stderr
 

@@ -17,6 +17,7 @@ import torch
 from reference import cli
 from reference.shapes import REAL_SHAPES, load_config, projection_shapes
 from reference.vocab import GEMMA2_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS, pieces, register_tokens, train_bpe
+from spec.cli_runner import run_cli
 
 VOCAB = 2862  # the fixture corpus runs out of pairs seen twice (min_frequency 2) before 3000 tokens
 
@@ -214,23 +215,7 @@ def test_add_tokens_refuses_an_empty_or_padded_token(tmp_path, capsys, tiny_gemm
 
 
 def test_add_tokens_exits_2_through_the_module_entry_point(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "add-tokens",
-            "--model",
-            "/no/such/model",
-            "--tokens",
-            "<x>",
-            "--output",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("add-tokens", "--model", "/no/such/model", "--tokens", "<x>", "--output", tmp_path / "o")
     assert result.returncode == 2 and "not a local directory" in result.stderr and "Traceback" not in result.stderr
 
 

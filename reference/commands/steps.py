@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import json
 import math
 import sys
 
 from reference.commands.arguments import finite
+from reference.steps import StepSettings, format_table, plan
 
 NAME = "steps"
 HELP = "the step plan a transformers.Trainer run makes (claims P9, P10, L4)"
 
 
-def _warmup(value: str) -> float:
+def warmup_steps_or_fraction(value: str) -> float:
     """--warmup: whole steps (an int) or a fraction of the total steps (< 1)."""
     try:
         number = float(value)
@@ -24,7 +28,8 @@ def _warmup(value: str) -> float:
     return number
 
 
-def _steps_or_fraction(value: str) -> float:
+def steps_or_fraction(value: str) -> float:
+    """--save-steps, --logging-steps: any finite number (StepSettings checks that it is > 0 and whole if >= 1)."""
     try:
         number = float(value)
     except ValueError:
@@ -34,58 +39,45 @@ def _steps_or_fraction(value: str) -> float:
     return number
 
 
+# How a flag's text becomes the field's value: by field name where the field needs its own check, else by type.
+READ_BY_NAME = {"warmup": warmup_steps_or_fraction, "save_steps": steps_or_fraction, "logging_steps": steps_or_fraction}
+READ_BY_TYPE = {"int": int, "int | None": int, "float": finite, "str": str}
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """Each field's docstring: the string written on the line after the field in the class body."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {
+        field.target.id: doc.value.value
+        for field, doc in zip(body, body[1:], strict=False)
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    }
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--records", type=int, required=True, help="rows in the training set")
-    p.add_argument("--batch-size", type=int, required=True, help="per_device_train_batch_size")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient_accumulation_steps (default 1)")
-    p.add_argument("--epochs", type=finite, default=3.0, help="num_train_epochs, may be fractional (default 3.0)")
-    p.add_argument("--max-steps", type=int, default=-1, help="total optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--world-size", type=int, default=1, help="data-parallel processes (default 1)")
-    p.add_argument("--warmup", type=_warmup, default=0, help="warmup steps (int) or fraction < 1 of total (default 0)")
-    p.add_argument("--save-strategy", default="steps", help="steps | epoch | no (default steps)")
-    p.add_argument(
-        "--save-steps",
-        type=_steps_or_fraction,
-        default=500,
-        help="steps between checkpoints, or a fraction < 1 (default 500)",
-    )
-    p.add_argument("--save-total-limit", type=int, default=None, help="newest checkpoints kept (default: all)")
-    p.add_argument("--logging-strategy", default="steps", help="steps | epoch | no (default steps)")
-    p.add_argument(
-        "--logging-steps",
-        type=_steps_or_fraction,
-        default=500,
-        help="steps between loss log lines, or a fraction < 1 (default 500)",
-    )
-    p.add_argument("--logging-first-step", action="store_true", help="also log after step 1")
-    p.add_argument("--drop-last", action="store_true", help="dataloader_drop_last")
+    """One flag per StepSettings field, litgpt's pattern: `batch_size` -> `--batch-size`, its help the field's
+    docstring, its default the field's. A field without a default is a required flag, a bool one a switch.
+    A bad value ends in exit code 2 naming the flag: from the readers above, or from StepSettings' own checks."""
+    docs = field_docstrings(StepSettings)
+    for field in dataclasses.fields(StepSettings):
+        flag, doc = "--" + field.name.replace("_", "-"), docs[field.name].replace("%", "%%")
+        if field.default is dataclasses.MISSING:
+            p.add_argument(flag, type=READ_BY_TYPE[field.type], required=True, help=f"{doc} (required)")
+        elif field.type == "bool":
+            p.add_argument(flag, action="store_true", help=f"{doc} (default: off)")
+        else:
+            read = READ_BY_NAME.get(field.name, READ_BY_TYPE[field.type])
+            p.add_argument(flag, type=read, default=field.default, help=f"{doc} (default: {field.default})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import steps
-
-    settings = steps.StepSettings(
-        records=args.records,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        world_size=args.world_size,
-        warmup=args.warmup,
-        save_strategy=args.save_strategy,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        logging_strategy=args.logging_strategy,
-        logging_steps=args.logging_steps,
-        logging_first_step=args.logging_first_step,
-        drop_last=args.drop_last,
-    )
-    result = steps.plan(settings)
+    settings = StepSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(StepSettings)})
+    result = plan(settings)
     if result.warmup_warning():
         print(result.warmup_warning(), file=sys.stderr)
     if args.json:
-        print(json.dumps({**result.to_dict(), "settings": settings.__dict__}, indent=2))
+        print(json.dumps({**result.to_dict(), "settings": dataclasses.asdict(settings)}, indent=2))
     else:
-        print(steps.format_table(settings, result))
+        print(format_table(settings, result))
     return 0

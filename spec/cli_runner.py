@@ -1,0 +1,71 @@
+"""Running the command line from a spec test, the way a user runs it.
+
+`run_cli("steps", "--records", 10, ...)` starts `python -m reference steps --records 10 ...` in a new
+interpreter, offline (no model hub), and returns its exit code, stdout and stderr. Arguments may be paths or
+numbers; they are passed as text.
+
+`run_main(...)` calls `reference.cli.main` in this process instead, for the many quick refusals of
+spec/test_cli_inputs.py, where a new interpreter per case would spend seconds importing torch each time.
+It catches argparse's own `SystemExit` and returns the same triple.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from typing import NamedTuple
+
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class Ran(NamedTuple):
+    """What a command did: the names of subprocess.CompletedProcess, and `code, out, err = ...` unpacks it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_command(*args) -> list[str]:
+    """The argv of `python -m reference ARGS...` with this interpreter (for a test that must hold the process)."""
+    return [sys.executable, "-m", "reference", *map(str, args)]
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the model hub off, plus `extra`."""
+    return {**os.environ, **OFFLINE, **extra}
+
+
+def run_cli(*args, input: str | None = None, env: dict[str, str] | None = None, cwd=None, timeout=600) -> Ran:
+    """`python -m reference ARGS...` run to its end: exit code, stdout, stderr."""
+    done = subprocess.run(
+        cli_command(*args),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=offline_env(**(env or {})),
+        cwd=cwd,
+    )
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def run_main(*args) -> Ran:
+    """`reference.cli.main(ARGS)` in this process: exit code (argparse's SystemExit included), stdout, stderr."""
+    from reference import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as stop:
+            code = stop.code
+    return Ran(code, out.getvalue(), err.getvalue())
