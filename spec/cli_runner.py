@@ -2,7 +2,8 @@
 
 `run_cli("steps", "--records", 10, ...)` starts `python -m reference steps --records 10 ...` in a new
 interpreter, offline (no model hub), and returns its exit code, stdout and stderr. Arguments may be paths or
-numbers; they are passed as text.
+numbers; they are passed as text. `text=False` keeps the output as the bytes the process wrote (a test that
+looks for a secret in them must not lose any to decoding); `python_flags` go to the interpreter before `-m`.
 
 `run_main(...)` calls `reference.cli.main` in this process instead, for the many quick refusals of
 spec/test_cli_inputs.py, where a new interpreter per case would spend seconds importing torch each time.
@@ -24,19 +25,21 @@ OFFLINE = {
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+QA = ("--columns", "instruction=input,response=output")
+"""The column map of the QA fixture (fixtures/data/qa111_sample.jsonl), as command-line flags."""
 
 
 class Ran(NamedTuple):
     """What a command did: the names of subprocess.CompletedProcess, and `code, out, err = ...` unpacks it."""
 
     returncode: int
-    stdout: str
-    stderr: str
+    stdout: str | bytes
+    stderr: str | bytes
 
 
-def cli_command(*args) -> list[str]:
+def cli_command(*args, python_flags: tuple[str, ...] = ()) -> list[str]:
     """The argv of `python -m reference ARGS...` with this interpreter (for a test that must hold the process)."""
-    return [sys.executable, "-m", "reference", *map(str, args)]
+    return [sys.executable, *python_flags, "-m", "reference", *map(str, args)]
 
 
 def offline_env(**extra: str) -> dict[str, str]:
@@ -44,13 +47,21 @@ def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **OFFLINE, **extra}
 
 
-def run_cli(*args, input: str | None = None, env: dict[str, str] | None = None, cwd=None, timeout=600) -> Ran:
+def run_cli(
+    *args,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    cwd=None,
+    timeout=600,
+    text: bool = True,
+    python_flags: tuple[str, ...] = (),
+) -> Ran:
     """`python -m reference ARGS...` run to its end: exit code, stdout, stderr."""
     done = subprocess.run(
-        cli_command(*args),
+        cli_command(*args, python_flags=python_flags),
         input=input,
         capture_output=True,
-        text=True,
+        text=text,
         timeout=timeout,
         env=offline_env(**(env or {})),
         cwd=cwd,

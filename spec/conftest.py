@@ -98,3 +98,41 @@ def qa_data() -> Path:
 def magpie_data() -> Path:
     """80 magpie records (a `conversations` list each), which train reads without a column map."""
     return FIXTURES / "data" / "magpie_sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_gemma2_dir, qa_data, tmp_path_factory):
+    """The llm2024 recipe cut to six steps on the QA fixture (spec/adapters.py's SIX_STEPS), never stopped. Its
+    checkpoint-3 is the saved adapter that spec/test_continuation.py continues and spec/test_merge.py merges;
+    spec/test_resume.py's killed run must end at its weights. Made once for the three files."""
+    from types import SimpleNamespace
+
+    from reference.recipes import apply_overrides, load_recipe
+    from spec.adapters import SIX_STEPS
+    from spec.observe import Observed, run_recipe
+
+    output = tmp_path_factory.mktemp("uninterrupted")
+    recipe = apply_overrides(load_recipe("llm2024"), SIX_STEPS)
+    record = run_recipe(recipe, tiny_gemma2_dir, qa_data, output, Observed())
+    return SimpleNamespace(output=output, record=record, checkpoint=output / "checkpoints" / "checkpoint-3")
+
+
+@pytest.fixture(scope="session")
+def saved_adapter(tiny_gemma2_dir, tmp_path_factory) -> Path:
+    """The llm2024 recipe's adapter on tiny-gemma2, saved as a checkpoint holds it, with B drawn at random
+    (seeded) instead of trained: not zero, as training leaves it, so merging it changes the base."""
+    import torch
+
+    from reference import lora, models
+    from reference.recipes import load_recipe
+
+    base, _ = models.load_causal_lm(tiny_gemma2_dir)
+    adapter = lora.attach(base, load_recipe("llm2024").lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in adapter.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.02)
+    directory = tmp_path_factory.mktemp("adapter") / "adapter"
+    adapter.save_pretrained(directory)
+    return directory

@@ -3,9 +3,10 @@
 Every test runs a command through `run_cli` (spec/cli_runner.py) and reads its exit code, stdout and
 stderr; a refusal that comes before any work runs through `run_main`, the same `cli.main` in this
 process, which spares it a new interpreter's seconds of importing torch. What the commands compute is
-pinned by the method tests (test_steps.py, test_continuation.py); here, that a command reaches it,
-prints it, and refuses bad input with exit code 2 naming the argument. The number ranges every command
-checks are in test_cli_inputs.py.
+pinned by the method tests (test_steps.py, test_continuation.py, test_merge.py); here, that a command
+reaches it, prints it, and refuses bad input with exit code 2 naming the argument. The number ranges
+every command checks are in test_cli_inputs.py. The adapter the `merge` and `continue` commands start
+from is the `saved_adapter` fixture of spec/conftest.py.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference import checkpoints, lora, models
-from reference.recipes import load_recipe
+from reference import checkpoints, models
 from reference.steps import StepSettings
-from spec.cli_runner import offline_env, run_cli, run_main
-from spec.test_continuation import (
+from spec.adapters import (
     ON_THE_CPU,
-    QA,
+    THREE_STEPS,
     TOLERANCE,
     adapter_tensors,
     base_plus_adapter_logits,
@@ -37,6 +36,7 @@ from spec.test_continuation import (
     max_difference,
     trained_b,
 )
+from spec.cli_runner import QA, offline_env, run_cli, run_main
 
 # --- steps (P9, P10, L4): its flags are StepSettings' fields ---
 
@@ -148,39 +148,11 @@ def test_warmup_that_lasts_the_whole_run_is_warned_about(warmup, max_steps, warn
 
 # --- merge and continue (A1, A3, X6) ---
 
-THREE_STEPS = [
-    "max_steps=3",
-    "per_device_train_batch_size=4",
-    "gradient_accumulation_steps=1",
-    "warmup_steps=0",
-    "save_steps=100",
-    "logging_steps=1",
-    "learning_rate=2e-3",
-    "sft.max_seq_length=40",
-    ON_THE_CPU,
-]
-
-
-@pytest.fixture(scope="module")
-def saved_adapter(tiny_gemma2_dir, tmp_path_factory) -> Path:
-    """The llm2024 recipe's adapter on tiny-gemma2, saved as a checkpoint holds it, with B drawn at random
-    (seeded) instead of trained: not zero, as training leaves it, so merging it changes the base."""
-    base, _ = models.load_causal_lm(tiny_gemma2_dir)
-    adapter = lora.attach(base, load_recipe("llm2024").lora)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, weight in adapter.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(std=0.02)
-    directory = tmp_path_factory.mktemp("adapter") / "adapter"
-    adapter.save_pretrained(directory)
-    return directory
-
 
 @pytest.mark.slow
 @pytest.mark.claim("A3")
 def test_the_merge_command_dequantises_an_nf4_base_and_prints_what_it_merged(saved_adapter, tiny_gemma2_dir, tmp_path):
-    """`merge --quantization nf4` runs lora.merge (test_continuation.py) and prints its summary; the model it
+    """`merge --quantization nf4` runs lora.merge (test_merge.py) and prints its summary; the model it
     writes is a plain bf16 one."""
     output = tmp_path / "model"
     result = run_cli(

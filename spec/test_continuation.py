@@ -1,112 +1,50 @@
-"""Continuing from a LoRA adapter (seed 000): the two routes, resume versus restart, surviving a kill.
+"""Continuing from a saved LoRA adapter (seed 000): loading it frozen or trainable, and training it further.
 
 The library calls this file is about, each shown in a test beside the project's function that wraps it:
 
     PeftModel.from_pretrained(base, adapter_dir)                     frozen: peft's default (A2)
     PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)  training goes on (A1)   = lora.load_adapter
-    base.dequantize(); PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-                                                                     the merge route (A3)    = lora.merge
-    Trainer.train(resume_from_checkpoint=checkpoint_dir)             resuming a run (A4)     = train.run(resume=True)
 
-One uninterrupted run trains an adapter on the QA fixture for six steps (the "old" data; checkpoints at
-steps 3 and 6); the tests continue from its checkpoint-3 the ways seed 000 asks about, resume an
-interrupted copy of the same run, and merge. Expensive runs are module fixtures, shared by the tests
-that look at them. The same continuation tests run on the CPU and, with a 4-bit base, on CUDA when a
-GPU is there (A6; skipped with the reason when none is). The `continue` and `merge` commands built on
-these calls are checked in spec/test_cli.py.
-
-The schedule of every six-step run, by hand (lr 2e-3, warmup 2, then linear decay to 0 at step 6;
-step s updates with the rate at scheduler count t = s - 1):
-  t < 2:  lr = 2e-3 x t / 2            -> steps 1, 2: 0, 1e-3
-  t >= 2: lr = 2e-3 x (6 - t) / (6 - 2) -> steps 3, 4, 5, 6: 2e-3, 1.5e-3, 1e-3, 5e-4
+The adapter continued is checkpoint-3 of one uninterrupted six-step run on the QA fixture (the "old" data;
+the `uninterrupted` fixture of spec/conftest.py, shared with spec/test_resume.py and spec/test_merge.py);
+training goes on for six steps on the magpie sample (the "new" data), a module fixture shared by the tests
+that look at it. The same continuation tests run on the CPU and, with a 4-bit base, on CUDA when a GPU is
+there (A6; skipped with the reason when none is). Resuming a run is spec/test_resume.py, merging the adapter
+into its base spec/test_merge.py; the `continue` command built on these calls is checked in spec/test_cli.py.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import signal
-import subprocess
-from pathlib import Path
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from reference import checkpoints, lora, models, train
+from reference import lora, models, train
 from reference.errors import InputError
 from reference.recipes import apply_overrides, load_recipe
-from spec.cli_runner import cli_command, offline_env, run_cli
-from spec.observe import Observed, assert_trained, run_recipe
-from spec.trainer_probe import OneWeight, one_weight_dataset
+from spec.adapters import (
+    SCHEDULE,
+    SIX_STEPS,
+    TOLERANCE,
+    adapter_tensors,
+    assert_same_tensors,
+    base_logits,
+    base_plus_adapter_logits,
+    logits_of,
+    max_difference,
+    trainable_weights,
+    trained_b,  # noqa: F401 -- spec/test_fsdp.py imports it and QA from here, until it imports them from spec/
+)
+from spec.cli_runner import QA  # noqa: F401
+from spec.observe import Observed, assert_trained
 
-TOLERANCE = 2**-7  # bf16 resolution near 1: fp32 norms in training vs bf16 ones in a plain reload
-IDS = torch.tensor([[2, 120, 340, 560, 780, 1000, 1200]])
-ON_THE_CPU = "use_cpu=true"  # bit-identical resumption is claimed on the CPU; a GPU machine runs these there too
-SIX_STEPS = [
-    "max_steps=6",
-    "per_device_train_batch_size=4",
-    "gradient_accumulation_steps=1",
-    "warmup_steps=2",
-    "save_steps=3",
-    "logging_steps=1",
-    "learning_rate=2e-3",
-    "sft.max_seq_length=40",
-    ON_THE_CPU,
-]
-SCHEDULE = [0.0, 1e-3, 2e-3, 1.5e-3, 1e-3, 5e-4]  # the module docstring's derivation, steps 1..6
-QA = ["--columns", "instruction=input,response=output"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def logits_of(model, device: str = "cpu") -> torch.Tensor:
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        return model(input_ids=IDS.to(device)).logits.float().cpu()
-
-
-def base_logits(model_dir, device: str = "cpu", quantization: str = "nf4") -> torch.Tensor:
-    base, _ = models.load_causal_lm(model_dir, dtype="bfloat16", quantization=quantization, device=device)
-    return logits_of(base.eval(), device)
-
-
-def base_plus_adapter_logits(model_dir, adapter, device: str = "cpu", quantization: str = "nf4") -> torch.Tensor:
-    """The reference: peft's own frozen load of the adapter on the base, nothing of ours in between."""
-    base, _ = models.load_causal_lm(model_dir, dtype="bfloat16", quantization=quantization, device=device)
-    return logits_of(PeftModel.from_pretrained(base, str(adapter)).eval(), device)
-
-
-def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
-
-
-def adapter_tensors(directory) -> dict:
-    return load_file(str(Path(directory) / "adapter_model.safetensors"))
-
-
-def trainable_weights(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_same_tensors(ours: dict, theirs: dict) -> None:
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
-
-
-def trained_b(tensors: dict) -> bool:
-    """Whether some lora_B is no longer zero (B starts at zero, so only updates move it)."""
-    return any(bool(t.any()) for name, t in tensors.items() if "lora_B" in name)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_gemma2_dir, qa_data, tmp_path_factory):
-    """Six steps on the old data, never stopped; its checkpoint-3 is the saved adapter the tests continue."""
-    output = tmp_path_factory.mktemp("uninterrupted")
-    recipe = apply_overrides(load_recipe("llm2024"), SIX_STEPS)
-    record = run_recipe(recipe, tiny_gemma2_dir, qa_data, output, Observed())
-    return SimpleNamespace(output=output, record=record, checkpoint=output / "checkpoints" / "checkpoint-3")
 
 
 # --- A2: loading a saved adapter (fast: an untrained adapter is enough to count what is trainable) ---
@@ -206,10 +144,6 @@ def test_the_recorded_base_is_found_whatever_folder_the_command_runs_in(
 def test_an_adapter_of_other_shapes_is_refused_even_when_its_recorded_base_is_gone(tiny_gemma2_dir, tmp_path):
     """A Llama of hidden size 32 gets an adapter; its base directory is then deleted, so only peft's
     shape check is left: the error names the adapter and the base it does not fit."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -231,8 +165,6 @@ def test_an_adapter_of_other_shapes_is_refused_even_when_its_recorded_base_is_go
 @pytest.mark.claim("A2")
 def test_an_adapter_missing_the_weights_of_a_layer_is_refused(saved_fresh_adapter, tiny_gemma2_dir, tmp_path):
     """peft only warns about missing adapter keys and leaves those layers' B at zero; that is an error here."""
-    import shutil
-
     shutil.copytree(saved_fresh_adapter, tmp_path / "partial")
     kept = {k: v for k, v in adapter_tensors(saved_fresh_adapter).items() if ".layers.1." not in k}
     save_file(kept, str(tmp_path / "partial" / "adapter_model.safetensors"))
@@ -321,228 +253,6 @@ def test_use_cache_is_off_at_every_training_step_and_on_again_after(continued):
 @pytest.mark.claim("A4", "A6")
 def test_continuing_from_adapter_weights_starts_a_new_schedule_at_step_0(continued):
     """checkpoint-3 holds the old run's optimizer and scheduler at step 3; continuing from its adapter
-    weights ignores them: steps 1..6 again, warmup first (lr 0, 1e-3: the module docstring)."""
+    weights ignores them: steps 1..6 again, warmup first (lr 0, 1e-3: SCHEDULE in spec/adapters.py)."""
     assert [s["step"] for s in continued.record.steps] == [1, 2, 3, 4, 5, 6] and continued.record.resumed_from is None
     assert [s["learning_rate"] for s in continued.record.steps] == pytest.approx(SCHEDULE)
-
-
-# --- A4 (resume) and X1: a run killed mid-way carries on from its last complete checkpoint ---
-
-
-class StepsRun(TrainerCallback):
-    """The optimizer steps a Trainer takes in this process."""
-
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps.append(state.global_step)
-
-
-def one_weight_trainer(output_dir: Path, model: OneWeight | None = None) -> Trainer:
-    """Six steps of y = w x (spec/trainer_probe.py) with Adam: warmup 2, linear decay, a checkpoint every 3."""
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=2,
-        max_steps=6,
-        warmup_steps=2,
-        save_steps=3,
-        logging_steps=1,
-        learning_rate=0.1,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    return Trainer(model=model or OneWeight(), args=args, train_dataset=one_weight_dataset(12), callbacks=[StepsRun()])
-
-
-def steps_run(trainer: Trainer) -> list[int]:
-    return next(c.steps for c in trainer.callback_handler.callbacks if isinstance(c, StepsRun))
-
-
-def rates_logged(trainer: Trainer) -> list[tuple[int, float, float]]:
-    return [(e["step"], e["learning_rate"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-
-
-@pytest.mark.claim("A4")
-def test_trainer_train_resume_from_checkpoint_goes_on_at_its_step_with_its_schedule(tmp_path):
-    """The library call under `train --resume`: Trainer.train(resume_from_checkpoint=DIR), on a one-weight
-    model. A new Trainer resumed from checkpoint-3 of a six-step run takes steps 4-6 only, at the same
-    rates and losses, and ends at the same weight bit for bit. Trained from checkpoint-3's weight alone
-    (no resume), it starts a new schedule: steps 1-6 again, the first at lr 0 (warmup)."""
-    whole = one_weight_trainer(tmp_path / "whole")
-    whole.train()
-    resumed = one_weight_trainer(tmp_path / "resumed")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
-    assert steps_run(resumed) == [4, 5, 6]
-    assert rates_logged(resumed) == rates_logged(whole)  # 1-3 read back from the checkpoint, 4-6 trained again
-    assert torch.equal(resumed.model.w, whole.model.w)
-
-    weight_only = OneWeight()
-    weight_only.load_state_dict(load_file(str(tmp_path / "whole" / "checkpoint-3" / "model.safetensors")))
-    restarted = one_weight_trainer(tmp_path / "restarted", weight_only)
-    restarted.train()
-    assert steps_run(restarted) == [1, 2, 3, 4, 5, 6] and rates_logged(restarted)[0][1] == 0.0
-
-
-def train_command(model, data, output) -> list:
-    """`train` with the uninterrupted run's settings: the llm2024 recipe cut to six steps."""
-    return ["train", "--recipe", "llm2024", "--model", model, "--data", data, *QA, "--output", output, *SIX_STEPS]
-
-
-@pytest.fixture(scope="module")
-def killed_and_resumed(tiny_gemma2_dir, qa_data, tmp_path_factory):
-    """A real `train` process of the uninterrupted run's settings is sent SIGKILL after a random step past
-    checkpoint-3 (4 or 5); a half-written newer checkpoint is left beside it, as a kill during a save
-    leaves one (some bytes of a file, no marker); then `train --resume` runs to the end."""
-    output = tmp_path_factory.mktemp("killed")
-    command = train_command(tiny_gemma2_dir, qa_data, output)
-    kill_after = random.Random(1234).randint(4, 5)
-    process = subprocess.Popen(cli_command(*command), stderr=subprocess.PIPE, text=True, env=offline_env())
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if line.startswith("epoch ") and f" step {kill_after}/6 " in line:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.stderr.close()
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "".join(seen)
-    saved = output / "checkpoints"
-    half = saved / "checkpoint-99"
-    half.mkdir()
-    written = (saved / "checkpoint-3" / "adapter_model.safetensors").read_bytes()
-    (half / "adapter_model.safetensors").write_bytes(written[:100])
-    resumed = run_cli(*command, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    return SimpleNamespace(
-        output=output,
-        stderr=resumed.stderr,
-        manifest=json.loads((output / "manifest.json").read_text(encoding="utf-8")),
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.claim("A4")
-def test_resuming_a_checkpoint_goes_on_at_its_step_with_its_optimizer_scheduler_and_rng(
-    killed_and_resumed, uninterrupted
-):
-    """`train --resume` hands the newest complete checkpoint to Trainer.train(resume_from_checkpoint=...).
-    Resumed from checkpoint-3 the run goes on at step 4 (the global step restored) with lr 1.5e-3 (the
-    scheduler), and ends with the uninterrupted run's adapter bit for bit, which needs Adam's moments (the
-    optimizer) and NEFTune's noise and the data order (the RNG states) restored as well."""
-    manifest = killed_and_resumed.manifest
-    assert manifest["resumed_from"].endswith("checkpoint-3")
-    assert [s["step"] for s in manifest["steps"]] == [4, 5, 6]
-    assert [s["learning_rate"] for s in manifest["steps"]] == pytest.approx(SCHEDULE[3:])
-    assert_same_tensors(adapter_tensors(killed_and_resumed.output), adapter_tensors(uninterrupted.output))
-
-
-@pytest.mark.slow
-@pytest.mark.claim("X1")
-def test_a_run_killed_at_a_random_step_resumes_to_bit_identical_adapter_weights(killed_and_resumed, uninterrupted):
-    """`train --resume` skips the half-written checkpoint-99 (no marker), says so, carries on from the
-    newest complete checkpoint and ends with the uninterrupted run's exact weights."""
-    assert "skipping checkpoint-99: no complete.json" in killed_and_resumed.stderr
-    assert "resuming from checkpoint-3" in killed_and_resumed.stderr
-    assert_same_tensors(adapter_tensors(killed_and_resumed.output), adapter_tensors(uninterrupted.output))
-    assert trained_b(adapter_tensors(killed_and_resumed.output))  # the weights compared are trained ones
-
-
-@pytest.mark.slow
-@pytest.mark.claim("X8", "X1")
-def test_verify_says_the_resumed_run_reproduces_the_uninterrupted_one_it_continues(killed_and_resumed, uninterrupted):
-    """The resumed run recorded steps 4-6 only; verify matches steps by number, so it compares losses at 4-6
-    (equal bit for bit on the CPU: rtol 0) and notes that steps 1-3 belong to the run before the resume."""
-    from reference import manifest
-
-    verdict = manifest.compare(manifest.load(uninterrupted.output), manifest.load(killed_and_resumed.output), rtol=0)
-    assert verdict.reproduces, verdict.differences
-    assert verdict.steps_compared == [4, 5, 6] and verdict.max_loss_difference == 0
-    assert any(note.startswith("3 steps, 1 to 3 only in A: B resumed from") for note in verdict.notes)
-
-
-def whole_checkpoint(directory: Path, files: dict[str, bytes]) -> Path:
-    directory.mkdir(parents=True)
-    for name, content in files.items():
-        (directory / name).write_bytes(content)
-    checkpoints.mark_complete(directory)
-    return directory
-
-
-@pytest.mark.claim("X1")
-def test_a_checkpoint_is_complete_only_with_its_marker_and_every_file_as_written(tmp_path):
-    checkpoint = whole_checkpoint(tmp_path / "checkpoint-2", {"a.bin": b"12345", "optimizer.pt": b"x"})
-    assert checkpoints.why_incomplete(checkpoint) is None
-    (checkpoint / "a.bin").write_bytes(b"1234")
-    assert checkpoints.why_incomplete(checkpoint) == "changed since written: a.bin"
-    (checkpoint / "a.bin").unlink()
-    assert checkpoints.why_incomplete(checkpoint) == "missing a.bin"
-    (checkpoint / "complete.json").write_text("{")
-    assert checkpoints.why_incomplete(checkpoint) == "complete.json is unreadable"
-    (checkpoint / "complete.json").unlink()
-    assert checkpoints.why_incomplete(checkpoint).startswith("no complete.json")
-
-
-@pytest.mark.claim("X1")
-def test_resuming_takes_the_newest_complete_checkpoint_by_step_and_names_the_ones_it_skips(tmp_path):
-    """Steps 9 and 10 are whole; 11 changed after its marker; 12 has no marker (killed while writing);
-    'checkpoint-final' is not a step. Newest by step number (10 > 9, though "10" < "9" as text)."""
-    for step in (9, 10, 11):
-        whole_checkpoint(tmp_path / f"checkpoint-{step}", {"adapter_model.safetensors": bytes([step])})
-    (tmp_path / "checkpoint-11" / "adapter_model.safetensors").write_bytes(b"")
-    (tmp_path / "checkpoint-12").mkdir()
-    (tmp_path / "checkpoint-12" / "adapter_model.safetensors").write_bytes(b"half")
-    whole_checkpoint(tmp_path / "checkpoint-final", {"adapter_model.safetensors": b"?"})
-    said = []
-    assert checkpoints.last_complete(tmp_path, say=said.append) == tmp_path / "checkpoint-10"
-    assert said == [
-        "skipping checkpoint-12: no complete.json (the run stopped while writing it)",
-        "skipping checkpoint-11: changed since written: adapter_model.safetensors",
-    ]
-
-
-@pytest.mark.claim("X1")
-def test_resuming_with_no_complete_checkpoint_is_refused(tmp_path):
-    (tmp_path / "checkpoint-1").mkdir()
-    with pytest.raises(InputError, match="no complete checkpoint"):
-        checkpoints.last_complete(tmp_path, say=lambda _: None)
-
-
-# --- A3: merge the adapter into the (dequantised) base ---
-
-
-@pytest.fixture(scope="module")
-def merged(uninterrupted, tiny_gemma2_dir, tmp_path_factory):
-    """lora.merge of checkpoint-3 into tiny-gemma2 loaded as the adapter was trained on it, in NF4."""
-    output = tmp_path_factory.mktemp("merged") / "model"
-    summary = lora.merge(tiny_gemma2_dir, uninterrupted.checkpoint, output, quantization="nf4")
-    return SimpleNamespace(output=output, summary=summary)
-
-
-@pytest.mark.slow
-@pytest.mark.claim("A3")
-def test_merge_is_peft_merge_and_unload_on_the_dequantised_base(merged, uninterrupted, tiny_gemma2_dir):
-    """lora.merge saves what peft's calls give: the NF4 base dequantised (transformers' dequantize()), the
-    adapter loaded on it and folded in (merge_and_unload()), every weight equal."""
-    base, _ = models.load_causal_lm(tiny_gemma2_dir, dtype="bfloat16", quantization="nf4")
-    theirs = PeftModel.from_pretrained(base.dequantize(), str(uninterrupted.checkpoint)).merge_and_unload()
-    ours, _ = models.load_causal_lm(merged.output, dtype="bfloat16")
-    assert_same_tensors(ours.state_dict(), theirs.state_dict())
-
-
-@pytest.mark.slow
-@pytest.mark.claim("A3")
-def test_merging_dequantises_the_nf4_base_and_gives_base_plus_adapter_logits(merged, uninterrupted, tiny_gemma2_dir):
-    """W = dequant(W_nf4) + (alpha/r) B A, saved in bf16: its logits equal peft's base(NF4) + adapter
-    within 4 x bf16 resolution. Merging onto the bf16 weights the NF4 ones were made from (no
-    dequantisation: peft's own merge on the unquantised base) misses by more than that tolerance."""
-    assert merged.summary["base_quantization"] == "nf4"
-    model, identity = models.load_causal_lm(merged.output, dtype="bfloat16")
-    assert identity.quantization == "none" and model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    expected = base_plus_adapter_logits(tiny_gemma2_dir, uninterrupted.checkpoint)
-    assert max_difference(logits_of(model.eval()), expected) <= 4 * TOLERANCE
-
-    unquantised, _ = models.load_causal_lm(tiny_gemma2_dir, dtype="bfloat16")
-    naive = PeftModel.from_pretrained(unquantised, str(uninterrupted.checkpoint)).merge_and_unload()
-    assert max_difference(logits_of(naive.eval()), expected) > 4 * TOLERANCE

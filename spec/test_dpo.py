@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from reference import dpo, lora, models
 from reference.errors import InputError
+from spec.cli_runner import run_cli
 
 
 @pytest.mark.claim("D3")
@@ -83,26 +82,9 @@ def test_preference_pairs_with_a_missing_field_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_command_trains_and_saves_an_adapter(tmp_path, fixtures_dir):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "dpo",
-            "--model",
-            str(fixtures_dir / "models" / "tiny-gemma2"),
-            "--data",
-            str(fixtures_dir / "data" / "preference_pairs.jsonl"),
-            "--output",
-            str(tmp_path),
-            "--steps",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_dpo_command_trains_and_saves_an_adapter(tmp_path, tiny_gemma2_dir, fixtures_dir):
+    on = ["--model", tiny_gemma2_dir, "--data", fixtures_dir / "data" / "preference_pairs.jsonl"]
+    result = run_cli("dpo", *on, "--output", tmp_path, "--steps", 3)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-6) and len(summary["margins"]) == 3
@@ -149,7 +131,7 @@ def saved_adapter(directory, fixtures_dir):
 
 @pytest.mark.slow
 @pytest.mark.claim("X9", "D3")
-def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_path, fixtures_dir):
+def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_path, tiny_gemma2_dir, fixtures_dir):
     """`dpo --adapter`: the saved adapter is both the starting policy and, frozen, the reference (pi_ref =
     pi_SFT, trl's "ref" adapter). So the first loss is exactly log 2 though the adapter is not zero (with the
     base as reference it would not be: about 0.70); the reference log-probs are the same every step; the
@@ -161,25 +143,8 @@ def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_p
     start = saved_adapter(tmp_path / "sft", fixtures_dir)
     digest = sha256_of(start)
     out = tmp_path / "dpo"
-    command = [
-        sys.executable,
-        "-m",
-        "reference",
-        "dpo",
-        "--model",
-        str(fixtures_dir / "models" / "tiny-gemma2"),
-        "--data",
-        str(fixtures_dir / "data" / "preference_pairs.jsonl"),
-        "--output",
-        str(out),
-        "--adapter",
-        str(start),
-        "--steps",
-        "3",
-        "--lr",
-        "5e-3",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    on = ["--model", tiny_gemma2_dir, "--data", fixtures_dir / "data" / "preference_pairs.jsonl"]
+    result = run_cli("dpo", *on, "--output", out, "--adapter", start, "--steps", 3, "--lr", "5e-3")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-6)

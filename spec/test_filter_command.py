@@ -12,11 +12,7 @@ from collections import Counter
 import pytest
 
 from reference.synthetic import magpie_records, write_jsonl
-
-
-def run_cli(*args: str, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    command = [sys.executable, *python_flags, "-m", "reference", "filter", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+from spec.cli_runner import run_cli
 
 
 def small_input(tmp_path, text: str = '{"instruction": "日本", "response": "東京"}\n'):
@@ -34,7 +30,7 @@ def test_filter_command_output_is_byte_identical_to_the_seeds_and_unescaped_utf8
     with open(source, "a", encoding="utf-8") as f:
         f.write(open(fixtures_dir / "data" / "magpie_sample.jsonl", encoding="utf-8").read() + "{broken\n")
     ours, rejects, theirs = tmp_path / "ours.jsonl", tmp_path / "rejects.jsonl", tmp_path / "seed.jsonl"
-    result = run_cli("--input", source, "--output", ours, "--rejects", rejects, "--json")
+    result = run_cli("filter", "--input", source, "--output", ours, "--rejects", rejects, "--json")
     assert result.returncode == 0, result.stderr
     seed = subprocess.run(
         [sys.executable, "-m", "reference.seed_filter", "--input", source, "--output", theirs],
@@ -57,17 +53,21 @@ def test_filter_command_output_is_byte_identical_to_the_seeds_and_unescaped_utf8
 @pytest.mark.claim("C9")
 def test_filter_strict_makes_an_unreadable_line_an_error_naming_it(tmp_path):
     source = small_input(tmp_path, '{"instruction": "a", "response": "b"}\n{"instruction": 1}\n')
-    result = run_cli("--input", source, "--output", tmp_path / "o", "--rejects", tmp_path / "r", "--strict")
+    result = run_cli("filter", "--input", source, "--output", tmp_path / "o", "--rejects", tmp_path / "r", "--strict")
     assert result.returncode == 2 and f"{source}, line 2" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_filter_refuses_a_missing_input_with_exit_2(tmp_path):
-    result = run_cli("--input", tmp_path / "nope.jsonl", "--output", tmp_path / "o", "--rejects", tmp_path / "r")
+    result = run_cli(
+        "filter", "--input", tmp_path / "nope.jsonl", "--output", tmp_path / "o", "--rejects", tmp_path / "r"
+    )
     assert result.returncode == 2 and "nope.jsonl" in result.stderr
 
 
 def test_filter_refuses_one_file_for_both_output_and_rejects_with_exit_2(tmp_path):
-    result = run_cli("--input", small_input(tmp_path), "--output", tmp_path / "o", "--rejects", tmp_path / "o")
+    result = run_cli(
+        "filter", "--input", small_input(tmp_path), "--output", tmp_path / "o", "--rejects", tmp_path / "o"
+    )
     assert result.returncode == 2 and "same file" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -75,6 +75,7 @@ def test_filter_command_imports_neither_torch_nor_transformers(tmp_path):
     """`python -X importtime -m reference filter ...` lists on stderr every module the run imports; the
     filter's own modules are among them, torch and transformers are not (the command starts in a blink)."""
     result = run_cli(
+        "filter",
         "--input",
         small_input(tmp_path),
         "--output",
@@ -99,7 +100,7 @@ def test_forked_workers_write_the_same_bytes_as_one_process(tmp_path):
     runs = {}
     for workers in ("1", "3"):
         out, rej = tmp_path / f"o{workers}", tmp_path / f"r{workers}"
-        result = run_cli("--input", source, "--output", out, "--rejects", rej, "--workers", workers, "--json")
+        result = run_cli("filter", "--input", source, "--output", out, "--rejects", rej, "--workers", workers, "--json")
         assert result.returncode == 0, result.stderr
         paths = ("output", "rejects", "char_table_file")
         summary = {k: v for k, v in json.loads(result.stdout).items() if k not in paths}
@@ -109,7 +110,7 @@ def test_forked_workers_write_the_same_bytes_as_one_process(tmp_path):
     last = json.loads(runs["3"][1].decode("utf-8").splitlines()[-1])
     assert (last["line"], last["rule"]) == (3001, "unreadable") and "not UTF-8" in last["detail"]
     strict = run_cli(
-        "--input", source, "--output", tmp_path / "s", "--rejects", tmp_path / "t", "--workers", 3, "--strict"
+        "filter", "--input", source, "--output", tmp_path / "s", "--rejects", tmp_path / "t", "--workers", 3, "--strict"
     )
     assert strict.returncode == 2 and f"{source}, line 3001: not UTF-8" in strict.stderr
 
@@ -126,7 +127,9 @@ def test_filter_writes_the_whole_character_table_beside_output_and_prints_its_to
     (\\n, U+000A). stdout: the top 10, the table's path, then the counts and the two closing lines."""
     row = json.dumps({"instruction": INSTRUCTION, "response": RESPONSE}, ensure_ascii=False)
     source = small_input(tmp_path, (row + "\n") * 40)
-    result = run_cli("--input", source, "--output", tmp_path / "kept.jsonl", "--rejects", tmp_path / "rejects.jsonl")
+    result = run_cli(
+        "filter", "--input", source, "--output", tmp_path / "kept.jsonl", "--rejects", tmp_path / "rejects.jsonl"
+    )
     assert result.returncode == 0, result.stderr
     expected = Counter((RESPONSE + " " + INSTRUCTION) * 40).most_common()
     assert len(expected) == 43 and expected[0] == ("の", 160)
@@ -155,6 +158,6 @@ def test_filter_refuses_a_character_table_over_the_input_or_the_rejects_with_exi
     taken.write_text("not to be overwritten\n", encoding="utf-8")
     paths = {"--input": small_input(tmp_path), "--output": tmp_path / "kept.jsonl", "--rejects": tmp_path / "r"}
     paths[flag] = taken
-    result = run_cli(*[part for flag_and_path in paths.items() for part in flag_and_path])
+    result = run_cli("filter", *[part for flag_and_path in paths.items() for part in flag_and_path])
     assert result.returncode == 2 and "character table" in result.stderr and "Traceback" not in result.stderr
     assert taken.read_text(encoding="utf-8") == "not to be overwritten\n" and not (tmp_path / "kept.jsonl").exists()

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,6 +15,7 @@ import torch
 
 from reference import models
 from reference.errors import InputError
+from spec.cli_runner import QA, run_cli
 
 IDS = torch.tensor([[2, 100, 200, 300, 400, 500, 600, 700]])
 
@@ -84,58 +82,16 @@ def test_a_hub_name_fails_at_once_naming_the_model_and_how_to_give_a_token():
 
 @pytest.mark.slow
 @pytest.mark.claim("L3")
-def test_the_access_token_never_appears_in_output_or_in_any_file_a_run_writes(tmp_path, fixtures_dir):
+def test_the_access_token_never_appears_in_output_or_in_any_file_a_run_writes(tmp_path, tiny_gemma2_dir, qa_data):
     """HF_TOKEN set to a recognisable secret: a failing command and a whole training run never write it."""
     secret = "hf_secretTOKENvalue12345"
-    env = {**os.environ, "HF_TOKEN": secret}
-    failing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "train",
-            "--recipe",
-            "llm2024",
-            "--model",
-            "google/gemma-2-27b",
-            "--data",
-            str(fixtures_dir / "data" / "qa111_sample.jsonl"),
-            "--output",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    env = {"HF_TOKEN": secret}
+    train = ["train", "--recipe", "llm2024", "--data", qa_data, *QA]
+    failing = run_cli(*train, "--model", "google/gemma-2-27b", "--output", tmp_path / "x", env=env)
     assert failing.returncode == 2 and "HF_TOKEN is set" in failing.stderr
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "train",
-            "--recipe",
-            "llm2024",
-            "--model",
-            str(fixtures_dir / "models" / "tiny-gemma2"),
-            "--data",
-            str(fixtures_dir / "data" / "qa111_sample.jsonl"),
-            "--columns",
-            "instruction=input,response=output",
-            "--output",
-            str(tmp_path / "run"),
-            "max_steps=1",
-            "per_device_train_batch_size=2",
-            "gradient_accumulation_steps=1",
-            "sft.max_seq_length=32",
-            "quantization.load_in_4bit=false",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    one_step = ["max_steps=1", "per_device_train_batch_size=2", "gradient_accumulation_steps=1"]
+    one_step += ["sft.max_seq_length=32", "quantization.load_in_4bit=false"]
+    run = run_cli(*train, "--model", tiny_gemma2_dir, "--output", tmp_path / "run", *one_step, env=env)
     assert run.returncode == 0, run.stderr
     written = [p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert secret not in failing.stdout + failing.stderr + run.stdout + run.stderr
@@ -168,38 +124,10 @@ def test_a_directory_without_safetensors_is_refused(tiny_gemma2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_quantize_command_writes_a_4bit_directory_and_refuses_a_missing_model(tiny_gemma2_dir, tmp_path):
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "quantize",
-            "--model",
-            str(tiny_gemma2_dir),
-            "--output",
-            str(tmp_path / "q"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ok = run_cli("quantize", "--model", tiny_gemma2_dir, "--output", tmp_path / "q")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["quantization"] == "nf4"
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "quantize",
-            "--model",
-            str(tmp_path / "nope"),
-            "--output",
-            str(tmp_path / "q2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = run_cli("quantize", "--model", tmp_path / "nope", "--output", tmp_path / "q2")
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
 
 

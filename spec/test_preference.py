@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ import torch
 from reference import preference
 from reference.errors import InputError
 from reference.preference import PreferenceConfig
+from spec.cli_runner import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -246,28 +245,8 @@ def test_training_the_classifier_lowers_its_loss_and_reports_held_out_log_loss(f
     (within bf16 rounding of the reloaded adapter). On its 18 training rows, scored the same way against
     the one-hot columns, the model now beats the uniform guess's ln 3 = 1.0986: it learned those labels."""
     data = fixtures_dir / "data" / "lmsys_sample.jsonl"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "preference",
-            "train",
-            "--model",
-            str(fixtures_dir / "models" / "tiny-gemma2"),
-            "--data",
-            str(data),
-            "--output",
-            str(tmp_path),
-            "--max-length",
-            "64",
-            "--epochs",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    on = ["--model", fixtures_dir / "models" / "tiny-gemma2", "--data", data, "--output", tmp_path]
+    result = run_cli("preference", "train", *on, "--max-length", 64, "--epochs", 8)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert summary["train_rows"] == 18 and summary["eval_rows"] == 6

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 
 from reference.errors import InputError
 from reference.recipes import apply_overrides, load_recipe, trial_report
 from reference.training_arguments import map_training_arguments, resolved_settings, to_training_arguments
+from spec.cli_runner import run_cli
 
 # The arguments of the primer's TrainingArguments example (seed 004 §5), as written there.
 PRIMER_ARGUMENTS = {
@@ -296,12 +295,7 @@ def test_resolved_settings_are_the_arguments_a_train_run_hands_its_trainer(tmp_p
 @pytest.mark.slow
 @pytest.mark.claim("P12")
 def test_recipe_command_prints_resolved_settings_as_json():
-    result = subprocess.run(
-        [sys.executable, "-m", "reference", "recipe", "llm2024", "--resolved"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("recipe", "llm2024", "--resolved")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["training_arguments"]["gradient_accumulation_steps"] == 8
 
@@ -320,5 +314,5 @@ def test_overrides_change_a_copy_and_name_bad_keys():
 
 
 def test_recipe_command_names_an_unknown_recipe_and_exits_2():
-    result = subprocess.run([sys.executable, "-m", "reference", "recipe", "llm2025"], capture_output=True, text=True)
+    result = run_cli("recipe", "llm2025")
     assert result.returncode == 2 and "llm2025" in result.stderr and "llm2024" in result.stderr

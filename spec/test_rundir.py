@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
-from reference import cli, rundir
+from reference import rundir
 from reference.errors import InputError
+from spec.cli_runner import QA, cli_command, offline_env, run_cli, run_main
 from spec.conftest import FIXTURES
 
-MODEL, QA = FIXTURES / "models" / "tiny-gemma2", FIXTURES / "data" / "qa111_sample.jsonl"
+MODEL, DATA = FIXTURES / "models" / "tiny-gemma2", FIXTURES / "data" / "qa111_sample.jsonl"
 TINY = [
     "max_steps=2",
     "per_device_train_batch_size=2",
@@ -26,31 +27,14 @@ TINY = [
 ]
 
 
-def train(output, *extra, data=QA) -> tuple[int, str]:
-    process = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "train",
-            "--recipe",
-            "llm2024",
-            "--model",
-            str(MODEL),
-            "--data",
-            str(data),
-            "--columns",
-            "instruction=input,response=output",
-            "--output",
-            str(output),
-            *extra,
-            *TINY,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return process.returncode, process.stderr
+def train_command(output, *extra, data=DATA) -> list:
+    """`train --recipe llm2024` of the tiny Gemma-2 on `data` (the QA fixture) into `output`, then `extra`."""
+    return ["train", "--recipe", "llm2024", "--model", MODEL, "--data", data, *QA, "--output", output, *extra]
+
+
+def train(output, *extra, data=DATA) -> tuple[int, str]:
+    result = run_cli(*train_command(output, *extra, *TINY, data=data))
+    return result.returncode, result.stderr
 
 
 @pytest.mark.claim("X5")
@@ -96,23 +80,8 @@ def test_resume_needs_a_run_and_excludes_overwrite(tmp_path):
     with pytest.raises(InputError, match="choose one"):
         with rundir.claimed(tmp_path, resume=True, overwrite=True):
             pass
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(
-            [
-                "train",
-                "--recipe",
-                "llm2024",
-                "--model",
-                str(MODEL),
-                "--data",
-                str(QA),
-                "--output",
-                str(tmp_path / "o"),
-                "--resume",
-                "--overwrite",
-            ]
-        )
-    assert exit_.value.code == 2
+    code, _, err = run_main(*train_command(tmp_path / "o", "--resume", "--overwrite"))
+    assert code == 2 and "not allowed with argument" in err
 
 
 @pytest.mark.slow
@@ -127,10 +96,10 @@ def test_reusing_a_finished_runs_directory_needs_a_flag_and_resume_checks_data_a
     code, err = train(tmp_path / "d")
     assert code == 2 and "holds a run already" in err and "Traceback" not in err
     other = tmp_path / "other.jsonl"
-    other.write_text(QA.read_text(encoding="utf-8").replace("。", "！"), encoding="utf-8")
+    other.write_text(DATA.read_text(encoding="utf-8").replace("。", "！"), encoding="utf-8")
     code, err = train(tmp_path / "d", "--resume", "learning_rate=0.5", data=other)
     assert code == 2 and "--resume: this command differs" in err
-    assert f"data: {QA} vs {other}" in err and "training_arguments.learning_rate: 0.0002 vs 0.5" in err
+    assert f"data: {DATA} vs {other}" in err and "training_arguments.learning_rate: 0.0002 vs 0.5" in err
     (tmp_path / "d" / "checkpoints" / "checkpoint-1" / "stale-file").write_text("from the first run")
     code, err = train(tmp_path / "d", "--overwrite", "learning_rate=1e-3")
     assert code == 0, err
@@ -148,28 +117,8 @@ def test_reusing_a_finished_runs_directory_needs_a_flag_and_resume_checks_data_a
 def test_a_second_train_into_a_directory_another_train_is_writing_is_refused_and_the_first_finishes(tmp_path):
     """Two real processes: while the first trains (its step plan printed, so it holds the directory), the second
     is refused at once naming the first's process id; the first ends normally with its own manifest."""
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "train",
-            "--recipe",
-            "llm2024",
-            "--model",
-            str(MODEL),
-            "--data",
-            str(QA),
-            "--columns",
-            "instruction=input,response=output",
-            "--output",
-            str(tmp_path / "d"),
-            *TINY,
-            "max_steps=40",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    command = cli_command(*train_command(tmp_path / "d", *TINY, "max_steps=40"))
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=offline_env())
     seen = []
     for line in first.stderr:
         seen.append(line)

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from reference import recipes, training_arguments
 from reference.errors import InputError
+from spec.cli_runner import QA, run_cli
 
 SECRET = "hf_SECRETvalue123"
 """Given as the `hub_token=` override."""
@@ -52,34 +50,12 @@ training_args.bin files (checkpoint-1, checkpoint-2)."""
 
 
 @pytest.fixture(scope="module")
-def secret_run(tmp_path_factory):
-    from spec.conftest import FIXTURES
-
+def secret_run(tiny_gemma2_dir, qa_data, tmp_path_factory):
+    """The whole run, its output kept as bytes: no secret may hide from the check in a line that is not UTF-8."""
     output = tmp_path_factory.mktemp("secret-run") / "run"
-    env = {**os.environ, "HF_TOKEN": ENV_SECRET, "TRANSFORMERS_VERBOSITY": "info"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "train",
-            "--recipe",
-            "llm2024",
-            "--model",
-            str(FIXTURES / "models" / "tiny-gemma2"),
-            "--data",
-            str(FIXTURES / "data" / "qa111_sample.jsonl"),
-            "--columns",
-            "instruction=input,response=output",
-            "--output",
-            str(output),
-            *RUN,
-            f"hub_token={SECRET}",
-        ],
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
+    on = ["--recipe", "llm2024", "--model", tiny_gemma2_dir, "--data", qa_data, *QA, "--output", output]
+    env = {"HF_TOKEN": ENV_SECRET, "TRANSFORMERS_VERBOSITY": "info"}
+    completed = run_cli("train", *on, *RUN, f"hub_token={SECRET}", env=env, text=False)
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")
     return completed, output
 

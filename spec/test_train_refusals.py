@@ -10,14 +10,13 @@ run of spec/sft_runs.py (the `sft_runs` fixture, shared with spec/test_train.py)
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from reference import cli, lora
 from reference.errors import InputError
+from spec.cli_runner import QA, run_cli
 from spec.observe import Observed, run_recipe
 from spec.sft_runs import RUN, recipe_for
 
@@ -180,26 +179,7 @@ def test_the_train_command_exits_2_without_a_traceback_on_an_unreadable_row(tmp_
     broken = tmp_path / "broken.csv"
     with open(broken, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([["input", "output"], ["a", "b"], ["c", "d", "e"]])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reference",
-            "train",
-            "--recipe",
-            "llm2024",
-            "--model",
-            str(tiny_gemma2_dir),
-            "--data",
-            str(broken),
-            "--output",
-            str(tmp_path / "o"),
-            "--columns",
-            "instruction=input,response=output",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    on = ["--recipe", "llm2024", "--model", tiny_gemma2_dir, "--data", broken, *QA, "--output", tmp_path / "o"]
+    result = run_cli("train", *on)
     assert result.returncode == 2 and f"{broken}, row 2 (line 3)" in result.stderr
     assert "Traceback" not in result.stderr
