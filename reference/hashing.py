@@ -45,10 +45,12 @@ def sha256_of(path: str | Path) -> str:
 
 
 def trainable_weights_sha256(model) -> str:
-    """SHA-256 over the trainable weights' names and values (as fp32): equal digests mean equal weights."""
+    """SHA-256 over the trainable weights' names and values (as fp32): equal digests mean equal weights.
+    A weight sharded over processes (FSDP's DTensor) is gathered whole first: every process must call this."""
     total = hashlib.sha256()
     for name, param in model.named_parameters():
         if param.requires_grad:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
             total.update(name.encode())
-            total.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+            total.update(whole.detach().float().cpu().contiguous().numpy().tobytes())
     return total.hexdigest()

@@ -19,6 +19,7 @@ manifest records is what the Trainer ran with, never a second object built along
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -111,7 +112,7 @@ def _adapt_to_device(kwargs: dict) -> list[str]:
 def map_training_arguments(recipe: Recipe, output_dir: str | None = None, adapt: bool = True) -> Mapping:
     """The recipe's TrainingArguments kwargs for the installed transformers, with the changes made."""
     fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
-    kwargs = dict(recipe.training_arguments)
+    kwargs = copy.deepcopy(recipe.training_arguments)  # TrainingArguments fills fsdp_config in place
     if output_dir is not None:
         kwargs["output_dir"] = output_dir
     migrations = _migrate(kwargs, fields, transformers.__version__)

@@ -39,9 +39,7 @@ from spec.adapters import (
     logits_of,
     max_difference,
     trainable_weights,
-    trained_b,  # noqa: F401 -- spec/test_fsdp.py imports it and QA from here, until it imports them from spec/
 )
-from spec.cli_runner import QA  # noqa: F401
 from spec.observe import Observed, assert_trained
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
