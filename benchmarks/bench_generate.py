@@ -1,8 +1,19 @@
-"""Prefill and decode tokens/s with the seed's generation settings, bf16 against NF4, batch 1 and batched.
+"""Generation with the seed's settings: the tasks batched against one at a time, and prefill and decode
+tokens/s, bf16 against NF4.
 
+    python benchmarks/bench_generate.py --compare tasks [--batch 8] [--tasks 16] [--new 16] [--json FILE]  # CPU
     python benchmarks/bench_generate.py --shape gemma-2-9b [--prompt 1024] [--new 128] [--batch 8] [--json FILE]  # GPU
     python benchmarks/bench_generate.py --shape tiny-gemma2 --prompt 64 --new 16 --batch 4  # CPU
     pytest benchmarks/bench_generate.py --benchmark-only  # CI smoke
+
+Tasks (`--compare tasks`): the seed answers one task at a time; reference.generation.generate with
+`batch_size` sorts the prompts by length and answers them in left-padded batches (outputs equal, pinned
+by spec/test_generation.py). Both answer the same tasks in one run, in alternation, on a random-weight
+model with Gemma-2's layout and its 256,000-token vocabulary at a CPU-sized width and depth (CPU_SHAPE),
+loaded through reference.generation.load_for_inference with the fixture tokenizer. The prompts are the
+seed's, retrieved from the fixture QA pool (reference/retrieval.py), so their lengths vary as real ones
+do; every task writes exactly `new` tokens (min_new_tokens), so both sides do the same work. Reported:
+tasks/s and new tokens/s of each side and their ratio, medians of the repeats after a warm-up.
 
 A random-weight model of the shape is loaded through reference.models (bf16, or NF4 with double
 quantisation), and generation runs through reference.generation with the seed's processors on:
@@ -15,6 +26,7 @@ the same device with a large copy. Medians of the repeats after a warm-up run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import device_info, random_model_dir, shape_config, sync  # noqa: E402
 from benchmarks.record import report  # noqa: E402
+from reference.shapes import GEMMA2_COMMON  # noqa: E402
 
 
 def measured_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> float:
@@ -47,16 +60,15 @@ def measured_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> f
 
 def time_generation(model, batch: int, prompt: int, new: int, repeats: int, device: str) -> dict:
     import torch
+    from transformers import AutoTokenizer
 
-    from reference.generation import GenerationSettings
+    from reference.generation import seed_generation_config
 
-    settings = GenerationSettings(max_new_tokens=new)
-    vocab = model.config.vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "fixtures" / "models" / "tiny-gemma2"))
+    config = seed_generation_config(tokenizer, max_new_tokens=new)  # the seed's eight banned strings' ids
+    config.min_new_tokens = new
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (batch, prompt), generator=generator).to(device)
-    banned = [
-        [int(t)] for t in torch.randint(3, vocab, (8,), generator=generator)
-    ]  # eight banned sequences, as the seed
+    ids = torch.randint(3, len(tokenizer), (batch, prompt), generator=generator).to(device)
     prefill, total = [], []
     for run in range(repeats + 1):
         sync(device)
@@ -66,17 +78,7 @@ def time_generation(model, batch: int, prompt: int, new: int, repeats: int, devi
         sync(device)
         middle = time.perf_counter()
         with torch.no_grad():
-            model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                repetition_penalty=settings.repetition_penalty,
-                use_cache=settings.use_cache,
-                do_sample=settings.do_sample,
-                bad_words_ids=banned,
-                pad_token_id=0,
-            )
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
         sync(device)
         end = time.perf_counter()
         if run:  # the first is the warm-up
@@ -127,11 +129,126 @@ def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device:
         "benchmark": "generate",
         "shape": shape,
         "config_layers": shape_config(shape)["num_hidden_layers"],
-        "processors": "repetition_penalty 1.1, 8 banned sequences, greedy, KV cache",
+        "processors": "repetition_penalty 1.1, the seed's 8 banned strings, greedy, KV cache",
         "bandwidth_bytes_per_s": bandwidth,
         "variants": variants,
         **info,
     }
+
+
+CPU_SHAPE = {
+    **GEMMA2_COMMON,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "query_pre_attn_scalar": 64,
+}
+"""Gemma-2's layout (GQA, soft-capping, tied embeddings) and its 256,000-token vocabulary at a width and depth
+a shared 2-core CPU runs in minutes: 69.5M parameters, 65.5M of them the embedding that is also the LM head."""
+
+
+def machine() -> dict:
+    """The CPU this ran on: model name, cores and torch's threads."""
+    import os
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+    ]
+    return {"cpu": names[0] if names else None, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def task_prompts(tokenizer, count: int, k: int) -> list[str]:
+    """`count` prompts the seed's way: the first QA fixture inputs as tasks, k shots each retrieved from the rest."""
+    from reference import retrieval
+
+    pairs = retrieval.read_shots(ROOT / "fixtures" / "data" / "qa111_sample.jsonl")
+    tasks, rest = [question for question, _ in pairs[:count]], pairs[count:]
+    pool = retrieval.ShotPool(rest, retrieval.load_embedder(ROOT / "fixtures" / "models" / "tiny-embedder"))
+    return [fitted.prompt for fitted in retrieval.fitted_prompts(tasks, pool, tokenizer, k, say=lambda text: None)]
+
+
+def random_model_with_tokenizer(config: dict, directory: Path) -> Path:
+    """A model of the config with random weights (fp32, safetensors) and the fixture tokenizer beside it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **settings))
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(ROOT / "fixtures" / "models" / "tiny-gemma2")).save_pretrained(directory)
+    return directory
+
+
+def compare_tasks(config: dict, tasks: int, k: int, new: int, batch: int, repeats: int) -> dict:
+    """Batched against one at a time, the same tasks in one run, alternating so both see the same load."""
+    import os
+
+    from reference import generation
+
+    load_before = os.getloadavg()[0]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = generation.load_for_inference(random_model_with_tokenizer(config, Path(tmp) / "model"))
+    prompts = task_prompts(tokenizer, tasks, k)
+    settings = generation.seed_generation_config(tokenizer, max_new_tokens=new)
+    settings.min_new_tokens = new  # random weights may end early; each task writes exactly `new` tokens
+    lengths = sorted(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)
+
+    def timed(batch_size: int, some: list[str]) -> tuple[float, list[str]]:
+        start = time.perf_counter()
+        outputs = generation.generate(model, tokenizer, some, settings, batch_size=batch_size)
+        return time.perf_counter() - start, outputs
+
+    timed(1, prompts[:1])  # warm-up: allocations, kernels
+    timed(batch, prompts[:batch])
+    seconds, outputs = {1: [], batch: []}, {}
+    for _ in range(repeats):  # the two sides alternate, so both see the same load
+        for size in (1, batch):
+            elapsed, outputs[size] = timed(size, prompts)
+            seconds[size].append(elapsed)
+    sides = {}
+    for name, size in (("one_at_a_time", 1), ("batched", batch)):
+        median = statistics.median(seconds[size])
+        sides[name] = {
+            "batch_size": size,
+            "seconds": seconds[size],
+            "median_s": median,
+            "tasks_per_s": tasks / median,
+            "new_tokens_per_s": tasks * new / median,
+        }
+    return {
+        "benchmark": "generate-tasks",
+        "shape": {k: v for k, v in config.items() if k != "architectures"},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "float32",
+        "tasks": tasks,
+        "shots_per_task": k,
+        "prompt_tokens": {"min": lengths[0], "median": statistics.median(lengths), "max": lengths[-1]},
+        "new_tokens_per_task": new,
+        "processors": "repetition_penalty 1.1, the seed's 8 banned strings, greedy, KV cache",
+        "repeats": repeats,
+        "outputs_equal": outputs[1] == outputs[batch],
+        **sides,
+        "ratio_tasks_per_s": sides["batched"]["tasks_per_s"] / sides["one_at_a_time"]["tasks_per_s"],
+        **machine(),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        **device_info("cpu"),
+    }
+
+
+def test_generate_tasks_cpu_smoke(benchmark):
+    """CI-sized: the tiny Gemma-2's shape, four tasks of one shot, two new tokens, batch 2, one repeat."""
+    config = json.loads((ROOT / "fixtures" / "models" / "tiny-gemma2" / "config.json").read_text())
+    result = benchmark.pedantic(compare_tasks, args=(config, 4, 1, 2, 2, 1), rounds=1, iterations=1)
+    benchmark.extra_info.update(ratio_tasks_per_s=result["ratio_tasks_per_s"])
+    assert result["outputs_equal"] and result["batched"]["tasks_per_s"] > 0
 
 
 def test_generate_cpu_smoke(benchmark):
@@ -145,15 +262,28 @@ def main() -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="gemma-2-9b")
+    parser.add_argument(
+        "--compare",
+        choices=["decode", "tasks"],
+        default="decode",
+        help="decode: prefill and decode tokens/s, bf16 and NF4 (default); tasks: batched against one at a time",
+    )
+    parser.add_argument("--shape", default="gemma-2-9b", help="decode: the model's shape (tasks: CPU_SHAPE)")
+    parser.add_argument("--tasks", type=int, default=16, help="tasks: how many (default 16)")
+    parser.add_argument("--shots", type=int, default=1, help="tasks: shots per prompt (default 1)")
     parser.add_argument("--prompt", type=int, default=1024, help="prompt tokens per sequence (default 1024)")
-    parser.add_argument("--new", type=int, default=128, help="new tokens per sequence (default 128)")
+    parser.add_argument("--new", type=int, default=None, help="new tokens per sequence (default 128; tasks: 16)")
     parser.add_argument("--batch", type=int, default=8, help="the batched run's size, besides batch 1 (default 8)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="append the result to this JSON file (a list)")
+    parser.add_argument("--note", default=None, help="tasks: a remark kept with the result (e.g. the machine's load)")
     args = parser.parse_args()
-    result = compare(args.shape, args.prompt, args.new, args.batch, args.repeats, args.device)
+    if args.compare == "tasks":
+        result = compare_tasks(CPU_SHAPE, args.tasks, args.shots, args.new or 16, args.batch, args.repeats)
+        result["note"] = args.note
+    else:
+        result = compare(args.shape, args.prompt, args.new or 128, args.batch, args.repeats, args.device)
     report(result, args.json)
     return 0
 

@@ -1,41 +1,74 @@
-"""Generation as seed 001 §2.3 runs it: greedy decoding with a repetition penalty and banned words.
+"""Answering tasks as seed 001 §2.3 does: a model (with its adapter) loaded for inference, retrieved
+few-shot prompts (reference/retrieval.py), then greedy decoding with a repetition penalty and banned words.
 
-The seed's settings, the defaults here: at most 1024 new tokens, repetition_penalty 1.1 (1.2 made its
-leaderboard score unstable), the KV cache on, and eight strings the model may not write (the ids of
-each, encoded without special tokens, go to `bad_words_ids`). Only the new tokens are decoded,
-without special tokens, and stripped; results are written as JSONL {"task_id", "output"} in UTF-8.
+The seed's decoding, as transformers' `GenerationConfig` (`seed_generation_config`): at most 1024 new
+tokens, repetition_penalty 1.1 (1.2 made its leaderboard score unstable), greedy, the KV cache on, and
+eight strings the model may not write (the ids of each, encoded without special tokens, go to
+`bad_words_ids`). Only the new tokens are decoded, without special tokens, and stripped; results are
+written as JSONL {"task_id", "output"} in UTF-8.
 
 The repetition penalty (Keskar et al., 2019, as transformers implements it): for every token already
 in the sequence, its logit l becomes l / p when l > 0 and l * p when l <= 0, so a seen token always
 loses probability (`penalize_repetition` states it on a logits vector).
 
-Batched generation pads on the left, so every prompt's last token sits at the same position and the
-new tokens line up; greedy outputs then equal one-by-one generation's.
+Batched generation (`batch_size` > 1; the seed answers one task at a time) sorts the prompts by length,
+so a batch holds prompts of similar length, and pads them on the left, so every prompt's last token sits
+at the same position and the new tokens line up. The attention mask hides the padding from the model,
+and transformers' repetition penalty skips it too (it would otherwise count a pad token, the end of
+sequence when the tokenizer has no pad token of its own, as seen). Greedy outputs then equal one-by-one
+generation's, in the prompts' order.
+
+The tokenizer for an adapter is the adapter's own when its directory holds one (train saves it there,
+with any tokens it added), else the base model's (the rule lives in reference/lora.py).
+
+torch, transformers and the modules that load them are imported inside the functions: the command line
+reads MAX_NEW_TOKENS here while it builds its parser, and `steps`, `render` and `filter` never load torch.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from reference import retrieval
+from reference.paths import write_text_atomic
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 BAD_WORDS = ("質問", "###", "#", "##", "---", "<h3>", "filepath", "> ")
+MAX_NEW_TOKENS = 1024
+REPETITION_PENALTY = 1.1
 
 
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 1024
-    """New tokens at most (seed: 1024)."""
-    repetition_penalty: float = 1.1
-    """Divide (positive) or multiply (negative) the logits of tokens already present (seed: 1.1)."""
-    use_cache: bool = True
-    """Reuse the keys and values of earlier positions (seed: True)."""
-    do_sample: bool = False
-    """Greedy decoding, as the seed (it sets no sampling)."""
-    bad_words: tuple = field(default=BAD_WORDS)
-    """Strings whose token sequences may not be generated (seed: eight)."""
-    batch_size: int = 1
-    """Prompts per generate call; above 1 they are left-padded."""
+def seed_generation_config(tokenizer, max_new_tokens: int = MAX_NEW_TOKENS, bad_words=BAD_WORDS) -> GenerationConfig:
+    """The seed's settings for `tokenizer`: greedy, repetition penalty 1.1, KV cache, the banned words' ids.
+
+    Finished rows of a batch are filled with the pad token (the end-of-sequence token when there is none)."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=REPETITION_PENALTY,
+        do_sample=False,
+        use_cache=True,
+        bad_words_ids=bad_words_ids(tokenizer, bad_words) or None,
+        pad_token_id=pad,
+    )
+
+
+def bad_words_ids(tokenizer, words=BAD_WORDS) -> list[list[int]]:
+    """Each word's ids without special tokens, as the seed passes them to generate()."""
+    return [tokenizer.encode(word, add_special_tokens=False) for word in words]
+
+
+def settings_record(config: GenerationConfig, batch_size: int = 1) -> dict:
+    """What a run used, for its report: the settings that differ from transformers' defaults, and the batch size."""
+    settings = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
+    return {**settings, "batch_size": batch_size}
 
 
 def penalize_repetition(logits, seen_ids, penalty: float):
@@ -49,49 +82,98 @@ def penalize_repetition(logits, seen_ids, penalty: float):
     return out
 
 
-def bad_words_ids(tokenizer, words=BAD_WORDS) -> list[list[int]]:
-    """Each word's ids without special tokens, as the seed passes them to generate()."""
-    return [tokenizer.encode(word, add_special_tokens=False) for word in words]
+def load_for_inference(
+    model_dir: str | Path,
+    adapter_dir: str | Path | None = None,
+    dtype: str = "float32",
+    quantization: str = "none",
+    quantization_section: dict | None = None,
+):
+    """(model, tokenizer) for generation: the base from a local directory (reference/models.py), the
+    adapter on it frozen (peft's is_trainable=False), the model in eval mode, and the tokenizer
+    `lora.load_tokenizer` chooses (the adapter's own when it saved one, else the base's)."""
+    from reference import lora, models
+
+    model, _ = models.load_causal_lm(
+        model_dir, dtype=dtype, quantization=quantization, quantization_section=quantization_section
+    )
+    if adapter_dir is not None:
+        model = lora.load_adapter(model, adapter_dir, trainable=False)
+    return model.eval(), lora.load_tokenizer(model_dir, adapter_dir)
 
 
-def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, progress=None) -> list[str]:
-    """The new text for each prompt (decoded without special tokens, stripped), in order."""
+def generate(model, tokenizer, prompts: list[str], config=None, batch_size: int = 1, progress=None) -> list[str]:
+    """The new text for each prompt (decoded without special tokens, stripped), in the prompts' order.
+
+    `config` defaults to `seed_generation_config(tokenizer)`; `progress`, if given, is called with the
+    number of prompts each batch finished."""
     import torch
 
-    device = next(model.parameters()).device
-    banned = bad_words_ids(tokenizer, settings.bad_words)
+    config = config or seed_generation_config(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    outputs = []
+    device = next(model.parameters()).device
+    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]  # BOS added, as the seed's call
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outputs = [""] * len(prompts)
     model.eval()
-    for start in range(0, len(prompts), settings.batch_size):
-        chunk = prompts[start : start + settings.batch_size]
-        tokenizer.padding_side = "left"
-        inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(device)  # BOS added, as the seed's call
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, padding_side="left", return_tensors="pt")
         with torch.no_grad():
-            generated = model.generate(
-                **inputs,
-                max_new_tokens=settings.max_new_tokens,
-                repetition_penalty=settings.repetition_penalty,
-                use_cache=settings.use_cache,
-                do_sample=settings.do_sample,
-                bad_words_ids=banned or None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new = generated[:, inputs["input_ids"].shape[1] :]
-        outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+            generated = model.generate(**batch.to(device), generation_config=config)
+        new = generated[:, batch["input_ids"].shape[1] :]
+        for i, row in zip(rows, new, strict=True):
+            outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
         if progress is not None:
-            progress(len(chunk))
+            progress(len(rows))
     return outputs
+
+
+def read_tasks(path: str | Path) -> list[dict]:
+    """Tasks: JSONL rows with a non-empty 'input' and, optionally, a 'task_id'."""
+    from reference.data import read_text_rows
+
+    return read_text_rows(path, ("input",))
+
+
+@dataclass
+class Answers:
+    """The tasks answered, in the tasks' order."""
+
+    task_ids: list
+    """Each task's task_id, or its position (from 0) when it has none."""
+    outputs: list[str]
+    prompt_tokens: list[int]
+    """Tokens of each task's prompt, BOS included, after the least similar shots that did not fit were dropped."""
+
+
+def answer_tasks(
+    model,
+    tokenizer,
+    tasks: list[dict],
+    shots: list[tuple[str, str]],
+    embedder: str | Path,
+    config=None,
+    k: int = retrieval.DEFAULT_K,
+    window: int = retrieval.DEFAULT_WINDOW,
+    batch_size: int = 1,
+    say=print,
+    progress=None,
+) -> Answers:
+    """Seed 001 §2.3 over `tasks` (rows with 'input', optionally 'task_id'; `read_tasks`): each task's k
+    examples of `shots` ((input, output) pairs; `retrieval.read_shots`) whose inputs are the most similar,
+    embedded with the local sentence-transformers model `embedder`, make its prompt, fitted to `window`
+    tokens (a task that lost shots is reported through `say`); then `generate` with `config` (default:
+    the seed's settings), `batch_size` prompts at a time."""
+    pool = retrieval.ShotPool(shots, retrieval.load_embedder(embedder))
+    fitted = retrieval.fitted_prompts([t["input"] for t in tasks], pool, tokenizer, k, window, say)
+    outputs = generate(model, tokenizer, [f.prompt for f in fitted], config, batch_size, progress)
+    task_ids = [task.get("task_id", number) for number, task in enumerate(tasks)]
+    return Answers(task_ids, outputs, [f.tokens for f in fitted])
 
 
 def write_outputs(path: str | Path, outputs: list[str], task_ids: list | None = None) -> None:
     """JSONL {"task_id": i, "output": text}, UTF-8 and not ASCII-escaped (the seed's output.jsonl)."""
-    from reference.paths import write_text_atomic
-
     rows = [{"task_id": task_ids[i] if task_ids else i, "output": text} for i, text in enumerate(outputs)]
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def settings_record(settings: GenerationSettings) -> dict:
-    return asdict(settings)

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import peft
 import torch
-from transformers import AutoTokenizer
 
-from reference import models
+from reference import models, vocab
 from reference.errors import InputError
 from reference.paths import complete_directory
 from reference.shapes import projection_shapes
@@ -141,8 +140,15 @@ def tokenizer_dir(base_dir: str | Path, adapter_dir: str | Path | None = None) -
 
 
 def load_tokenizer(base_dir: str | Path, adapter_dir: str | Path | None = None):
-    """The tokenizer `tokenizer_dir` chooses, read from the local directory."""
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir(base_dir, adapter_dir)), local_files_only=True)
+    """The tokenizer `tokenizer_dir` chooses, read from the local directory. A directory with no tokenizer files
+    is an error: transformers 5 would otherwise build an almost empty tokenizer from config.json alone."""
+    directory = Path(tokenizer_dir(base_dir, adapter_dir))
+    if not any((directory / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        where = f"model {base_dir}" + (f" nor adapter {adapter_dir}" if adapter_dir else "")
+        raise InputError(
+            f"{where}: no tokenizer (tokenizer_config.json or tokenizer.json); save one beside the weights"
+        )
+    return vocab.load_tokenizer(directory)
 
 
 SHAPE_KEYS = (

@@ -66,6 +66,13 @@ class Shot:
     """Cosine similarity to the task's input."""
 
 
+def read_shots(path: str | Path) -> list[tuple[str, str]]:
+    """The shot pool: (input, output) from JSONL rows with non-empty 'input' and 'output' (Japanese-QA111's)."""
+    from reference.data import read_text_rows
+
+    return [(row["input"], row["output"]) for row in read_text_rows(path, ("input", "output"))]
+
+
 def load_embedder(path: str | Path):
     """A sentence-transformers model from a local directory (no hub, no remote code)."""
     directory = Path(path)
@@ -119,3 +126,17 @@ def fit(shots: list[Shot], task: str, tokenizer, window: int = DEFAULT_WINDOW) -
     if tokens > window:
         raise InputError(f"the task alone takes {tokens} tokens, more than the {window}-token window; it is never cut")
     return FittedPrompt(prompt, kept, len(shots) - len(kept), tokens)
+
+
+def fitted_prompts(
+    tasks: list[str], pool: ShotPool, tokenizer, k: int = DEFAULT_K, window: int = DEFAULT_WINDOW, say=print
+) -> list[FittedPrompt]:
+    """Each task's prompt from its k most similar shots, fitted to `window`; a task that lost shots is
+    reported through `say`, numbered from 0 in the tasks' order."""
+    prompts = []
+    for number, task in enumerate(tasks):
+        fitted = fit(pool.top(task, k), task, tokenizer, window)
+        if fitted.dropped:
+            say(f"task {number}: prompt over {window} tokens; dropped the {fitted.dropped} least similar shots")
+        prompts.append(fitted)
+    return prompts

@@ -135,6 +135,23 @@ def test_an_overlong_prompt_drops_the_least_similar_shots_and_never_cuts_the_tas
         retrieval.fit(shots, task, gemma_tokenizer, window=10)
 
 
+@pytest.mark.claim("C21")
+def test_each_task_that_lost_shots_is_reported_by_its_number_in_the_tasks_order(
+    embedder, fixtures_dir, gemma_tokenizer
+):
+    """k = 3 and two tasks: a short one, then the pool's first input, whose whole prompt is the longer; the
+    window is one token shorter than that prompt. Only task 1 loses shots, and only it is reported."""
+    pool = retrieval.ShotPool(qa_pool(fixtures_dir), embedder)
+    tasks = ["春の季語", qa_pool(fixtures_dir)[0][0]]
+    whole = [retrieval.fit(pool.top(task, 3), task, gemma_tokenizer, window=100_000).tokens for task in tasks]
+    assert whole[0] < whole[1]
+    window = whole[1] - 1
+    said = []
+    prompts = retrieval.fitted_prompts(tasks, pool, gemma_tokenizer, k=3, window=window, say=said.append)
+    assert [p.dropped for p in prompts] == [0, 3 - len(prompts[1].shots)] and prompts[1].dropped >= 1
+    assert said == [f"task 1: prompt over {window} tokens; dropped the {prompts[1].dropped} least similar shots"]
+
+
 def padded_task(shots, tokenizer, tokens: int) -> str:
     """A task padded with 。 (one token each here) until the seed's prompt with all `shots` is `tokens` long."""
 

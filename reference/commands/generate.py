@@ -14,7 +14,7 @@ FIXTURE_EMBEDDER = Path(__file__).resolve().parents[2] / "fixtures" / "models" /
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from reference import generation, retrieval  # light modules: the defaults live there
+    from reference import generation, retrieval  # light modules (torch loads inside them): the defaults live there
 
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
     p.add_argument("--adapter", default=None, help="a saved LoRA adapter to generate with")
@@ -41,11 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=positive_int,
-        default=generation.GenerationSettings.max_new_tokens,
+        default=generation.MAX_NEW_TOKENS,
         help=">= 1 (default %(default)s, the seed's)",
     )
     p.add_argument(
-        "--batch-size", type=positive_int, default=1, help="prompts per generate call, left-padded (default 1)"
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="prompts per generate call, sorted by length and left-padded; the outputs equal batch 1's "
+        "(default 1, the seed's)",
     )
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype (default float32)"
@@ -54,30 +58,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import generation, lora, models, retrieval
-    from reference.data import read_text_rows
+    from reference import generation, retrieval
 
-    tasks = read_text_rows(args.tasks, ("input",))
-    shots = read_text_rows(args.shots, ("input", "output"))
-    model, _ = models.load_causal_lm(args.model, dtype=args.dtype)
-    if args.adapter:
-        model = lora.load_adapter(model, args.adapter, trainable=False)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model, local_files_only=True)
-    pool = retrieval.ShotPool([(s["input"], s["output"]) for s in shots], retrieval.load_embedder(args.embedder))
-    prompts = []
-    for number, task in enumerate(tasks):
-        fitted = retrieval.fit(pool.top(task["input"], args.k), task["input"], tokenizer, args.window)
-        if fitted.dropped:
-            say(f"task {number}: prompt over {args.window} tokens; dropped the {fitted.dropped} least similar shots")
-        prompts.append(fitted.prompt)
-    settings = generation.GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    bar = progress(len(prompts), "generate")
-    outputs = generation.generate(model, tokenizer, prompts, settings, progress=bar.update if bar else None)
+    tasks, shots = generation.read_tasks(args.tasks), retrieval.read_shots(args.shots)  # bad rows fail before loading
+    model, tokenizer = generation.load_for_inference(args.model, args.adapter, dtype=args.dtype)
+    config = generation.seed_generation_config(tokenizer, max_new_tokens=args.max_new_tokens)
+    bar = progress(len(tasks), "generate")  # a person watching a long run sees it move
+    answers = generation.answer_tasks(
+        model,
+        tokenizer,
+        tasks,
+        shots,
+        args.embedder,
+        config,
+        k=args.k,
+        window=args.window,
+        batch_size=args.batch_size,
+        say=say,
+        progress=bar.update if bar else None,
+    )
     if bar:
         bar.close()
-    generation.write_outputs(args.output, outputs, [t.get("task_id", i) for i, t in enumerate(tasks)])
-    report = {"output": args.output, "tasks": len(tasks), "settings": generation.settings_record(settings)}
-    print(json.dumps(report, ensure_ascii=False, indent=2))
+    generation.write_outputs(args.output, answers.outputs, answers.task_ids)
+    settings = generation.settings_record(config, args.batch_size)
+    print(json.dumps({"output": args.output, "tasks": len(tasks), "settings": settings}, ensure_ascii=False, indent=2))
     return 0

@@ -1,0 +1,167 @@
+"""A model and its adapter loaded for inference, and tasks answered from Python (reference/generation.py).
+
+One tokenizer rule for an adapter: its own when its directory holds one (train saves it there, with any
+tokens it added), else the base model's. peft's PeftModel.from_pretrained computes the expected logits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from reference import cli, generation, retrieval
+from reference.errors import InputError
+
+ADDED = "<user_name>"
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_gemma2_dir, tmp_path_factory):
+    """A LoRA adapter (r=2 on q_proj and v_proj) saved by peft, its B set to random values so that it
+    changes the logits, with no tokenizer beside it."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_gemma2_dir))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5)
+    directory = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture
+def adapter_with_tokenizer(adapter_dir, tiny_gemma2_dir, tmp_path):
+    """The same adapter with a tokenizer saved beside it that holds one more token, as after add-tokens."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gemma2_dir))
+    tokenizer.add_tokens([ADDED], special_tokens=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.claim("C16")
+def test_an_adapter_that_saved_a_tokenizer_brings_its_own(tiny_gemma2_dir, adapter_with_tokenizer):
+    """The base's vocabulary holds 2,862 tokens; the adapter's tokenizer adds <user_name> as id 2,862."""
+    _, tokenizer = generation.load_for_inference(tiny_gemma2_dir, adapter_with_tokenizer)
+    assert len(tokenizer) == 2862 + 1 and tokenizer.convert_tokens_to_ids(ADDED) == 2862
+
+
+@pytest.mark.claim("C16")
+def test_an_adapter_without_a_tokenizer_uses_the_base_models(tiny_gemma2_dir, adapter_dir):
+    """`generate --adapter` once read the tokenizer from the adapter's directory alone (an OSError here)."""
+    assert not (adapter_dir / "tokenizer_config.json").exists()
+    _, tokenizer = generation.load_for_inference(tiny_gemma2_dir, adapter_dir)
+    assert len(tokenizer) == 2862 and ADDED not in tokenizer.get_vocab()
+
+
+@pytest.mark.claim("C16")
+def test_a_model_directory_without_tokenizer_files_is_refused_not_given_an_empty_tokenizer(tiny_gemma2_dir, tmp_path):
+    """transformers 5 builds a 5-token tokenizer from config.json alone (shown first, with the library), which
+    would turn every prompt into unknown tokens; the project refuses the directory, naming it."""
+    from transformers import AutoTokenizer
+
+    from reference import lora
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_gemma2_dir / name, bare / name)
+    assert len(AutoTokenizer.from_pretrained(str(bare), local_files_only=True)) == 5
+    with pytest.raises(InputError, match=f"model {bare}: no tokenizer"):
+        lora.load_tokenizer(bare)
+
+
+@pytest.mark.claim("C16")
+def test_the_model_for_inference_carries_the_frozen_adapter_in_eval_mode(tiny_gemma2_dir, adapter_dir):
+    """The logits equal peft's PeftModel.from_pretrained on a fresh base (and differ from the base's own)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = generation.load_for_inference(tiny_gemma2_dir, adapter_dir)
+    assert isinstance(model, PeftModel) and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    inputs = tokenizer("日本の首都はどこですか。", return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_gemma2_dir)).eval()
+    with torch.no_grad():
+        plain = base(**inputs).logits
+        theirs = PeftModel.from_pretrained(base, str(adapter_dir)).eval()(**inputs).logits
+        ours = model(**inputs).logits
+    assert not torch.allclose(plain, theirs)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.claim("C18", "C19", "C21")
+def test_answering_tasks_retrieves_fits_and_generates_each_task_in_order(tiny_gemma2_dir, fixtures_dir):
+    """Three tasks, the second without a task_id (its position, 1, stands in), batch 2. The window is one
+    token shorter than the first task's prompt with k = 2 shots, so that task loses a shot and is reported.
+    The prompts, their lengths and the outputs are the parts' own (retrieval.fitted_prompts, generate)."""
+    inputs = [
+        "日本の首都について説明してください。",
+        "富士山の高さと特徴を教えてください。",
+        "春の季語を三つ挙げてください。",
+    ]
+    tasks = [{"task_id": "a", "input": inputs[0]}, {"input": inputs[1]}, {"task_id": 7, "input": inputs[2]}]
+    shots = retrieval.read_shots(fixtures_dir / "data" / "qa111_sample.jsonl")
+    embedder = fixtures_dir / "models" / "tiny-embedder"
+    model, tokenizer = generation.load_for_inference(tiny_gemma2_dir)
+    pool = retrieval.ShotPool(shots, retrieval.load_embedder(embedder))
+    window = retrieval.fit(pool.top(inputs[0], 2), inputs[0], tokenizer, 100_000).tokens - 1
+    config = generation.seed_generation_config(tokenizer, max_new_tokens=3)
+    said = []
+    answers = generation.answer_tasks(
+        model, tokenizer, tasks, shots, embedder, config, k=2, window=window, batch_size=2, say=said.append
+    )
+    prompts = retrieval.fitted_prompts(inputs, pool, tokenizer, 2, window, say=lambda text: None)
+    assert answers.task_ids == ["a", 1, 7]
+    assert answers.prompt_tokens == [len(tokenizer(p.prompt)["input_ids"]) for p in prompts]
+    assert answers.outputs == generation.generate(model, tokenizer, [p.prompt for p in prompts], config)
+    assert prompts[0].dropped == 1
+    assert said == [
+        f"task {n}: prompt over {window} tokens; dropped the {p.dropped} least similar shots"
+        for n, p in enumerate(prompts)
+        if p.dropped
+    ]
+
+
+def test_tasks_and_shots_are_read_from_jsonl_rows(fixtures_dir, tmp_path):
+    """The fixture's four tasks carry task_ids 0-3; its 24 shots are (input, output) pairs. A row without
+    an input is an error naming the file and line."""
+    tasks = generation.read_tasks(fixtures_dir / "data" / "tasks_sample.jsonl")
+    assert [t["task_id"] for t in tasks] == [0, 1, 2, 3] and tasks[0]["input"] == "日本の首都について説明してください。"
+    rows = [json.loads(line) for line in (fixtures_dir / "data" / "qa111_sample.jsonl").read_text().splitlines()]
+    assert retrieval.read_shots(fixtures_dir / "data" / "qa111_sample.jsonl") == [
+        (r["input"], r["output"]) for r in rows
+    ]
+    bad = tmp_path / "tasks.jsonl"
+    bad.write_text('{"input": "ok"}\n{"task_id": 1}\n', encoding="utf-8")
+    with pytest.raises(InputError, match="tasks.jsonl, line 2: needs non-empty text in input"):
+        generation.read_tasks(bad)
+
+
+@pytest.mark.claim("C16", "C19")
+def test_the_generate_command_answers_with_an_adapter_that_saved_no_tokenizer(
+    tiny_gemma2_dir, adapter_dir, fixtures_dir, tmp_path, capsys
+):
+    """The base's tokenizer is used; one output row per task (the fixture has four)."""
+    output = tmp_path / "output.jsonl"
+    data = fixtures_dir / "data"
+    argv = ["generate", "--model", str(tiny_gemma2_dir), "--adapter", str(adapter_dir)]
+    argv += ["--tasks", str(data / "tasks_sample.jsonl"), "--shots", str(data / "qa111_sample.jsonl")]
+    argv += ["--k", "1", "--max-new-tokens", "2", "--batch-size", "4", "--output", str(output)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [r["task_id"] for r in rows] == [0, 1, 2, 3]
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["max_new_tokens"] == 2 and report["settings"]["batch_size"] == 4
