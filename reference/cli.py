@@ -25,6 +25,7 @@ INPUT_ARGUMENTS = (
     "embedder",
     "magpie",
     "qa",
+    "new_data",
     "recipe",
     "messages",
     "tokenizer",

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning data: records to token ids and labels, the collator that pads them, and NEFTune.
+"""Supervised fine-tuning data: records to token ids and labels, the collators that batch them, and NEFTune.
 
 Follows seed 001 §2.2.2 (alpaca_prompt_jp, EOS after a non-empty response, max_seq_length 2048, no
 packing) and the primer's base/instruct distinction (seed 004):
@@ -13,9 +13,19 @@ which tokens belong to the prompt is read off the tokenizer's character offsets:
 when it starts at or after the response's first character. Exactly one BOS starts every sequence
 (reference.formats.encode_prompt); sequences longer than max_seq_length are cut at the end.
 
+Batches (X11). Padded, as trl's SFTTrainer batches (the seed's `packing=False`): each record padded on the
+right to the batch's longest, padding masked out and never a target. Padding-free (`[sft] padding_free`):
+transformers' DataCollatorWithFlattening lays the batch's records end to end in one row of N = sum of their
+lengths, position ids restarting at 0 for each record, no attention mask, and each record's first label -100 (no
+record predicts the next one's first token). Only real tokens are computed, to the losses of the padded batch
+(spec/test_padding_free.py). Attention must stay within each record: transformers builds that mask from the
+position ids, for a model run without a KV cache (`use_cache=False`, as training runs here; with a cache the
+records would see each other); reference.padding_free runs it record by record in training steps.
+
 NEFTune (C14) is the Trainer's own `neftune_noise_alpha`: in training mode it adds uniform noise
-U(-1, 1) x alpha / sqrt(L x d) to the input embeddings (L tokens, d hidden size); evaluation and
-generation see the embeddings unchanged. `neftune_bound` states that magnitude.
+U(-1, 1) x alpha / sqrt(L x d) to the input embeddings (L positions in a batch row, d hidden size); evaluation
+and generation see the embeddings unchanged. `neftune_bound` states that magnitude. A flattened row gets the
+very noise its padded batch would get (reference.padding_free).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 
-from transformers import DataCollatorForSeq2Seq
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from reference.errors import InputError
 from reference.formats import ALPACA_PROMPT_JP, FORMATS, render
@@ -80,17 +90,29 @@ def encode_record(
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def collator(tokenizer) -> DataCollatorForSeq2Seq:
-    """Pads a list of encoded records into one batch: transformers' DataCollatorForSeq2Seq, which pads
-    input_ids with the tokenizer's pad token, attention_mask with 0 and labels with IGNORE_INDEX (so padding
-    is masked out and never a target), each batch to its longest record.
+def collator(tokenizer, padding_free: bool = False) -> DataCollatorForSeq2Seq | DataCollatorWithFlattening:
+    """Batches a list of encoded records: padded, or with `padding_free` end to end in one row (transformers'
+    DataCollatorWithFlattening, the module docstring).
+
+    Padded: transformers' DataCollatorForSeq2Seq, which pads input_ids with the tokenizer's pad token,
+    attention_mask with 0 and labels with IGNORE_INDEX (so padding is masked out and never a target), each batch
+    to its longest record.
 
     Always on the right, as trl's SFTTrainer pads, whatever side the tokenizer was saved with (Gemma-2's
     says left): the collator pads with a copy of the tokenizer set to the right, the caller's keeps its
     side. The tokenizer needs a pad token (training sets its EOS when it has none)."""
+    if padding_free:
+        return DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
     right_padding = copy.copy(tokenizer)
     right_padding.padding_side = "right"
     return DataCollatorForSeq2Seq(right_padding, label_pad_token_id=IGNORE_INDEX)
+
+
+def real_tokens(batch) -> int:
+    """The tokens of a batch that belong to records: the attention mask's ones in a padded batch, every
+    position of a flattened one (it holds no padding, and no mask)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def neftune_bound(alpha: float, length: int, hidden: int) -> float:

@@ -31,7 +31,18 @@ from pathlib import Path
 from accelerate.utils import gather_object
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from reference import checkpoints, data, lora, models, rundir, sft, steps, training_arguments
+from reference import (
+    checkpoints,
+    data,
+    distributed,
+    lora,
+    models,
+    padding_free,
+    rundir,
+    sft,
+    steps,
+    training_arguments,
+)
 from reference.errors import InputError
 from reference.hashing import sha256_of, trainable_weights_sha256
 from reference.manifest import AdapterMode, RunManifest, StepLog
@@ -52,20 +63,29 @@ def parse_columns(text: str | None) -> dict | None:
 
 
 class StepTrainer(Trainer):
-    """A Trainer that sums each optimizer step's loss and counts its real tokens, for ProgressReporter."""
+    """A Trainer that sums each optimizer step's loss and counts its real tokens, for ProgressReporter, and runs a
+    flattened (padding-free) batch's step through reference.padding_free."""
 
     window_loss = 0.0
     window_tokens = 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if "attention_mask" in inputs:  # padded
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        else:  # flattened (padding-free)
+            with padding_free.flattened_step(self, self.accelerator.unwrap_model(model), inputs["position_ids"]):
+                loss = super().training_step(model, inputs, num_items_in_batch)
         self.window_loss += float(loss)  # already scaled by the accumulation window: the sum is the step's loss
-        self.window_tokens += int(inputs["attention_mask"].sum())
+        self.window_tokens += sft.real_tokens(inputs)
         return loss
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        distributed.shard_on_the_cpu(self)  # accelerate turns FSDP on for accelerators only (reference.distributed)
+
     def take_window(self) -> tuple[float, int]:
-        """The finished step's loss and tokens; the next step counts from zero."""
-        window = self.window_loss, self.window_tokens
+        """The finished step's loss and tokens, over every process; the next step counts from zero."""
+        window = distributed.step_totals(self.accelerator, self.window_loss, self.window_tokens)
         self.window_loss, self.window_tokens = 0.0, 0
         return window
 
@@ -256,11 +276,12 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
         what_runs = {"model": manifest.model, "data": data_info, "settings": settings}
         rundir.write_or_check(output_dir, what_runs, resume)
     reporter = ProgressReporter(manifest, len(encoded), say)
+    flattened = bool(recipe.sft.get("padding_free", False))  # X11: records end to end, no padding
     trainer = StepTrainer(
         model=model,
         args=args,
         train_dataset=encoded,
-        data_collator=sft.collator(tokenizer),
+        data_collator=sft.collator(tokenizer, padding_free=flattened),
         callbacks=[reporter, checkpoints.CompletionMarker(), *callbacks],
     )
     reporter.trainer = trainer
@@ -270,7 +291,8 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     resuming = f", resuming from {resume_from.name}" if resume_from else ""
     say(
         f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
-        f"weights {weight_bytes:,} bytes, base {identity.quantization} ({identity.path}){resuming}"
+        f"weights {weight_bytes:,} bytes, base {identity.quantization} ({identity.path}), "
+        f"{'padding-free' if flattened else 'padded'} batches{resuming}"
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -303,10 +325,11 @@ def summary(manifest: RunManifest) -> dict:
 
 def save(trainer, tokenizer, manifest: RunManifest, say) -> None:
     """Adapter (or model) and tokenizer, reloadable (C16), and the manifest; on the main process only."""
+    weights = distributed.full_state_dict(trainer)  # under FSDP every process gives its shards (a collective)
     if not trainer.args.should_save:
         return
     with complete_directory(manifest.output) as partial:
-        trainer.model.save_pretrained(partial, safe_serialization=True)
+        trainer.model.save_pretrained(partial, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(partial)
     manifest.write()
     saved = "model" if manifest.adapter["mode"] is AdapterMode.NONE else "adapter"

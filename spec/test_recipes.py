@@ -181,6 +181,7 @@ def test_llm2024_recipe_holds_the_solutions_trainer_settings():
         "gradient_checkpointing": True,
         "use_cache_during_training": False,
         "loss_on": "all",
+        "padding_free": False,  # not the seed's: padded batches as the seed's SFTTrainer makes them (X11)
     }
     assert recipe.format == "alpaca-ja"
     assert recipe.quantization == {
