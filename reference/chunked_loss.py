@@ -105,8 +105,11 @@ def _chunk(hidden, weight, labels, softcap, denominator, grad_hidden, grad_weigh
         return loss
     grad = log_probs.exp_().scatter_add_(1, targets, torch.full_like(targets, -1, dtype=log_probs.dtype))
     grad.mul_(counted.unsqueeze(1) / denominator)
-    if softcap is not None:
-        grad.mul_(capped.square_().neg_().add_(1))  # 1 - t², in place of t
+    if softcap is not None:  # 1 - t², in fp32 as autograd's tanh backward computes it (in bf16 1 - t² would cancel)
+        t = capped.float() if capped.dtype != torch.float32 else capped
+        del capped
+        grad.mul_(t.square_().neg_().add_(1))  # in place of t
+        del t
     grad = grad.to(hidden.dtype)
     if grad_hidden is not None:
         grad_hidden.copy_(grad @ weight)
@@ -199,3 +202,15 @@ def use_chunked_loss(model, chunk_size: int = CHUNK_SIZE):
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
     return model
+
+
+def train_with(model, chunked: bool, device) -> str:
+    """Put this module's loss into `model` when `chunked` (use_chunked_loss) and say what computes its training
+    loss, for the run's manifest: liger's kernel on CUDA where it is installed, the chunked function otherwise, or the
+    model's own loss on the full logits."""
+    if not chunked:
+        return "the model's own (full logits)"
+    use_chunked_loss(model)
+    if str(device).startswith("cuda") and importlib.util.find_spec("liger_kernel") is not None:
+        return "liger-kernel's fused linear cross-entropy"
+    return f"chunked, {CHUNK_SIZE} tokens at a time"

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from reference import quiet
 from reference.commands import COMMANDS
 from reference.errors import InputError
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet.install()  # before any model loads: third-party noise off (reference/quiet.py)
     args = build_parser().parse_args(argv)
     try:
         check_paths(args)

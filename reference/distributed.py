@@ -35,6 +35,18 @@ import torch
 from reference.errors import InputError
 
 
+def require_processes(args) -> None:
+    """FSDP shards a model over several processes: a run that asks for it (`fsdp`) in one process is refused before
+    the model loads, with the command that starts several (the Trainer would raise a bare ValueError later)."""
+    from transformers.training_args import ParallelMode
+
+    if args.fsdp and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise InputError(
+            "fsdp: FSDP shards the model over several processes, and this is one: start it with "
+            "`torchrun --nproc_per_node N -m reference train ...`, or add fsdp=false to train in one process"
+        )
+
+
 def shard_on_the_cpu(trainer) -> bool:
     """Turn accelerate's FSDP on for a multi-process CPU run whose arguments ask for it (`fsdp`); True if done.
 

@@ -78,6 +78,8 @@ class RunManifest:
     steady_tokens_per_second: float | None = None
     train_seconds: float | None = None
     use_cache: dict = field(default_factory=dict)
+    loss: str | None = None
+    """What computed the training loss: reference.chunked_loss.train_with's answer (`[sft] chunked_loss`)."""
     adapter: dict = field(default_factory=dict)
     """{"mode": AdapterMode, ...}: r and lora_alpha of a created adapter, path and SHA-256 of a loaded one."""
     resumed_from: str | None = None

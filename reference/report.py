@@ -47,6 +47,10 @@ def run_summary(record, root: Path) -> dict:
         "manifest": relative(Path(record.output) / "manifest.json", root),
         "adapter": {k: (relative(v, root) if k == "path" else v) for k, v in record.adapter.items()},
         "trainable_parameters": record.trainable_parameters,
+        "all_parameters": record.all_parameters,
+        "max_seq_length": record.data.get("max_seq_length"),
+        "batches": "padding-free" if record.settings.get("sft", {}).get("padding_free") else "padded",
+        "loss_computed": record.loss,
         "plan": plan_summary(record.step_plan, record.data["records"]),
         "learning_rate": settings.get("learning_rate"),
         "losses": [step["loss"] for step in record.steps],
@@ -137,7 +141,21 @@ def _run_lines(run: dict) -> list[str]:
         f"- adapter {mode}, {run['trainable_parameters']:,} trainable weights; loss {losses[0]:.3f} at step 1, "
         f"{losses[-1]:.3f} at step {len(losses)}",
         f"- {run['train_seconds']:.1f} s of training, {run['steady_tokens_per_second'] or 0:,.0f} tokens/s after "
-        f"the first step; manifest: `{run['manifest']}`",
+        f"the first step ({run['batches']} batches; loss: {run['loss_computed']}); manifest: `{run['manifest']}`",
+    ]
+
+
+def _outputs_caveat(summary: dict) -> list[str]:
+    """What the outputs can and cannot show, in numbers: the model's size, its training, the prompts' length."""
+    sft, prompts = summary["sft"], [a["prompt_tokens"] for a in summary["outputs"]]
+    if not prompts:
+        return []
+    return [
+        f"Read these as the pipeline at work, not as answers: the model has {sft['all_parameters']:,} weights, "
+        f"trained {len(sft['losses'])} steps on generated text within a {sft['max_seq_length']}-token window, and "
+        f"these prompts hold {min(prompts):,} to {max(prompts):,} tokens (the retrieved examples); a model this "
+        "small and briefly trained repeats itself. With a real model and data the same stage gives real answers.",
+        "",
     ]
 
 
@@ -203,6 +221,7 @@ def markdown(summary: dict) -> str:
             for a in summary["outputs"]
         ],
         "",
+        *_outputs_caveat(summary),
         *_routes_section(summary),
         "## 6. Training loss per step",
         "",

@@ -29,23 +29,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 from accelerate.utils import gather_object
-from transformers import PrinterCallback, Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer
 
 from reference import (
     checkpoints,
+    chunked_loss,
     data,
     distributed,
     lora,
     models,
     padding_free,
+    progress,
     rundir,
     sft,
-    steps,
     training_arguments,
 )
 from reference.errors import InputError
 from reference.hashing import sha256_of, trainable_weights_sha256
-from reference.manifest import AdapterMode, RunManifest, StepLog
+from reference.manifest import AdapterMode, RunManifest
 from reference.paths import complete_directory
 
 CHECKPOINTS = "checkpoints"
@@ -88,70 +89,6 @@ class StepTrainer(Trainer):
         window = distributed.step_totals(self.accelerator, self.window_loss, self.window_tokens)
         self.window_loss, self.window_tokens = 0.0, 0
         return window
-
-
-class ProgressReporter(TrainerCallback):
-    """Says the step plan when training starts (again, after an out-of-memory retry) and one line per
-    optimizer step, and keeps each step's StepLog in the manifest."""
-
-    def __init__(self, manifest: RunManifest, records: int, say):
-        self.manifest, self.records, self.say = manifest, records, say
-        self.trainer: StepTrainer | None = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        batch = state.train_batch_size or args.per_device_train_batch_size
-        attempts = self.manifest.batch_size_attempts
-        if attempts and attempts[-1] != batch:
-            self.say(f"out of memory at batch size {attempts[-1]}: auto_find_batch_size retries with {batch}")
-        attempts.append(batch)
-        plan = steps.plan(steps.settings_from_training_arguments(args, self.records, batch))
-        self.manifest.step_plan = plan.to_dict()
-        self.manifest.steps.clear()
-        self.say(
-            f"step plan: batch {batch} x accumulation {args.gradient_accumulation_steps} x {args.world_size} "
-            f"process(es) = {plan.effective_batch_size} records per step; {plan.total_optimizer_steps} steps "
-            f"over {plan.epochs_run} epoch(s), warmup {plan.warmup_steps}"
-        )
-        if plan.warmup_warning():
-            self.say(plan.warmup_warning())
-        use_cache = getattr(model.config, "use_cache", None) if model is not None else None
-        self.manifest.use_cache["during_training"] = use_cache
-        self.last = time.perf_counter()
-
-    def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
-        self.learning_rate = lr_scheduler.get_last_lr()[0]  # the rate this step's update uses
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        seconds, self.last = now - self.last, now
-        loss, tokens = self.trainer.take_window()
-        log = StepLog(
-            step=state.global_step,
-            epoch=round(state.epoch or 0.0, 4),
-            loss=loss,
-            learning_rate=self.learning_rate,
-            tokens=tokens,
-            seconds=seconds,
-            tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
-        )
-        self.manifest.steps.append(asdict(log))
-        if log.step == 1:
-            self.manifest.warmup_step_seconds = seconds  # allocation and warm-up: not in the steady rate
-        else:
-            steady = self.manifest.steps[1:]
-            steady_seconds = max(sum(s["seconds"] for s in steady), 1e-9)
-            self.manifest.steady_tokens_per_second = sum(s["tokens"] for s in steady) / steady_seconds
-        self.say(self.progress_line(log, state.epoch))
-
-    def progress_line(self, log: StepLog, epoch: float) -> str:
-        """`epoch 1/1 step 2/4 loss 5.1234 lr 0.0015 900 tok/s (steady 900 tok/s)`; step 1 says warm-up."""
-        total, epochs = self.manifest.step_plan["total_optimizer_steps"], self.manifest.step_plan["epochs_run"]
-        epoch_number = min(int(epoch - 1e-9) + 1, epochs)  # state.epoch 1.0 is the end of the first epoch
-        where = f"epoch {epoch_number}/{epochs} step {log.step}/{total} loss {log.loss:.4f}"
-        if log.step == 1:
-            return f"{where} - first step {log.seconds:.2f} s (warm-up, not in the steady rate)"
-        rate = self.manifest.steady_tokens_per_second
-        return f"{where} lr {log.learning_rate:.3g} {log.tokens_per_second:,.0f} tok/s (steady {rate:,.0f} tok/s)"
 
 
 def stderr_line(text: str) -> None:
@@ -245,6 +182,7 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
     args = training_arguments.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
+    distributed.require_processes(args)
     settings = training_arguments.resolved_settings(recipe, str(checkpoint_dir), args=args)
     tokenizer = lora.load_tokenizer(directory, adapter)  # a continued adapter's own tokenizer, if it saved one
     if tokenizer.pad_token_id is None:
@@ -259,6 +197,7 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
         recipe, directory, str(args.device), checkpointing, dtype, adapter, say
     )
     trainable, total = lora.count_trainable(model)
+    loss = chunked_loss.train_with(model, bool(recipe.sft.get("chunked_loss", False)), args.device)
 
     manifest = RunManifest(
         settings=settings,
@@ -271,11 +210,12 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
         adapter=adapter_info,
         resumed_from=str(resume_from) if resume_from else None,
         output=str(Path(output_dir).resolve()),
+        loss=loss,
     )
     if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
         what_runs = {"model": manifest.model, "data": data_info, "settings": settings}
         rundir.write_or_check(output_dir, what_runs, resume)
-    reporter = ProgressReporter(manifest, len(encoded), say)
+    reporter = progress.ProgressReporter(manifest, len(encoded), say)
     flattened = bool(recipe.sft.get("padding_free", False))  # X11: records end to end, no padding
     trainer = StepTrainer(
         model=model,
@@ -292,7 +232,7 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     say(
         f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
         f"weights {weight_bytes:,} bytes, base {identity.quantization} ({identity.path}), "
-        f"{'padding-free' if flattened else 'padded'} batches{resuming}"
+        f"{'padding-free' if flattened else 'padded'} batches, loss {loss}{resuming}"
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

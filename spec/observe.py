@@ -39,7 +39,8 @@ class Observed:
         self.arguments: dict = {}
         """trainer.args.to_dict() as the Trainer was handed them."""
         self.step_tokens: list[list[int]] = []
-        """Per optimizer step, attention_mask.sum() of each micro-batch the model was fed in that step."""
+        """Per optimizer step, the real tokens of each micro-batch the model was fed in that step: attention_mask.sum()
+        of a padded one, every position of a flattened (padding-free) one."""
         self.padded_micro_batches = 0
         """Micro-batches with at least one padding position (attention_mask 0)."""
 
@@ -52,9 +53,11 @@ class Observed:
         observed, window = self, []
 
         def count(module, args, kwargs):
-            mask = kwargs.get("attention_mask")
-            if module.training and mask is not None and observed.counting:
-                window.append(int(mask.sum()))
+            if not (module.training and observed.counting):
+                return
+            mask = kwargs.get("attention_mask")  # None: a flattened (padding-free) row, every position real
+            window.append(int(mask.sum()) if mask is not None else kwargs["input_ids"].numel())
+            if mask is not None:
                 observed.padded_micro_batches += int(bool((mask == 0).any()))
 
         self.counting = False

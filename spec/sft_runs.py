@@ -31,8 +31,10 @@ RUN = [
     "logging_steps=1",
     "learning_rate=2e-3",
     "sft.max_seq_length=64",
+    "sft.padding_free=false",
 ]
-"""By hand: 24 records / batch 2 = 12 micro-batches an epoch, 6 optimizer steps at accumulation 2; max_steps 4
+"""Padded batches, so the runs show padding masked out (the padding-free layout: spec/test_padding_free.py).
+By hand: 24 records / batch 2 = 12 micro-batches an epoch, 6 optimizer steps at accumulation 2; max_steps 4
 stops inside the first epoch after 8 micro-batches (16 records). Checkpoints at steps 2 and 4."""
 QUANTIZATION = {"nf4": load_recipe("llm2024").quantization, "int8": {"load_in_8bit": True}, "bf16": {}, "full": {}}
 IDS = torch.tensor([[2, 100, 200, 300, 400, 500, 600, 700]])

@@ -279,6 +279,47 @@ def test_training_on_the_chunked_loss_lowers_the_loss_and_moves_only_the_lora_we
     assert changed == lora and lora
 
 
+def recipe_run(directory, data, output, chunked: bool):
+    """reference.train.run on llm2024 cut to spec/observe.py's SHORT, in fp32 (no bf16 rounding between the two),
+    as the recipe says or with `sft.chunked_loss=false`; (manifest, whether each training forward gave logits)."""
+    from reference import train
+    from reference.recipes import apply_overrides, load_recipe
+    from spec.observe import QA_COLUMNS, SHORT
+
+    fp32 = ["bf16=false", "quantization.bnb_4bit_compute_dtype=float32"]
+    recipe = apply_overrides(load_recipe("llm2024"), [*SHORT, *fp32, f"sft.chunked_loss={str(chunked).lower()}"])
+    gave_logits = []
+
+    def watch(trainer):
+        def hook(module, args, kwargs, output):
+            if module.training:
+                gave_logits.append(output.logits is not None)
+
+        trainer.model.register_forward_hook(hook, with_kwargs=True)
+
+    manifest = train.run(
+        recipe, str(directory), str(data), str(output), QA_COLUMNS, lambda line: None, before_train=watch
+    )
+    return manifest, gave_logits
+
+
+@pytest.mark.slow
+@pytest.mark.claim("P3")
+def test_the_recipes_train_on_the_chunked_loss_to_the_per_step_losses_of_the_models_own(fixtures_dir, tmp_path):
+    """llm2024 says `chunked_loss = true`: its training forwards return no logits (none were made) and the
+    manifest names the chunked loss; with `sft.chunked_loss=false` every training forward makes the full logits.
+    The per-step losses are the same to fp32 rounding (NF4 base, NEFTune, padding-free rows: rtol 1e-5)."""
+    tiny, data = fixtures_dir / "models" / "tiny-gemma2", fixtures_dir / "data" / "qa111_sample.jsonl"
+    chunked, chunked_logits = recipe_run(tiny, data, tmp_path / "chunked", chunked=True)
+    own, own_logits = recipe_run(tiny, data, tmp_path / "own", chunked=False)
+
+    assert chunked_logits and not any(chunked_logits) and own_logits and all(own_logits)
+    assert chunked.loss.startswith("chunked, 256 tokens") and own.loss == "the model's own (full logits)"
+    losses = [[step["loss"] for step in run.steps] for run in (chunked, own)]
+    assert len(losses[0]) == 4
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 def test_on_cuda_liger_kernels_fused_linear_cross_entropy_gives_the_models_own_loss_and_gradients(fixtures_dir):
     """On CUDA with liger-kernel installed, `use_chunked_loss` goes through liger's fused kernel (its own fp32

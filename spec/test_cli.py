@@ -36,7 +36,7 @@ from spec.adapters import (
     max_difference,
     trained_b,
 )
-from spec.cli_runner import QA, offline_env, run_cli, run_main
+from spec.cli_runner import QA, cli_command, offline_env, run_cli, run_main
 
 # --- steps (P9, P10, L4): its flags are StepSettings' fields ---
 
@@ -163,6 +163,20 @@ def test_the_merge_command_dequantises_an_nf4_base_and_prints_what_it_merged(sav
     assert summary["base_quantization"] == "nf4" and summary["merged"] == str(output.resolve())
     model, identity = models.load_causal_lm(output, dtype="bfloat16")
     assert identity.quantization == "none" and model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_a_command_logging_to_a_pipe_draws_no_weight_loading_bars_and_no_kernels_hint(
+    saved_adapter, tiny_gemma2_dir, tmp_path
+):
+    """Every command installs reference.quiet first (cli.main): with stderr a pipe, as a log file is, `merge` of an
+    NF4 base loads two models and its stderr holds no "Loading weights" bar and no `pip install kernels` advice
+    (spec/test_reproduce.py shows the bar appears in the same pipe without it)."""
+    command = cli_command("merge", "--model", tiny_gemma2_dir, "--adapter", saved_adapter, "--output", tmp_path / "m")
+    env = {k: v for k, v in offline_env().items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Loading weights" not in done.stderr and "pip install kernels" not in done.stderr
 
 
 class OpensAFile:

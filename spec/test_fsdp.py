@@ -53,7 +53,7 @@ from reference import checkpoints, models
 from reference.recipes import load_recipe
 from reference.training_arguments import resolved_settings, run_arguments
 from spec.adapters import adapter_tensors, trained_b
-from spec.cli_runner import QA, cli_command, offline_env
+from spec.cli_runner import QA, cli_command, offline_env, run_cli
 from spec.test_cli import torchrun_failure
 
 SAME_STEPS = ["num_train_epochs=1", "gradient_accumulation_steps=2", "warmup_steps=0", "learning_rate=2e-3"]
@@ -227,6 +227,21 @@ def test_the_fsdp_recipe_asks_for_fsdp2_and_stores_its_4bit_weights_in_the_compu
     assert quantization["bnb_4bit_quant_storage"] == quantization["bnb_4bit_compute_dtype"] == "bfloat16"
     bnb_4bit = {k: v for k, v in quantization.items() if k.startswith("bnb_4bit")}
     assert models.bnb_config("nf4", bnb_4bit).bnb_4bit_quant_storage is torch.bfloat16
+
+
+@pytest.mark.claim("X10")
+def test_the_fsdp_recipe_in_one_process_is_refused_before_the_model_loads_naming_torchrun(tmp_path, fixtures_dir):
+    """Without torchrun there is one process and nothing to shard over: exit 2 with the command that starts
+    several (the Trainer would raise a bare ValueError once the model is loaded), and no run written."""
+    data = fixtures_dir / "data" / "qa111_sample.jsonl"
+    model = fixtures_dir / "models" / "tiny-gemma2"
+    code, _, err = run_cli(
+        "train", "--recipe", "llm2024-fsdp", "--model", model, "--data", data, *QA, "--output", tmp_path / "run"
+    )
+    assert code == 2, err
+    assert "fsdp: FSDP shards the model over several processes" in err and "torchrun --nproc_per_node" in err
+    assert "Traceback" not in err and "Loading weights" not in err
+    assert not (tmp_path / "run" / "manifest.json").exists()
 
 
 @pytest.mark.claim("X8")

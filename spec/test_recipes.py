@@ -74,7 +74,7 @@ def test_primer_recipe_holds_every_argument_of_the_primer_example():
     """Nothing is dropped: each argument is in the recipe or in its departures with the source's value."""
     recipe = load_recipe("primer")
     assert as_written_in_source(recipe) == PRIMER_ARGUMENTS
-    assert set(recipe.departures) == {"push_to_hub", "report_to"}
+    assert set(recipe.departures) == {"push_to_hub"}  # report_to="tensorboard" is kept: a dependency
 
 
 @pytest.mark.claim("P7")
@@ -181,7 +181,8 @@ def test_llm2024_recipe_holds_the_solutions_trainer_settings():
         "gradient_checkpointing": True,
         "use_cache_during_training": False,
         "loss_on": "all",
-        "padding_free": False,  # not the seed's: padded batches as the seed's SFTTrainer makes them (X11)
+        "padding_free": True,  # not the seed's: records end to end, no padding computed (X11)
+        "chunked_loss": True,  # not the seed's: the same loss, never the full logits (P3)
     }
     assert recipe.format == "alpaca-ja"
     assert recipe.quantization == {

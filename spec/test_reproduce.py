@@ -140,6 +140,19 @@ def test_the_outputs_are_non_empty_and_shown_beside_their_tasks(job):
         assert task["input"] in line and " ".join(row["output"].split())[:100] in line
 
 
+@pytest.mark.slow
+@pytest.mark.claim("M1", "M3")
+def test_the_report_says_what_outputs_of_a_model_this_small_can_show(job):
+    """Beside the outputs, the numbers that explain them: the model's weights (the SFT manifest's count), the
+    128-token window it trained within (the job's sft.max_seq_length) and the prompts' lengths (summary.json)."""
+    summary = json.loads((job.dir / "summary.json").read_text(encoding="utf-8"))
+    prompts = [answer["prompt_tokens"] for answer in summary["outputs"]]
+    weights = json.loads((job.dir / "sft" / "manifest.json").read_text(encoding="utf-8"))["all_parameters"]
+    assert "sft.max_seq_length=128" in reproduce.Pipeline().overrides
+    assert f"the model has {weights:,} weights" in job.report and "within a 128-token window" in job.report
+    assert f"these prompts hold {min(prompts):,} to {max(prompts):,} tokens" in job.report
+
+
 # ---------------------------------------------------------------- M2: seed 000's routes measured
 
 
@@ -325,7 +338,6 @@ def test_report_to_tensorboard_writes_event_files_in_the_run_directory(tmp_path,
     land under the run directory (output_dir/runs/...), and TensorBoard's reader finds one train/loss value
     per logged step (logging_steps=1: steps 1 to 4), each the step's loss of the manifest (the Trainer
     rounds its logged loss to 4 decimals)."""
-    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     recipe = apply_overrides(load_recipe("llm2024"), [*SHORT, "report_to=tensorboard"])

@@ -35,9 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import quiet
-
-    quiet.install()
     from reference import recipes, reproduce
 
     pipeline = reproduce.Pipeline()
