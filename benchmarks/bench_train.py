@@ -257,7 +257,8 @@ def compare_paths(rounds: int, steps: int, threads: int | None, variants=PATHS, 
         "model": {k: config[k] for k in ("model_type", "vocab_size", *train_paths.SMALL_GEMMA2)},
         "lora": {"r": 64, "lora_alpha": 64, "target_modules": train_paths.SEVEN_PROJECTIONS},
         "settings": "llm2024 recipe: batch 4, accumulation 1, max_seq_length 2048, gradient checkpointing, "
-        "adamw_8bit, lr 2e-4 linear, NEFTune alpha 5, seed 3407; fp32 and no NF4 unless the variant says so",
+        "adamw_8bit, lr 2e-4 linear, NEFTune alpha 5, seed 3407; fp32 and no NF4 unless the variant says so; "
+        "the project's paths with the recipe's chunked LM-head loss (sft.chunked_loss), trl with its own",
         "records": len(records),
         "record_tokens": {"min": lengths[0], "median": statistics.median(lengths), "max": lengths[-1]},
         "tokens_per_step": [s["tokens"] for s in runs[0]["steps"]],

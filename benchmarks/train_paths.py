@@ -7,7 +7,8 @@ VARIANT (PATH with its compute dtype and base) is one of VARIANTS:
                  and response, EOS after a non-empty response), max_length 2048, no packing, its padded batches; the
                  llm2024 recipe's TrainingArguments exactly as the project maps them (one object, both sides); LoRA
                  r=64 alpha 64 dropout 0 on the seven projections from peft with seed 3407;
-  padded         the project's `train.run` on the same recipe and records, `sft.padding_free=false`;
+  padded         the project's `train.run` on the same recipe and records, `sft.padding_free=false` (the recipe's
+                 chunked LM-head loss, reference/chunked_loss.py, as on every project path);
   padding-free   the same with `sft.padding_free=true` (reference.sft, reference.padding_free);
   padded-bf16    padded with the recipe's bf16 (bf16 base weights and bf16 autocast) where the others compute fp32;
   nf4-bf16, nf4-fp32  padded on the recipe's NF4 base, bnb_4bit_compute_dtype and autocast bf16, or fp32.

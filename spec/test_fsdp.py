@@ -229,6 +229,7 @@ def test_the_fsdp_recipe_asks_for_fsdp2_and_stores_its_4bit_weights_in_the_compu
     assert models.bnb_config("nf4", bnb_4bit).bnb_4bit_quant_storage is torch.bfloat16
 
 
+@pytest.mark.slow
 @pytest.mark.claim("X10")
 def test_the_fsdp_recipe_in_one_process_is_refused_before_the_model_loads_naming_torchrun(tmp_path, fixtures_dir):
     """Without torchrun there is one process and nothing to shard over: exit 2 with the command that starts
