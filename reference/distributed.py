@@ -21,9 +21,10 @@ weights out of the sharding (a uint8 Params4bit does not survive fully_shard's c
 process keeps them whole. ``bnb_4bit_quant_storage = "bfloat16"``, the dtype of the rest of each layer, packs
 them into bf16 storage, and they shard with the layer (reference/recipes/llm2024-fsdp.toml).
 
-Not handled: FSDP1 (``fsdp_config.version = 1``, deprecated in transformers 5) on the CPU; FSDP's own
-``fsdp_config.activation_checkpointing`` with an adapter (its wrapper renames the layers and peft 0.21 then
-saves an empty adapter; the recipe's gradient checkpointing works); bitsandbytes' 8-bit optimizers (they
+Refused (`check_arguments`): FSDP's own ``fsdp_config.activation_checkpointing`` with an adapter (its wrapper
+renames the layers and peft 0.21 then saves an empty adapter; the recipe's gradient checkpointing works), and FSDP
+in one process. Not handled: FSDP1 (``fsdp_config.version = 1``, deprecated in transformers 5) on the CPU;
+bitsandbytes' 8-bit optimizers (they
 cannot step sharded weights); ``SHARDED_STATE_DICT`` checkpoints; resuming a sharded run (not tested); XLA
 FSDP; tensor, sequence or context parallelism.
 """
@@ -35,12 +36,21 @@ import torch
 from reference.errors import InputError
 
 
-def require_processes(args) -> None:
-    """FSDP shards a model over several processes: a run that asks for it (`fsdp`) in one process is refused before
-    the model loads, with the command that starts several (the Trainer would raise a bare ValueError later)."""
+def check_arguments(args, adapter: bool) -> None:
+    """Before the model loads, refuse what FSDP cannot run: FSDP's own activation checkpointing with an adapter (peft
+    0.21 would save an empty adapter; the Trainer's `activation_checkpointing` works), and a run in one process
+    (there is nothing to shard over; the Trainer would raise a bare ValueError later), naming the command that
+    starts several."""
     from transformers.training_args import ParallelMode
 
-    if args.fsdp and args.parallel_mode != ParallelMode.DISTRIBUTED:
+    if not args.fsdp:
+        return
+    if adapter and args.fsdp_config.get("activation_checkpointing"):
+        raise InputError(
+            "fsdp_config activation_checkpointing with a LoRA adapter: FSDP's checkpoint wrapper renames the layers "
+            "and peft then saves an empty adapter; use the Trainer's activation_checkpointing=true instead"
+        )
+    if args.parallel_mode != ParallelMode.DISTRIBUTED:
         raise InputError(
             "fsdp: FSDP shards the model over several processes, and this is one: start it with "
             "`torchrun --nproc_per_node N -m reference train ...`, or add fsdp=false to train in one process"
@@ -64,7 +74,8 @@ def shard_on_the_cpu(trainer) -> bool:
     plugin = FullyShardedDataParallelPlugin(**settings)
     if plugin.activation_checkpointing and trainer.args.activation_checkpointing:
         raise InputError(
-            "fsdp_config activation_checkpointing and activation_checkpointing are both on: keep one (FSDP's own)"
+            "fsdp_config activation_checkpointing and activation_checkpointing are both on: keep one (FSDP's own for "
+            "full fine-tuning, the Trainer's with an adapter)"
         )
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)

@@ -5,6 +5,10 @@
   from kernels-community ... Please make sure you already `pip install kernels`". Nothing is missing: it
   falls back to its own kernel, and with no hub the install would not help. A filter on that logger drops
   this one message and nothing else.
+* transformers, for an FSDP run with `activation_checkpointing`, advises FSDP's own `fsdp_config` checkpointing
+  instead. With an adapter that advice breaks the run (FSDP's checkpoint wrapper renames the layers, and peft 0.21
+  then saves an empty adapter), so the project keeps the Trainer's checkpointing and refuses FSDP's with an adapter
+  (reference/distributed.py); the advice is dropped, and nothing else of that logger.
 * Weight-loading progress bars ("Loading weights: 100%|...") when stderr is not a terminal: in a log file
   or a pipe they are carriage-return clutter. In a terminal they stay. HF_HUB_DISABLE_PROGRESS_BARS, when
   the user set it, is left as it is.
@@ -21,6 +25,10 @@ import sys
 
 KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
 KERNELS_HINT = "Failed to load CPU gemm_4bit_forward"
+FSDP_LOGGER = "transformers.training_args"
+FSDP_CHECKPOINTING_HINT = "When using FSDP, prefer `fsdp_config['activation_checkpointing']`"
+POINTLESS = {KERNELS_LOGGER: KERNELS_HINT, FSDP_LOGGER: FSDP_CHECKPOINTING_HINT}
+"""Per logger, the start of the one message of it that is dropped."""
 
 
 class DropMessage(logging.Filter):
@@ -36,9 +44,10 @@ class DropMessage(logging.Filter):
 
 def install(stream=None) -> None:
     """Silence the messages above; `stream` is where progress would go (default: stderr)."""
-    logger = logging.getLogger(KERNELS_LOGGER)
-    if not any(isinstance(f, DropMessage) and f.prefix == KERNELS_HINT for f in logger.filters):
-        logger.addFilter(DropMessage(KERNELS_HINT))
+    for name, prefix in POINTLESS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(DropMessage(prefix))
     if (stream or sys.stderr).isatty() or "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
         return
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported

@@ -182,7 +182,7 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
     args = training_arguments.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
-    distributed.require_processes(args)
+    distributed.check_arguments(args, adapter=adapter is not None or bool(recipe.lora))
     settings = training_arguments.resolved_settings(recipe, str(checkpoint_dir), args=args)
     tokenizer = lora.load_tokenizer(directory, adapter)  # a continued adapter's own tokenizer, if it saved one
     if tokenizer.pad_token_id is None:

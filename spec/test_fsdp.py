@@ -49,7 +49,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from reference import checkpoints, models
+from reference import checkpoints, distributed, models
+from reference.errors import InputError
 from reference.recipes import load_recipe
 from reference.training_arguments import resolved_settings, run_arguments
 from spec.adapters import adapter_tensors, trained_b
@@ -243,6 +244,25 @@ def test_the_fsdp_recipe_in_one_process_is_refused_before_the_model_loads_naming
     assert "fsdp: FSDP shards the model over several processes" in err and "torchrun --nproc_per_node" in err
     assert "Traceback" not in err and "Loading weights" not in err
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+@pytest.mark.claim("X10")
+def test_fsdps_own_activation_checkpointing_with_an_adapter_is_refused_before_the_model_loads(tmp_path):
+    """With a LoRA adapter FSDP's checkpoint wrapper renames the layers and peft 0.21 saves an empty adapter: the
+    recipe keeps the Trainer's activation_checkpointing, and asking for FSDP's is refused, naming the setting; full
+    fine-tuning (no adapter) may use it."""
+    recipe = load_recipe("llm2024-fsdp")
+    recipe.training_arguments["fsdp_config"] = {
+        **recipe.training_arguments["fsdp_config"],
+        "activation_checkpointing": True,
+    }
+    args = run_arguments(recipe, str(tmp_path))
+    with pytest.raises(InputError, match="fsdp_config activation_checkpointing with a LoRA adapter"):
+        distributed.check_arguments(args, adapter=True)
+    with pytest.raises(
+        InputError, match="FSDP shards the model over several processes"
+    ):  # full fine-tuning: next check
+        distributed.check_arguments(args, adapter=False)
 
 
 @pytest.mark.claim("X8")

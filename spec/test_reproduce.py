@@ -357,24 +357,31 @@ def test_report_to_tensorboard_writes_event_files_in_the_run_directory(tmp_path,
     assert [e.value for e in losses] == pytest.approx([round(s["loss"], 4) for s in record.steps], abs=1e-4)
 
 
-def test_the_kernels_install_hint_of_bitsandbytes_is_dropped_and_nothing_else(caplog):
-    """The message bitsandbytes logs on a CPU with AVX512-BF16 when the optional `kernels` package cannot
-    fetch its kernel (it falls back to its own): dropped. Another warning of the same logger, and the
-    project's own, still show."""
+POINTLESS_ADVICE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make "
+    "sure you already `pip install kernels` and the kernels >= 0.11.1",
+    "transformers.training_args": "When using FSDP, prefer `fsdp_config['activation_checkpointing']` (FSDP's own "
+    "activation checkpointing) over the `activation_checkpointing` training argument; %s",
+}
+"""The messages as bitsandbytes 0.50 and transformers 5.23 log them."""
+
+
+@pytest.mark.parametrize("logger", list(POINTLESS_ADVICE))
+def test_third_party_advice_that_would_not_help_is_dropped_and_nothing_else(caplog, logger):
+    """bitsandbytes' `pip install kernels` hint on a CPU with AVX512-BF16 (it falls back to its own kernel, and
+    there is no hub to fetch one from) and transformers' advice to use FSDP's own checkpointing (with an adapter it
+    saves an empty one, reference/distributed.py): dropped. Another warning of the same logger, and the project's
+    own, still show."""
     import logging
 
     from reference import quiet
 
     quiet.install()
-    hint = (
-        "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
-        "`pip install kernels` and the kernels >= 0.11.1"
-    )
     with caplog.at_level(logging.WARNING):
-        logging.getLogger(quiet.KERNELS_LOGGER).warning(hint, "no network")
-        logging.getLogger(quiet.KERNELS_LOGGER).warning("another bitsandbytes warning")
+        logging.getLogger(logger).warning(POINTLESS_ADVICE[logger], "...")
+        logging.getLogger(logger).warning("another warning of that logger")
         logging.getLogger("reference").warning("the project's own warning")
-    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning", "the project's own warning"]
+    assert [r.getMessage() for r in caplog.records] == ["another warning of that logger", "the project's own warning"]
 
 
 @pytest.mark.slow
