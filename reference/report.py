@@ -212,7 +212,8 @@ def markdown(summary: dict) -> str:
         "## 4. Outputs (`output.jsonl`)",
         "",
         "The SFT model's answers with the seed's generation settings (greedy, repetition penalty 1.1, banned "
-        "words), each prompt holding the most similar QA111 examples:",
+        f"words; {summary['pipeline']['batch_size']} tasks per batch, the outputs of one at a time), each prompt "
+        "holding the most similar QA111 examples:",
         "",
         "| task | input | output |",
         "|---|---|---|",

@@ -244,6 +244,7 @@ def test_generate_command_reports_each_prompt_over_the_window_and_writes_one_out
     assert [line for line in result.stderr.splitlines() if line.startswith("task ")] == expected
     rows = [json.loads(line) for line in (tmp_path / "output.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["task_id"] for r in rows] == [0, 1, 2, 3] and all(isinstance(r["output"], str) for r in rows)
+    assert json.loads(result.stdout)["settings"]["batch_size"] == 8  # the default: batched, the seed's outputs
 
 
 @pytest.mark.claim("C19")
