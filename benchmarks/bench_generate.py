@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import device_info, random_model_dir, shape_config, sync  # noqa: E402
-from benchmarks.record import report  # noqa: E402
+from benchmarks.record import SMALL_GEMMA2, report  # noqa: E402
 from reference.shapes import GEMMA2_COMMON  # noqa: E402
 
 
@@ -136,16 +136,7 @@ def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device:
     }
 
 
-CPU_SHAPE = {
-    **GEMMA2_COMMON,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "query_pre_attn_scalar": 64,
-}
+CPU_SHAPE = {**GEMMA2_COMMON, **SMALL_GEMMA2}
 """Gemma-2's layout (GQA, soft-capping, tied embeddings) and its 256,000-token vocabulary at a width and depth
 a shared 2-core CPU runs in minutes: 69.5M parameters, 65.5M of them the embedding that is also the LM head."""
 

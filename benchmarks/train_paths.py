@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import SMALL_GEMMA2  # noqa: E402  (with the fixture tokenizer's vocabulary here)
+
 VARIANTS = {  # name: (path, bf16, nf4)
     "trl": ("trl", False, False),
     "padded": ("padded", False, False),
@@ -50,17 +52,6 @@ VARIANTS = {  # name: (path, bf16, nf4)
 }
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENIZER = ROOT / "fixtures" / "models" / "tiny-gemma2"
-SMALL_GEMMA2 = {
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "query_pre_attn_scalar": 64,
-}
-"""Gemma-2's architecture (reference.shapes.GEMMA2_COMMON: soft-capping, sliding window, GQA, tied head) at a size
-this CPU trains in seconds a step, with the fixture tokenizer's vocabulary, the one the records are measured in."""
 
 
 def small_model(directory: Path) -> Path:
