@@ -163,7 +163,7 @@ def causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> torch.Tensor:
-    """A `*ForCausalLM`'s training loss from the decoder's output `model.model(...).last_hidden_state`, with the
+    """A `*ForCausalLM`'s training loss from the decoder's output `model.base_model(...).last_hidden_state`, with the
     model's LM head and soft cap; `labels` are shifted here, `shift_labels` (padding-free collators) are not."""
     targets = next_token_labels(labels) if shift_labels is None else shift_labels
     weight = model.get_output_embeddings().weight
@@ -190,7 +190,7 @@ def use_chunked_loss(model, chunk_size: int = CHUNK_SIZE):
             return own_forward(self, *args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        outputs = self.model(*args, **kwargs)  # input_ids, attention_mask, ... as the class's forward passes them
+        outputs = self.base_model(*args, **kwargs)  # the decoder (`model` in Gemma-2 and Llama), as forward calls it
         loss = causal_lm_loss(self, outputs.last_hidden_state, labels, shift_labels, num_items_in_batch, chunk_size)
         return CausalLMOutputWithPast(
             loss=loss,
