@@ -7,10 +7,11 @@ What a run does, in order (seed 001 §2.2.2 for the llm2024 recipe):
    one TrainingArguments the Trainer gets; the manifest records that object's to_dict() (X8);
 2. read the records and encode them (reference.sft: the recipe's format, labels, max_seq_length);
 3. load the base (quantised as the recipe says), attach a fresh LoRA adapter or load a saved one trainable
-   (none: full fine-tuning), say which, and refuse a model with nothing to train (A2);
-4. train with `use_cache` off (the run's `use_cache=False`, which the Trainer puts on the model's config: a
-   cache is useless, and wasteful, while checkpointing a training pass), then turn it back on for generation
-   (C15);
+   (none: full fine-tuning), say which, and refuse a model with nothing to train (A2); with `[sft] chunked_loss`
+   its training loss is computed a chunk of tokens at a time, never the full logits (reference.chunked_loss);
+4. train on padded or padding-free batches (`[sft] padding_free`, X11: reference.sft, reference.padding_free)
+   with `use_cache` off (the run's `use_cache=False`, which the Trainer puts on the model's config: a cache is
+   useless, and wasteful, while checkpointing a training pass), then turn it back on for generation (C15);
 5. save adapter and tokenizer to the output directory, which reloads (C16), and `manifest.json`
    (reference.manifest.RunManifest): resolved settings, versions, data and model hashes, the step plan,
    per-step loss and tokens/s (X2).
