@@ -4,7 +4,9 @@ Mapping onto the installed transformers is explicit:
 * an argument renamed or removed upstream is migrated only by a rule written here (``warmup_ratio``
   becomes a fractional ``warmup_steps`` in transformers 5, which reads values below 1 as a fraction;
   ``gradient_checkpointing`` becomes ``activation_checkpointing``), and every migration is reported;
-* any other argument the installed ``TrainingArguments`` lacks is an error naming it and the version;
+* any other argument the installed ``TrainingArguments`` lacks is an error naming it and the version, and
+  each argument is of its field's type and in its range (``reference/settings_types.py``, which also holds
+  the renames, ``RENAMES``, and the removals' hints);
 * arguments this machine cannot honour (``tf32`` without an Ampere GPU, ``bf16`` without CUDA needs
   ``use_cpu``) are adapted and reported, never dropped silently;
 * an access token (``hub_token=...``) is withheld from the Trainer's arguments, and that is reported: this
@@ -30,19 +32,7 @@ import transformers
 
 from reference.errors import InputError
 from reference.recipes import REDACTED, Recipe, is_secret, redacted
-
-# Upstream renames: applied (and reported) only when the installed TrainingArguments has the new name.
-RENAMES = {
-    "gradient_checkpointing": "activation_checkpointing",
-    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
-    "evaluation_strategy": "eval_strategy",
-}
-# Upstream removals without a rule: an error with this hint.
-REMOVED_HINTS = {
-    "logging_dir": "removed in transformers 5: TensorBoard files go under output_dir; drop the key "
-    "(or record it under [departures])",
-    "overwrite_output_dir": "removed in transformers 5",
-}
+from reference.settings_types import RENAMES, check_section
 
 
 @dataclass
@@ -70,8 +60,6 @@ def _migrate(kwargs: dict, fields: set[str], version: str) -> list[str]:
             raise InputError(
                 f"recipe sets both warmup_ratio={ratio} and warmup_steps={kwargs['warmup_steps']}; keep one"
             )
-        if not 0 <= ratio < 1:
-            raise InputError(f"warmup_ratio={ratio}: must be in [0, 1)")
         kwargs["warmup_steps"] = ratio
         notes.append(
             f"warmup_ratio={ratio} -> warmup_steps={ratio} (transformers {version} reads warmup_steps < 1 "
@@ -112,17 +100,11 @@ def _adapt_to_device(kwargs: dict) -> list[str]:
 def map_training_arguments(recipe: Recipe, output_dir: str | None = None, adapt: bool = True) -> Mapping:
     """The recipe's TrainingArguments kwargs for the installed transformers, with the changes made."""
     fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
-    kwargs = copy.deepcopy(recipe.training_arguments)  # TrainingArguments fills fsdp_config in place
-    if output_dir is not None:
+    # Each argument known to the installed version (or migrated onto it), of its type and range (settings_types).
+    kwargs = check_section("training_arguments", copy.deepcopy(recipe.training_arguments), f"recipe {recipe.name!r}: ")
+    if output_dir is not None:  # TrainingArguments fills fsdp_config in place: the copy above keeps the recipe's
         kwargs["output_dir"] = output_dir
     migrations = _migrate(kwargs, fields, transformers.__version__)
-    missing = sorted(set(kwargs) - fields)
-    if missing:
-        hints = "; ".join(f"{k}: {REMOVED_HINTS.get(k, 'not an argument of this version')}" for k in missing)
-        raise InputError(
-            f"recipe {recipe.name!r}: TrainingArguments of transformers {transformers.__version__} "
-            f"has no argument(s) {missing} ({hints})"
-        )
     withheld = _withhold_tokens(kwargs)
     adaptations = _adapt_to_device(kwargs) if adapt else []
     return Mapping(kwargs=kwargs, migrations=migrations, adaptations=adaptations, withheld=withheld)

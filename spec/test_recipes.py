@@ -8,7 +8,7 @@ import json
 import pytest
 
 from reference.errors import InputError
-from reference.recipes import apply_overrides, load_recipe, trial_report
+from reference.recipes import apply_overrides, check_numbers, load_recipe, trial_report
 from reference.training_arguments import map_training_arguments, resolved_settings, to_training_arguments
 from spec.cli_runner import run_cli
 
@@ -318,3 +318,278 @@ def test_overrides_change_a_copy_and_name_bad_keys():
 def test_recipe_command_names_an_unknown_recipe_and_exits_2():
     result = run_cli("recipe", "llm2025")
     assert result.returncode == 2 and "llm2025" in result.stderr and "llm2024" in result.stderr
+
+
+# X12: every setting has a type and a range, checked on load and on override (reference/settings_types.py).
+# Each rule as a pair: the first value it refuses and the first it takes, so a rule that is dropped or moved fails.
+RULES = [
+    ("sft.max_seq_length=0", "sft.max_seq_length=1"),
+    ("sft.packing=maybe", "sft.packing=no"),
+    ("sft.dataset_num_proc=0", "sft.dataset_num_proc=1"),
+    ("sft.shuffle_seed=-1", "sft.shuffle_seed=0"),
+    ("sft.gradient_checkpointing=2", "sft.gradient_checkpointing=0"),
+    ("sft.use_cache_during_training=on", "sft.use_cache_during_training=TRUE"),
+    ("sft.loss_on=both", "sft.loss_on=response"),
+    ("sft.padding_free=maybe", "sft.padding_free=yes"),
+    ("sft.chunked_loss=none", "sft.chunked_loss=1"),
+    ("lora.r=0", "lora.r=1"),
+    ("lora.r=2.5", "lora.r=2"),
+    ("lora.lora_alpha=0", "lora.lora_alpha=0.5"),
+    ("lora.lora_dropout=1.0", "lora.lora_dropout=0.999"),
+    ("lora.lora_dropout=-0.1", "lora.lora_dropout=0"),
+    ("lora.bias=some", "lora.bias=lora_only"),
+    ("lora.target_modules=[1]", 'lora.target_modules=["q_proj"]'),
+    ("lora.use_rslora=sometimes", "lora.use_rslora=true"),
+    ("lora.use_dora=sometimes", "lora.use_dora=false"),
+    ("lora.random_state=-1", "lora.random_state=0"),
+    ("lora.task_type=SEQ_CLS", "lora.task_type=CAUSAL_LM"),
+    ("lora.modules_to_save=lm_head", 'lora.modules_to_save=["lm_head"]'),
+    ("quantization.load_in_4bit=nf4", "quantization.load_in_4bit=False"),
+    ("quantization.load_in_8bit=8", "quantization.load_in_8bit=0"),
+    ("quantization.bnb_4bit_quant_type=nf3", "quantization.bnb_4bit_quant_type=fp4"),
+    ("quantization.bnb_4bit_use_double_quant=double", "quantization.bnb_4bit_use_double_quant=No"),
+    ("quantization.bnb_4bit_compute_dtype=float8", "quantization.bnb_4bit_compute_dtype=float16"),
+    ("quantization.bnb_4bit_quant_storage=int4", "quantization.bnb_4bit_quant_storage=uint8"),
+    ("per_device_train_batch_size=0", "per_device_train_batch_size=1"),
+    ("per_device_eval_batch_size=0", "per_device_eval_batch_size=1"),
+    ("gradient_accumulation_steps=0", "gradient_accumulation_steps=1"),
+    ("eval_accumulation_steps=0", "eval_accumulation_steps=1"),
+    ("max_steps=1.5", "max_steps=-1"),
+    ("num_train_epochs=-0.5", "num_train_epochs=0.5"),
+    ("learning_rate=0", "learning_rate=1e-9"),
+    ("learning_rate=inf", "learning_rate=.5"),
+    ("warmup_steps=-1", "warmup_steps=0"),
+    ("warmup_ratio=1.0", "warmup_ratio=0.999"),
+    ("warmup_ratio=-0.01", "warmup_ratio=0"),
+    ("weight_decay=-0.1", "weight_decay=0"),
+    ("adam_beta1=1.0", "adam_beta1=0.999"),
+    ("adam_beta1=-0.1", "adam_beta1=0"),
+    ("adam_beta2=1.0", "adam_beta2=0.999"),
+    ("adam_beta2=-0.1", "adam_beta2=0"),
+    ("adam_epsilon=0", "adam_epsilon=1e-12"),
+    ("max_grad_norm=-0.1", "max_grad_norm=0"),
+    ("label_smoothing_factor=1.0", "label_smoothing_factor=0.5"),
+    ("neftune_noise_alpha=-1", "neftune_noise_alpha=0"),
+    ("logging_steps=0", "logging_steps=0.5"),
+    ("save_steps=0", "save_steps=1"),
+    ("eval_steps=0", "eval_steps=1"),
+    ("eval_delay=-1", "eval_delay=0"),
+    ("save_total_limit=-1", "save_total_limit=0"),
+    ("seed=-1", "seed=0"),
+    ("seed=4294967296", "seed=4294967295"),
+    ("data_seed=-1", "data_seed=0"),
+    ("dataloader_num_workers=-1", "dataloader_num_workers=0"),
+    ("dataloader_prefetch_factor=0", "dataloader_prefetch_factor=1"),
+    ("torch_empty_cache_steps=0", "torch_empty_cache_steps=1"),
+    ("ddp_timeout=0", "ddp_timeout=1"),
+    ("ddp_bucket_cap_mb=0", "ddp_bucket_cap_mb=1"),
+    # types taken from the installed TrainingArguments' fields
+    ("use_cpu=maybe", "use_cpu=TRUE"),
+    ("optim=adamw_9bit", "optim=adamw_torch"),
+    ("lr_scheduler_type=cosinus", "lr_scheduler_type=cosine"),
+    ("save_strategy=weekly", "save_strategy=epoch"),
+    ("local_rank=0.5", "local_rank=0"),
+    ("report_to=[1]", "report_to=tensorboard"),
+    ("fsdp=[1]", "fsdp=true"),
+]
+
+
+def stored(override: str):
+    """The value an override leaves in llm2024."""
+    key = override.partition("=")[0]
+    section, dot, name = key.rpartition(".")
+    return getattr(apply_overrides(load_recipe("llm2024"), [override]), section if dot else "training_arguments")[name]
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize("refused, taken", RULES, ids=[refused for refused, _ in RULES])
+def test_each_setting_refuses_the_first_value_outside_its_type_or_range_and_takes_the_first_inside(refused, taken):
+    """The refusal is an InputError naming the setting and the value as given, and saying what is allowed."""
+    key, _, value = refused.partition("=")
+    with pytest.raises(InputError) as error:
+        stored(refused)
+    message = str(error.value)
+    assert f"override {key}=" in message and value in message and ": must be " in message, message
+    stored(taken)
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize(
+    "word, flag",
+    [("False", False), ("false", False), ("FALSE", False), ("no", False), ("0", False)]
+    + [("True", True), ("true", True), ("Yes", True), ("1", True)],
+)
+def test_a_boolean_override_in_any_case_or_as_yes_no_or_1_0_is_stored_as_a_real_bool(word, flag):
+    """`sft.padding_free=False` once stored the string "False", which is truthy: the run trained padding-free."""
+    value = stored(f"sft.padding_free={word}")
+    assert value is flag
+
+
+@pytest.mark.claim("X12")
+def test_sft_padding_free_False_is_recorded_in_the_resolved_settings_as_false():
+    recipe = apply_overrides(load_recipe("llm2024"), ["sft.padding_free=False", "use_cpu=true"])
+    settings = json.loads(json.dumps(resolved_settings(recipe), default=str))
+    assert settings["sft"]["padding_free"] is False
+
+
+@pytest.mark.claim("X12")
+def test_a_boolean_that_is_not_a_boolean_word_is_refused_naming_the_key():
+    with pytest.raises(InputError, match=r"sft\.padding_free='maybe': must be true or false"):
+        stored("sft.padding_free=maybe")
+
+
+@pytest.mark.claim("X12")
+def test_a_negative_weight_decay_is_refused_naming_weight_decay():
+    with pytest.raises(InputError, match=r"weight_decay=-0\.1: must be a finite number >= 0"):
+        stored("weight_decay=-0.1")
+
+
+@pytest.mark.claim("X12")
+def test_max_steps_is_any_whole_number_and_its_refusal_says_what_0_or_less_means():
+    assert stored("max_steps=-1") == -1 and stored("max_steps=0") == 0
+    with pytest.raises(InputError, match=r"max_steps='many': must be a whole number \(<= 0: train num_train_epochs\)"):
+        stored("max_steps=many")
+
+
+@pytest.mark.claim("X12")
+def test_a_lora_dropout_of_1_5_is_an_input_error_not_a_traceback():
+    with pytest.raises(InputError, match=r"lora\.lora_dropout=1\.5: must be in \[0, 1\)"):
+        stored("lora.lora_dropout=1.5")
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize(
+    "override, nearest",
+    [
+        ("learning_rat=1e-4", "learning_rate"),
+        ("sft.max_seq_lenght=64", "max_seq_length"),
+        ("lora.lora_dropot=0.1", "lora_dropout"),
+        ("quantization.load_in_4bits=true", "load_in_4bit"),
+    ],
+)
+def test_an_unknown_key_is_refused_with_the_nearest_known_one(override, nearest):
+    with pytest.raises(InputError) as error:
+        stored(override)
+    assert override.partition("=")[0].rpartition(".")[2] in str(error.value)
+    assert f"did you mean {nearest!r}?" in str(error.value)
+
+
+@pytest.mark.claim("X12")
+def test_a_string_outside_a_settings_choices_is_refused_with_the_nearest_choice():
+    with pytest.raises(InputError, match="did you mean 'adamw_8bit'"):
+        stored("optim=adamw_9bit")
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize(
+    "override, value",
+    [("output_dir=2024", "2024"), ("run_name=true", "true"), ("learning_rate=.5", 0.5), ("fsdp=True", True)],
+)
+def test_an_override_is_stored_as_its_setting_takes_it(override, value):
+    """Text where the setting is a string (TOML reads `2024` as a number), a number TOML does not read (`.5`),
+    and fsdp, a string in TrainingArguments' annotation, that also takes true."""
+    assert stored(override) == value and type(stored(override)) is type(value)
+
+
+@pytest.mark.claim("X12")
+def test_every_training_argument_takes_its_type_from_the_installed_training_arguments():
+    import transformers
+
+    from reference.settings_types import training_rules
+
+    rules = training_rules()
+    fields = {f.name: f for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    assert set(fields) <= set(rules)
+    assert rules["bf16"].kinds == ("bool",) and rules["seed"].kinds == ("int",)
+    assert rules["learning_rate"].kinds == ("float",) and "linear" in rules["lr_scheduler_type"].choices
+    assert rules["gradient_checkpointing"] == rules["activation_checkpointing"]  # a migrated name, the new rule
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize(
+    "section, line, named",
+    [
+        ("lora", "lora_dropout = 1.5", "lora.lora_dropout=1.5: must be in [0, 1)"),
+        ("lora", 'r = "64"', "lora.r='64': must be a whole number >= 1"),
+        ("sft", 'padding_free = "maybe"', "sft.padding_free='maybe': must be true or false"),
+        ("sft", "max_seq_lenght = 64", "did you mean 'max_seq_length'?"),
+        ("sft", "dataset_text_field = 5", "sft.dataset_text_field=5: must be a string"),
+        ("sft", "token = 5", "sft.token=5: must be a string"),
+        ("sft", "use_auth_token = 5", "sft.use_auth_token=5: must be true or false (also yes/no, 1/0) or a string"),
+        ("quantization", 'bnb_4bit_quant_type = "nf3"', "quantization.bnb_4bit_quant_type='nf3': must be one of"),
+        ("training_arguments", "weight_decay = -0.1", "weight_decay=-0.1: must be a finite number >= 0"),
+        ("training_arguments", "learning_rat = 1e-4", "did you mean 'learning_rate'?"),
+    ],
+)
+def test_a_recipe_file_with_a_setting_of_the_wrong_type_or_range_is_refused_naming_the_file_and_key(
+    tmp_path, section, line, named
+):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'name = "bad"\nsource = "x"\n[{section}]\n{line}\n', encoding="utf-8")
+    with pytest.raises(InputError) as error:
+        load_recipe(path)
+    assert str(error.value).startswith(f"recipe {path}: ") and named in str(error.value)
+
+
+@pytest.mark.claim("X12")
+def test_a_recipe_file_stores_a_boolean_word_as_a_bool(tmp_path):
+    path = tmp_path / "words.toml"
+    path.write_text('name = "w"\nsource = "x"\n[sft]\npadding_free = "False"\nchunked_loss = 1\n', encoding="utf-8")
+    assert load_recipe(path).sft == {"padding_free": False, "chunked_loss": True}
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize("name", ["primer", "llm2024", "llm2024-fsdp"])
+def test_the_shipped_recipes_keep_every_rule(name):
+    """Their [training_arguments] are checked when used, not when loaded (`filter` imports no transformers)."""
+    recipe = load_recipe(name)
+    check_numbers(recipe)
+    map_training_arguments(recipe)
+
+
+@pytest.mark.claim("X12")
+def test_a_setting_changed_in_code_is_still_checked_before_the_trainer_gets_it():
+    recipe = load_recipe("llm2024")
+    recipe.training_arguments["weight_decay"] = -1
+    with pytest.raises(InputError, match="weight_decay=-1: must be"):
+        map_training_arguments(recipe)
+    recipe.training_arguments["weight_decay"] = 0.0
+    recipe.sft["padding_free"] = "False"
+    check_numbers(recipe)
+    assert recipe.sft["padding_free"] is False
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["num_train_epochs=0"], "num_train_epochs=0: must be a finite number > 0 (or max_steps > 0)"),
+        (["quantization.load_in_8bit=true"], "load_in_4bit and quantization.load_in_8bit are both true"),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused_once_the_overrides_are_in(overrides, message):
+    recipe = apply_overrides(load_recipe("llm2024"), overrides)
+    with pytest.raises(InputError) as error:
+        check_numbers(recipe)
+    assert message in str(error.value)
+    check_numbers(apply_overrides(load_recipe("llm2024"), [*overrides, "max_steps=1", "quantization.load_in_4bit=no"]))
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X12")
+def test_train_with_lora_dropout_1_5_exits_2_with_the_message_and_no_traceback(tmp_path):
+    result = run_cli(
+        "train",
+        "--recipe",
+        "llm2024",
+        "--model",
+        tmp_path / "model",
+        "--data",
+        tmp_path / "data.jsonl",
+        "--output",
+        tmp_path / "run",
+        "lora.lora_dropout=1.5",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "lora.lora_dropout=1.5: must be in [0, 1)" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
