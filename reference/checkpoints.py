@@ -2,7 +2,8 @@
 
 The Trainer writes a checkpoint file by file (adapter, optimizer, scheduler, RNG states, trainer
 state) and nothing marks the end. So after the Trainer has written checkpoint-N, `CompletionMarker`
-writes `complete.json` into it: the SHA-256 of every file, put in place with an atomic rename. A
+writes `complete.json` into it: the SHA-256 of every file and the run's step records up to N, put in place with
+an atomic rename. A
 checkpoint is complete when that marker exists and every file still has its hash; resuming takes the
 newest complete checkpoint and says which incomplete ones it skipped and why.
 
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from reference.errors import InputError
 from reference.hashing import digests
 
 MARKER = "complete.json"
@@ -32,11 +33,12 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return digests(directory, written)
 
 
-def mark_complete(directory: str | Path) -> None:
-    """Write the marker (hashes of every file) with an atomic rename, after the checkpoint is written."""
+def mark_complete(directory: str | Path, steps: list | None = None) -> None:
+    """Write the marker (hashes of every file, and the run's step records so far) with an atomic rename, after the
+    checkpoint is written."""
     directory = Path(directory)
     temporary = directory / (MARKER + ".tmp")
-    temporary.write_text(json.dumps({"files": file_hashes(directory)}, indent=1))
+    temporary.write_text(json.dumps({"files": file_hashes(directory), "steps": steps or []}, indent=1))
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, directory / MARKER)
@@ -67,8 +69,9 @@ def step_of(directory: Path) -> int:
         return -1
 
 
-def last_complete(checkpoints: str | Path, say=print) -> Path:
-    """The newest complete checkpoint under `checkpoints`; incomplete newer ones are reported and skipped."""
+def last_complete(checkpoints: str | Path, say=print) -> Path | None:
+    """The newest complete checkpoint under `checkpoints`; incomplete newer ones are reported and skipped. None
+    when there is none (the run stopped before its first checkpoint was whole): it starts again from step 0."""
     folder = Path(checkpoints)
     candidates = sorted(
         (p for p in folder.glob(PREFIX + "*") if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True
@@ -78,14 +81,45 @@ def last_complete(checkpoints: str | Path, say=print) -> Path:
         if problem is None:
             return candidate
         say(f"skipping {candidate.name}: {problem}")
-    raise InputError(f"{folder}: no complete checkpoint to resume from")
+    say(f"--resume: {folder} holds no complete checkpoint yet; the run starts again from step 0")
+    return None
+
+
+def remove_incomplete(checkpoints: str | Path) -> list[str]:
+    """Remove the checkpoints a failed run left half-written (no marker); returns their names."""
+    removed = []
+    for candidate in Path(checkpoints).glob(PREFIX + "*"):
+        if candidate.is_dir() and not (candidate / MARKER).is_file():
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate.name)
+    return sorted(removed)
+
+
+def recorded_steps(checkpoint: Path) -> list:
+    """The run's step records (reference.manifest.StepLog dicts) up to this complete checkpoint."""
+    return json.loads((checkpoint / MARKER).read_text()).get("steps", [])
+
+
+def finished_training(checkpoint: Path) -> tuple[int, int] | None:
+    """(step, steps planned) when the checkpoint holds the run's last optimizer step; None otherwise."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        step, planned = int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (step, planned) if 0 < planned <= step else None
 
 
 class CompletionMarker(TrainerCallback):
-    """Marks each checkpoint complete once every process has written its part of it."""
+    """Marks each checkpoint complete once every process has written its part of it, with the run's step records
+    so far (a run that ends after its last checkpoint and before its manifest is completed from them)."""
+
+    def __init__(self, steps: list | None = None):
+        self.steps = steps if steps is not None else []
+        """The run's StepLog dicts as they grow (reference.manifest.RunManifest.steps)."""
 
     def on_save(self, args, state, control, **kwargs):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every process has written its part (each saves its own RNG state)
         if state.is_world_process_zero:
-            mark_complete(Path(args.output_dir) / f"{PREFIX}{state.global_step}")
+            mark_complete(Path(args.output_dir) / f"{PREFIX}{state.global_step}", self.steps)

@@ -3,12 +3,16 @@
 Each command lives in `reference/commands/<command>.py`: its arguments beside its handler. Here the parser
 is assembled, every path argument is checked before any work (no output over an input, every output
 writable: X6), and bad input becomes exit code 2 with one message on stderr naming the file, row or
-argument; no traceback.
+argument; no traceback. So does a write that fails for lack of space or permission (naming the path), and a
+standard output that cannot be written (`> /dev/full`). A reader that closes standard output early (`| head`)
+ends nothing: the rest of the output is dropped and the command keeps its exit code (verify's 0 or 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +36,8 @@ INPUT_ARGUMENTS = (
     "tokenizer",
 )
 OUTPUT_ARGUMENTS = ("output", "rejects")
+FILE_OUTPUTS = {"filter", "generate", "preference predict"}
+"""Commands whose --output (and --rejects) is a file; every other command's --output is a directory."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,19 +50,102 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITE_FAILURES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+
+
+class StandardOutput:
+    """sys.stdout that outlives its reader: once the reader has gone (EPIPE), what is left is dropped (the file
+    descriptor then points at /dev/null, so the interpreter's last flush cannot fail either); any other failure to
+    write it (ENOSPC on /dev/full) is an error naming standard output."""
+
+    def __init__(self, stream):
+        self.stream, self.reader_gone = stream, False
+
+    def _guarded(self, action, *args):
+        if self.reader_gone:
+            return None
+        try:
+            return action(*args)
+        except BrokenPipeError:
+            self._drop_the_rest()
+        except OSError as error:
+            self._drop_the_rest()
+            raise InputError(f"standard output: cannot be written ({error.strerror})") from None
+        return None
+
+    def _drop_the_rest(self) -> None:
+        self.reader_gone = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, AttributeError):  # a stream with no descriptor (a test's capture)
+            pass
+
+    def write(self, text: str):
+        self._guarded(self.stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def write_failure(error: OSError) -> str | None:
+    """A message for a write that failed for lack of room or permission, naming the path; None for other errors."""
+    reason = WRITE_FAILURES.get(error.errno) or (error.strerror if error.errno in (errno.EROFS, errno.EACCES) else None)
+    if reason is None:
+        return None
+    where = error.filename or "an output file"
+    return f"{where}: {reason}; nothing half-written is left under an output's name"
+
+
+def no_space_for(args: argparse.Namespace, error: BaseException) -> str | None:
+    from reference import paths
+
+    outputs = [Path(getattr(args, name)) for name in OUTPUT_ARGUMENTS if getattr(args, name, None)]
+    return paths.no_space(error, outputs)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What was interrupted and, for a run that can be carried on, what to run next."""
+    if hasattr(args, "resume"):
+        return (
+            "interrupted; to carry the run on, run the same command with --resume (from its newest complete "
+            "checkpoint, or from step 0 if none was written yet)"
+        )
+    return "interrupted; outputs are whole or absent, run the command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet.install()  # before any model loads: third-party noise off (reference/quiet.py)
+    given, sys.stdout = sys.stdout, StandardOutput(sys.stdout)
+    try:
+        return run_command(argv)
+    finally:
+        sys.stdout = given
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_paths(args)
         code = args.func(args)
         end_process_group()
+        sys.stdout.flush()
         return code
     except InputError as error:
         print(f"ftref {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 - only a failure to write is answered here; the rest is raised
+        message = write_failure(error) if isinstance(error, OSError) else None
+        message = message or no_space_for(args, error)
+        if message is None:
+            raise
+        print(f"ftref {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"ftref {args.command}: interrupted", file=sys.stderr)
+        print(f"ftref {args.command}: {interrupted(args)}", file=sys.stderr)
         return 130
 
 
@@ -69,7 +158,11 @@ def check_paths(args: argparse.Namespace) -> None:
         return {flag: v for flag, v in values.items() if v is not None and (not existing or Path(v).exists())}
 
     # A recipe or messages argument may be a name or "-", not a path: only paths that exist are inputs.
-    paths.check_outputs(given(OUTPUT_ARGUMENTS, existing=False), given(INPUT_ARGUMENTS, existing=True))
+    outputs = given(OUTPUT_ARGUMENTS, existing=False)
+    paths.check_outputs(outputs, given(INPUT_ARGUMENTS, existing=True))
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    for flag, value in outputs.items():
+        paths.require_kind(flag, Path(value), directory=command not in FILE_OUTPUTS)
 
 
 def end_process_group() -> None:

@@ -31,6 +31,8 @@ FSDP; tensor, sequence or context parallelism.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from reference.errors import InputError
@@ -51,6 +53,12 @@ def check_arguments(args, adapter: bool) -> None:
             "and peft then saves an empty adapter; use the Trainer's activation_checkpointing=true instead"
         )
     if args.parallel_mode != ParallelMode.DISTRIBUTED:
+        started = int(os.environ.get("WORLD_SIZE", "1"))
+        if started > 1:  # torchrun started several, but the Trainer's arguments set up no process group
+            raise InputError(
+                f"fsdp: {started} processes were started but the Trainer runs each alone (parallel mode "
+                f"{args.parallel_mode.value}); add use_cpu=true on a machine without a GPU, or fsdp=false"
+            )
         raise InputError(
             "fsdp: FSDP shards the model over several processes, and this is one: start it with "
             "`torchrun --nproc_per_node N -m reference train ...`, or add fsdp=false to train in one process"

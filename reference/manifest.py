@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from reference.errors import InputError
@@ -87,6 +87,14 @@ class RunManifest:
     trainable_sha256_per_process: list = field(default_factory=list)
     """Digest of the trained weights on each process (torchrun): all equal when data parallelism kept them in step."""
     output: str = ""
+    files: list = field(default_factory=list)
+    """The files and folders the run's save put in its output directory (what `--overwrite` may remove)."""
+
+    @classmethod
+    def read(cls, directory: str | Path) -> RunManifest:
+        """The manifest a finished run wrote, as the object it was written from (unknown keys left out)."""
+        recorded = load(directory)
+        return cls(**{f.name: recorded[f.name] for f in fields(cls) if f.name in recorded})
 
     @property
     def path(self) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from reference import kernels
 from reference.errors import InputError
 from reference.hashing import digests, listing_sha256
 from reference.paths import complete_directory
@@ -120,7 +121,9 @@ def load_causal_lm(
 
     `quantization` is none, 8bit or nf4; a directory saved already quantised loads as saved. `device`
     (e.g. "cuda:0") places the weights there as they load; quantised layers are packed on it.
-    `model_class` (default AutoModelForCausalLM) and `model_kwargs` (e.g. num_labels=3) go to from_pretrained."""
+    `model_class` (default AutoModelForCausalLM) and `model_kwargs` (e.g. num_labels=3) go to from_pretrained.
+    4-bit layers keep bitsandbytes' standard layout on every CPU, never its CPU inference repacking
+    (reference.kernels), so the same model computes the same way wherever it is loaded and can be trained."""
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if quantization not in QUANTIZATIONS:
@@ -143,6 +146,7 @@ def load_causal_lm(
         )
     except (OSError, ValueError) as error:
         raise InputError(f"model {path!s}: cannot be loaded: {error}") from None
+    kernels.standard_layout(model)  # one 4-bit kernel on every CPU, differentiable (reference.kernels)
     return model, identity(directory, saved or quantization)
 
 

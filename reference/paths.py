@@ -6,12 +6,15 @@ Every command that writes names its inputs and outputs once, before any work sta
   both arguments (`--output` over `--model` would overwrite the base weights; over `--tasks`, the tasks);
 * an output whose nearest existing folder cannot be written is refused before the expensive work;
 * files are written under a temporary name beside their final one and renamed when complete
-  (`write_text_atomic`), so a reader never sees half a file under the final name.
+  (`write_text_atomic`), so a reader never sees half a file under the final name. A temporary name is unique
+  (made by mkstemp/mkdtemp), so it is never another run's or an input; what is renamed into place gets the
+  permissions the user's umask gives a new file (mkstemp's are private), as its neighbours have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -59,6 +62,53 @@ def require_writable(name: str, path: Path) -> None:
         raise InputError(f"{name} {path}: {existing} is not writable ({error.strerror})") from None
 
 
+def require_kind(name: str, path: Path, directory: bool) -> None:
+    """An output that exists already must be what the command writes there: a folder, or a file."""
+    if directory and path.exists() and not path.is_dir():
+        raise InputError(f"{name} {path}: a file is there; this command writes a directory. Choose another path")
+    if not directory and path.is_dir():
+        raise InputError(f"{name} {path}: a directory is there; this command writes a file. Choose another path")
+
+
+NEARLY_FULL = 1 << 20
+"""Bytes free below which a device that a failed write was writing to is taken to be full."""
+
+
+def no_space(error: BaseException, outputs: list[Path]) -> str | None:
+    """Whether `error` came from running out of space while writing one of `outputs`: ENOSPC anywhere in its chain
+    (safetensors and torch re-raise it under their own types, torch sometimes with no errno at all, so a device
+    holding an output with under a MiB free counts too). The message names the output and the space left."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    said = any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) for e in chain)
+    for output in outputs:
+        existing = next((p for p in (output, *output.parents) if p.exists()), None)
+        if existing is None:
+            continue
+        free = shutil.disk_usage(existing).free
+        if said or free < NEARLY_FULL:
+            return f"{output}: no space left on the device ({free:,} bytes free); free some space and run it again"
+    return None
+
+
+def umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(path: str | Path) -> None:
+    """Give `path` (and what a folder holds) the mode open() or mkdir() would have given it under the umask."""
+    path, mask = Path(path), umask()
+    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for entry in entries:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to a temporary file beside `path`, then rename it into place."""
     target = Path(path)
@@ -67,6 +117,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        as_if_created(temporary)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -84,6 +135,7 @@ def complete_directory(target: str | Path):
         yield partial
         target.mkdir(exist_ok=True)
         for entry in sorted(partial.iterdir()):
+            as_if_created(entry)
             destination = target / entry.name
             if destination.is_dir() and not destination.is_symlink():
                 shutil.rmtree(destination)

@@ -116,8 +116,8 @@ def routes_svg(summary: dict) -> str:
 
 
 def write(out: Path, summary: dict) -> None:
-    (out / "loss.svg").write_text(loss_svg(summary), encoding="utf-8")
-    (out / "routes.svg").write_text(routes_svg(summary), encoding="utf-8")
+    write_text_atomic(out / "loss.svg", loss_svg(summary))
+    write_text_atomic(out / "routes.svg", routes_svg(summary))
     write_text_atomic(out / "report.md", markdown(summary))
 
 

@@ -5,7 +5,11 @@
   named and taken over.
 * A directory that holds a run (its `run.json`, written when training starts, or a finished run's
   `manifest.json`) is used again only with `--resume` (carry on from its newest complete checkpoint) or
-  `--overwrite` (start again: the old files are removed first).
+  `--overwrite` (start again: the old run's own files are removed first, and nothing else: its record, its
+  checkpoints, a merged base, and the files its save wrote, as its manifest lists them, or by the names
+  `save_pretrained` gives them when the run ended before its manifest). Other files in it are kept and named.
+* A directory that exists, holds no run and is not empty is refused, with or without `--overwrite`: a run
+  never mixes its files with a user's, and `--overwrite` never removes what no run wrote.
 * `--resume` compares what the checkpoint's run recorded in `run.json` (model weights, data and settings)
   with what the new command would train, and refuses on any difference, naming each.
 
@@ -15,6 +19,7 @@ Under torchrun only the main process (RANK 0) takes the lock and writes `run.jso
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -27,6 +32,28 @@ from reference.paths import write_text_atomic
 LOCK = ".lock"
 RUN = "run.json"
 FINISHED = manifest.FILE
+CHECKPOINTS = "checkpoints"
+MERGED_BASE = "merged-base"
+"""The base `continue --mode merge` merges into the run directory before it trains on it."""
+RECORDS = (RUN, FINISHED, CHECKPOINTS, MERGED_BASE)
+"""What every run writes besides the files it saves."""
+SAVED_NAMES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+"""What peft's and transformers' save_pretrained write for a run with no manifest to list its files."""
 
 
 def _alive(pid: int) -> bool:
@@ -65,12 +92,56 @@ def holds_a_run(directory: Path) -> bool:
     return (directory / RUN).is_file() or (directory / FINISHED).is_file()
 
 
+def is_finished(directory: str | Path) -> bool:
+    """A run whose manifest was written: it trained every step and saved."""
+    return (Path(directory) / FINISHED).is_file()
+
+
+def others(directory: Path) -> list[str]:
+    """Names in the directory that are neither the lock nor a run's records (a merged base, checkpoints)."""
+    return sorted(entry.name for entry in directory.iterdir() if entry.name != LOCK and entry.name not in RECORDS)
+
+
+def runs_own(directory: Path) -> list[Path]:
+    """The entries of the run in `directory` that --overwrite removes: its records and what its save wrote."""
+    saved: tuple = SAVED_NAMES
+    try:
+        listed = json.loads((directory / FINISHED).read_text(encoding="utf-8")).get("files")
+        if isinstance(listed, list) and all(isinstance(name, str) for name in listed):
+            saved = tuple(listed)
+    except (OSError, ValueError, AttributeError):
+        pass  # no manifest (the run ended before it), or an unreadable one: the names save_pretrained gives
+    names = set(RECORDS)
+    return [
+        entry
+        for entry in sorted(directory.iterdir())
+        if entry.name in names or any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in saved)
+    ]
+
+
+def remove_run(directory: Path, say) -> None:
+    """--overwrite: the old run's own files go; anything else in the directory stays, and is named."""
+    for entry in runs_own(directory):
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    kept = sorted(entry.name for entry in directory.iterdir() if entry.name != LOCK)
+    if kept:
+        say(f"--overwrite: removed the old run's files from {directory}; kept what no run wrote: {', '.join(kept)}")
+
+
 def check_reuse(directory: Path, resume: bool, overwrite: bool) -> None:
-    """A directory holding a run is used again only with --resume or --overwrite; --resume needs a run."""
+    """A directory holding a run is used again only with --resume or --overwrite; --resume needs a run; a
+    directory with files of no run's is never written into."""
+    if not holds_a_run(directory) and others(directory):
+        listed = others(directory)
+        shown = ", ".join(listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "")
+        raise InputError(
+            f"--output {directory} is not empty and holds no run ({shown}): a run writes into a new or empty "
+            "directory, or one holding a run; --overwrite removes a run's own files only. Choose another directory"
+        )
     if holds_a_run(directory) and not (resume or overwrite):
         raise InputError(
             f"--output {directory} holds a run already: add --resume to carry it on, or "
-            "--overwrite to start again (its files are removed first)"
+            "--overwrite to start again (the old run's files are removed first)"
         )
     if resume and not holds_a_run(directory):
         raise InputError(f"--resume: {directory} holds no run to carry on ({RUN} missing)")
@@ -89,10 +160,8 @@ def claimed(directory: str | Path, resume: bool = False, overwrite: bool = False
     lock = _take_lock(directory, say)
     try:
         check_reuse(directory, resume, overwrite)
-        if overwrite:
-            for entry in directory.iterdir():
-                if entry != lock:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if overwrite and holds_a_run(directory):
+            remove_run(directory, say)
         yield directory
     finally:
         lock.unlink(missing_ok=True)

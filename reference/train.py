@@ -37,20 +37,22 @@ from reference import (
     chunked_loss,
     data,
     distributed,
+    kernels,
     lora,
     models,
     padding_free,
     progress,
     rundir,
     sft,
+    steps,
     training_arguments,
 )
 from reference.errors import InputError
 from reference.hashing import sha256_of, trainable_weights_sha256
 from reference.manifest import AdapterMode, RunManifest
-from reference.paths import complete_directory
+from reference.paths import complete_directory, no_space
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = rundir.CHECKPOINTS
 
 
 def parse_columns(text: str | None) -> dict | None:
@@ -70,6 +72,12 @@ class StepTrainer(Trainer):
 
     window_loss = 0.0
     window_tokens = 0
+
+    def train(self, *args, **kwargs):
+        # Whatever ran before (an eval-mode forward without grad repacks 4-bit weights on CPUs with avx512_bf16,
+        # and that layout has no backward pass), the steps run bitsandbytes' differentiable kernel.
+        kernels.standard_layout(self.model)
+        return super().train(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if "attention_mask" in inputs:  # padded
@@ -172,7 +180,10 @@ def run(
     from the newest complete checkpoint in output/checkpoints (optimizer, scheduler, RNG state and
     step restored), refused when the model, data or settings differ from the run's. `overwrite`: start
     again in a directory that holds a run. The directory is held by this run alone (reference.rundir).
-    `before_train(trainer)` is called once the Trainer is built (tests observe the run)."""
+    `before_train(trainer)` is called once the Trainer is built (tests observe the run).
+
+    A finished run (its manifest written) is complete: --resume says so and changes nothing. A run that ended
+    after its last checkpoint but before its manifest is completed from that checkpoint, nothing trained again."""
     models.require_model_dir(model_dir)  # first: a wrong model fails before any work
     with rundir.claimed(output_dir, resume, overwrite, say):
         return _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume)
@@ -216,6 +227,13 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
         what_runs = {"model": manifest.model, "data": data_info, "settings": settings}
         rundir.write_or_check(output_dir, what_runs, resume)
+    if resume and rundir.is_finished(output_dir):  # the same run, and it has ended: nothing to carry on
+        record = RunManifest.read(output_dir)
+        say(
+            f"--resume: the run in {output_dir} is complete ({len(record.steps)} steps, "
+            f"{rundir.FINISHED} written); nothing to do (--overwrite trains it again)"
+        )
+        return record
     reporter = progress.ProgressReporter(manifest, len(encoded), say)
     flattened = bool(recipe.sft.get("padding_free", False))  # X11: records end to end, no padding
     trainer = StepTrainer(
@@ -223,7 +241,7 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
         args=args,
         train_dataset=encoded,
         data_collator=sft.collator(tokenizer, padding_free=flattened),
-        callbacks=[reporter, checkpoints.CompletionMarker(), *callbacks],
+        callbacks=[reporter, checkpoints.CompletionMarker(manifest.steps), *callbacks],
     )
     reporter.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # our per-step lines replace its dict dumps
@@ -236,7 +254,11 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
         f"{'padding-free' if flattened else 'padded'} batches, loss {loss}{resuming}"
     )
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finished = checkpoints.finished_training(resume_from) if resume_from else None
+    if finished:  # the run ended between its last checkpoint and its manifest: complete it, train nothing
+        complete_from(trainer, resume_from, manifest, len(encoded), say)
+    else:
+        train_keeping_whole_checkpoints(trainer, resume_from, checkpoint_dir)
     manifest.train_seconds = time.perf_counter() - started
     if checkpointing:
         model.activation_checkpointing_disable()  # generation cannot use a cache while checkpointing
@@ -246,6 +268,32 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     manifest.trainable_sha256_per_process = gather_object([trainable_weights_sha256(model)])  # in rank order
     save(trainer, tokenizer, manifest, say)
     return manifest
+
+
+def train_keeping_whole_checkpoints(trainer, resume_from: Path | None, checkpoint_dir: Path) -> None:
+    """trainer.train; when it fails (a full disk, an interrupt), the checkpoint it was writing is removed, so only
+    whole ones are left to --resume from and a full device gets its space back. A full device is named."""
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException as error:
+        full = no_space(error, [checkpoint_dir]) if isinstance(error, Exception) else None
+        checkpoints.remove_incomplete(checkpoint_dir)
+        if full:
+            raise InputError(f"--output {full}") from None
+        raise
+
+
+def complete_from(trainer, checkpoint: Path, manifest: RunManifest, records: int, say) -> None:
+    """The trained weights and the step records of a run whose last checkpoint holds its last step."""
+    step, planned = checkpoints.finished_training(checkpoint)
+    say(
+        f"--resume: {checkpoint.name} holds the run's last step ({step} of {planned}): training had finished "
+        "before the run was recorded; its record is completed from that checkpoint, nothing is trained again"
+    )
+    trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loading of a checkpoint's weights
+    plan = steps.plan(steps.settings_from_training_arguments(trainer.args, records))
+    manifest.step_plan = plan.to_dict()
+    manifest.steps[:] = checkpoints.recorded_steps(checkpoint)
 
 
 def summary(manifest: RunManifest) -> dict:
@@ -272,6 +320,7 @@ def save(trainer, tokenizer, manifest: RunManifest, say) -> None:
     with complete_directory(manifest.output) as partial:
         trainer.model.save_pretrained(partial, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(partial)
+        manifest.files = sorted(entry.name for entry in partial.iterdir())
     manifest.write()
     saved = "model" if manifest.adapter["mode"] is AdapterMode.NONE else "adapter"
     say(f"saved {saved}, tokenizer and {manifest.path.name} to {manifest.output}")

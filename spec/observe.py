@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from reference import train
+from reference import kernels, train
 
 SHORT = [
     "max_steps=4",
@@ -23,6 +23,17 @@ SHORT = [
 ]
 """The llm2024 recipe cut to 4 steps of 4 short records: seconds on 2 CPU cores."""
 QA_COLUMNS = {"instruction": "input", "response": "output"}
+
+
+def weight_values(param) -> torch.Tensor:
+    """A weight's values: a 4-bit weight dequantised (its stored bytes depend on the layout bitsandbytes keeps it
+    in, reference.kernels), any other the tensor itself; a copy, safe to keep while training goes on."""
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return param.detach().clone()
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(param.data, state).float()
 
 
 def unwrapped(model):
@@ -49,7 +60,7 @@ class Observed:
 
         self.trainer = trainer
         self.arguments = trainer.args.to_dict()
-        self.before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        self.before = {n: weight_values(p) for n, p in trainer.model.named_parameters()}
         observed, window = self, []
 
         def count(module, args, kwargs):
@@ -98,9 +109,11 @@ def run_recipe(recipe, model_dir, data, output, observed: Observed, **options):
 
 
 def assert_trained(record, observed) -> None:
-    """Loss fell; every trainable weight changed; no frozen weight did."""
+    """Loss fell; every trainable weight changed; no frozen weight did (a 4-bit one compared by its values), and
+    every 4-bit layer is still in bitsandbytes' standard, differentiable layout."""
     losses = [s["loss"] for s in record.steps]
     assert losses[-1] < losses[0]
+    assert kernels.repacked_layers(observed.trainer.model) == []
     for name, param in observed.trainer.model.named_parameters():
-        changed = not torch.equal(param.detach(), observed.before[name])
+        changed = not torch.equal(weight_values(param), observed.before[name])
         assert changed == param.requires_grad, f"{name}: requires_grad={param.requires_grad} but changed={changed}"

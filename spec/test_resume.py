@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from reference import checkpoints, manifest
-from reference.errors import InputError
 from spec.adapters import SCHEDULE, SIX_STEPS, adapter_tensors, assert_same_tensors, trained_b
 from spec.cli_runner import QA, cli_command, offline_env, run_cli
 from spec.trainer_probe import OneWeight, one_weight_dataset
@@ -211,7 +210,10 @@ def test_resuming_takes_the_newest_complete_checkpoint_by_step_and_names_the_one
 
 
 @pytest.mark.claim("X1")
-def test_resuming_with_no_complete_checkpoint_is_refused(tmp_path):
+def test_resuming_with_no_complete_checkpoint_starts_the_run_again_from_step_0(tmp_path):
+    """A run interrupted before its first checkpoint was whole has nothing to carry on: --resume says so and starts
+    it again (it used to refuse, while a plain rerun was refused too: 'add --resume or --overwrite')."""
     (tmp_path / "checkpoint-1").mkdir()
-    with pytest.raises(InputError, match="no complete checkpoint"):
-        checkpoints.last_complete(tmp_path, say=lambda _: None)
+    said = []
+    assert checkpoints.last_complete(tmp_path, say=said.append) is None
+    assert said[-1] == f"--resume: {tmp_path} holds no complete checkpoint yet; the run starts again from step 0"
