@@ -5,7 +5,9 @@ run of the memory-mapped file into a shard (numbering its lines itself, so that 
 nothing) and takes it through the stages as the parent asks (`filters.filter_stages`): between the passes
 only per-character counts travel. Each shard then encodes its rows and writes them with `pwrite` at its
 own offset of the output files, so they come out in input order and no records cross a pipe. The files
-are written beside their targets and renamed into place once whole (X6).
+are written under new hidden names beside their targets and renamed into place once all are whole
+(`StagedFiles`, X6): a failed or interrupted run (a full disk, SIGTERM, Ctrl-C) removes them and leaves every
+target as it was. A worker ends with its parent (`die_with_parent`): killing the command kills its workers.
 
 Not handled: start methods other than fork (a spawned worker would need its shard pickled); a small
 input (under 1 MiB), one core or no fork runs the same stages in this process.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import traceback
 from itertools import accumulate
 from typing import NamedTuple
@@ -22,6 +25,7 @@ from typing import NamedTuple
 from reference.data import Pair, Unreadable, parse_jsonl
 from reference.errors import InputError
 from reference.filters import FilterConfig, FilterResult, LocalShards, Reject, Shard, filter_stages
+from reference.staged import HELD, StagedFiles, held_signals, write_at
 
 # json.dumps(value, ensure_ascii=False) builds an encoder per call; one shared encoder writes the same
 # text, and for a string it is json's C encode_basestring, which the row writers below call directly.
@@ -74,18 +78,6 @@ class FileShard(Shard):
         del self.output_bytes, self.rejects_bytes
 
 
-def write_at(path: str, offset: int, data: bytes) -> None:
-    """Write `data` into the existing file `path` from byte `offset` on (other processes write elsewhere)."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-    finally:
-        os.close(fd)
-
-
 def starts(sizes: list[int]) -> list[int]:
     """Where each piece begins when pieces of these sizes are laid end to end."""
     return [0, *accumulate(sizes)][:-1]
@@ -129,11 +121,37 @@ def lines_before(data, end: int, block: int = 1 << 23) -> int:
     return sum(data[at : min(at + block, end)].count(b"\n") for at in range(0, end, block))
 
 
-def _serve(connection, data, start: int, end: int) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """In a forked worker: have the kernel SIGKILL this process when its parent ends, however it ends
+    (prctl PR_SET_PDEATHSIG, Linux), and end now if the parent `parent` has already gone (between the fork
+    and the prctl). Elsewhere a worker still ends when its pipe reports the parent gone (EOF)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _serve(connection, data, start: int, end: int, parent: int = 0, inherited=()) -> None:
     """A worker process: read and parse its run of lines into a shard, then do what the parent asks,
-    stage by stage, until it says stop."""
+    stage by stage, until it says stop. It ends with the parent; Ctrl-C is the parent's to handle (the
+    terminal sends SIGINT to every process of the command: the parent stops the workers)."""
     import gc
 
+    if parent:
+        die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C pending since the fork is dropped here
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+    for end_of_parent in inherited:  # the parent's ends of the pipes: held here, they would hide its death
+        end_of_parent.close()
     gc.disable()  # records and their strings hold no cycles: the collector's passes over them are wasted
     try:
         shard = FileShard(parse_jsonl(data, 1 + lines_before(data, start), start, end))
@@ -147,8 +165,19 @@ def _serve(connection, data, start: int, end: int) -> None:
             else:
                 result = getattr(shard, stage)(*args)
             connection.send(("done", result))
+    except (EOFError, BrokenPipeError):
+        return  # the parent has gone: nobody to answer
+    except (OSError, InputError) as error:  # a full disk, a bad row: the parent raises the same error
+        _report(connection, ("failed", error))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
-        connection.send(("error", traceback.format_exc()))
+        _report(connection, ("error", traceback.format_exc()))
+
+
+def _report(connection, message) -> None:
+    try:
+        connection.send(message)
+    except OSError:  # the parent has gone
+        pass
 
 
 class Workers:
@@ -160,25 +189,40 @@ class Workers:
         context = multiprocessing.get_context("fork")
         self.progress = progress
         self.connections, self.processes = [], []
-        for start, end in runs:
-            parent, child = context.Pipe()
-            process = context.Process(target=_serve, args=(child, data, start, end), daemon=True)
-            process.start()
-            child.close()
-            self.connections.append(parent)
-            self.processes.append(process)
+        try:
+            for start, end in runs:
+                parent, child = context.Pipe()
+                inherited = (*self.connections, parent)
+                process = context.Process(
+                    target=_serve, args=(child, data, start, end, os.getpid(), inherited), daemon=True
+                )
+                self.connections.append(parent)
+                with held_signals():  # the worker unblocks them once it has its own handlers (_serve)
+                    process.start()
+                self.processes.append(process)
+                child.close()
+        except BaseException:
+            self.abort()
+            raise
 
     def ask(self, stage: str, args_per_shard) -> list:
         for connection, args in zip(self.connections, args_per_shard, strict=True):
             connection.send((stage, args))
         answers = []
-        for connection in self.connections:
+        for connection, process in zip(self.connections, self.processes, strict=True):
             while True:
-                kind, value = connection.recv()
+                try:
+                    kind, value = connection.recv()
+                except EOFError:
+                    process.join(timeout=5)
+                    code = process.exitcode
+                    raise RuntimeError(f"a filter worker ended without answering (exit code {code})") from None
                 if kind == "progress":
                     if self.progress:
                         self.progress(value)
                     continue
+                if kind == "failed":
+                    raise value
                 if kind == "error":
                     raise RuntimeError(f"a filter worker failed:\n{value}")
                 answers.append(value)
@@ -195,6 +239,17 @@ class Workers:
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
+                process.join()
+
+    def abort(self) -> None:
+        """Stop every worker now, wherever it is (after an error or a signal in the parent)."""
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+        for process in self.processes:
+            process.join()
+        for connection in self.connections:
+            connection.close()
 
 
 def filter_file(
@@ -205,8 +260,16 @@ def filter_file(
     workers: int | None = None,
     strict: bool = False,
     progress=None,
+    staged: StagedFiles | None = None,
 ) -> FilterResult:
-    """The filter over a JSONL file, written to `output` and `rejects`, on up to `workers` processes."""
+    """The filter over a JSONL file, written to `output` and `rejects`, on up to `workers` processes.
+
+    The two files appear under their names only when whole (X6): written into `staged`'s temporary files
+    when it is given (its owner renames them into place with its other files once all are written), else
+    into this call's own, renamed before it returns. On any error every worker is stopped at once."""
+    if staged is None:
+        with StagedFiles({"output": output, "rejects": rejects}) as own:
+            return filter_file(source, output, rejects, config, workers, strict, progress, staged=own)
     import mmap
     import multiprocessing
 
@@ -238,17 +301,13 @@ def filter_file(
                 raise InputError(f"{source}, line {line}: {reason}")
         result = filter_stages(pool, shards, config)
         shard_sizes = pool.ask("encode", [()] * shards)
-        # Every shard writes its bytes at its offsets, in input order, into files beside the targets that
-        # are renamed into place once whole: no half-written output under its final name (X6).
-        partial = {target: f"{target}.partial" for target in (output, rejects)}
-        for path in partial.values():
-            open(path, "wb").close()
+        # Every shard writes its bytes at its offsets, in input order, into the staged files.
         output_at = starts([sizes.output for sizes in shard_sizes])
         rejects_at = starts([sizes.rejects for sizes in shard_sizes])
-        places = [(partial[output], o, partial[rejects], r) for o, r in zip(output_at, rejects_at, strict=True)]
-        pool.ask("write_at", places)
-        for target, path in partial.items():
-            os.replace(path, target)
-    finally:
-        pool.close()
+        into = (staged.path(output), staged.path(rejects))
+        pool.ask("write_at", [(into[0], o, into[1], r) for o, r in zip(output_at, rejects_at, strict=True)])
+    except BaseException:
+        pool.abort()
+        raise
+    pool.close()
     return result

@@ -323,6 +323,9 @@ class LocalShards:
     def close(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass
+
 
 def filter_stages(pool, shards: int, config: FilterConfig) -> FilterResult:
     """Pass 1, screening and pass 2 over every shard of `pool`; between them only character counts are

@@ -2,12 +2,17 @@
 
 The seed prints the character table of the kept records, one line per character (hundreds of lines);
 here the whole table goes to a file beside --output (`<output stem>.chars.tsv`), stdout shows its top
-few, and the per-rule counts come last. `--json` prints the counts and the whole table as JSON."""
+few, and the per-rule counts come last. `--json` prints the counts and the whole table as JSON.
+
+The three files are written under new hidden names beside their targets and renamed into place together
+once all are whole (X6): a full disk, a read-only folder, SIGTERM (exit 143) or Ctrl-C (exit 130) leaves no
+temporary file and every target as it was, and says so in one line; the workers end with the command."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -74,8 +79,35 @@ def _outputs(args: argparse.Namespace) -> Path:
     return table
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the run's temporary
+    files are removed and its workers stopped on the way out."""
+
+
+def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up takes a moment: let it finish
+    raise Terminated
+
+
 def run(args: argparse.Namespace) -> int:
-    from reference import filter_workers, filters, paths, recipes
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = _terminated
+    try:
+        return _run(args)
+    except Terminated:
+        print(f"ftref {NAME}: terminated (SIGTERM); outputs are whole or absent, run it again", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not _terminated:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from reference import filter_workers, filters, recipes
+    from reference.staged import StagedFiles
 
     config = filters.FilterConfig.from_recipe(recipes.load_recipe(args.recipe))
     source = Path(args.input)
@@ -83,19 +115,24 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--input {args.input}: no such file")
     table_path = _outputs(args)
     filter_workers.keep_freed_memory()
+    targets = {"--output": args.output, "--rejects": args.rejects, "the character table": table_path}
     bar = progress(source.stat().st_size // 800, "filter: language check")  # about 800 bytes a record
-    result = filter_workers.filter_file(
-        args.input,
-        args.output,
-        args.rejects,
-        config,
-        workers=args.workers,
-        strict=args.strict,
-        progress=bar.update if bar else None,
-    )
-    if bar:
-        bar.close()
-    paths.write_text_atomic(table_path, char_table_tsv(result.char_table))
+    try:
+        with StagedFiles(targets) as staged:
+            result = filter_workers.filter_file(
+                args.input,
+                args.output,
+                args.rejects,
+                config,
+                workers=args.workers,
+                strict=args.strict,
+                progress=bar.update if bar else None,
+                staged=staged,
+            )
+            staged.write(table_path, char_table_tsv(result.char_table).encode())
+    finally:
+        if bar:
+            bar.close()
     counts = result.counts
     if args.json:
         report = {
