@@ -5,8 +5,9 @@ named by its `mode` (the `continue` command's --mode):
 
 * "adapter" (A1): keep training the same adapter, loaded trainable (`train.run(..., adapter=DIR)`);
 * "merge" (A3): fold the adapter into the base (`lora.merge`: W = W0 + s B A, the base dequantised first
-  when the recipe loads it in NF4 or 8-bit, as the adapter saw it) and save the result as the run's own
-  OUTPUT/merged-base; then train a fresh adapter on that base (`continue_merged`).
+  when the recipe loads it in NF4 or 8-bit, as the adapter saw it; an adapter that records another loading
+  of its base is noted, and one made for another kind of model refused) and save the result as the run's
+  own OUTPUT/merged-base; then train a fresh adapter on that base (`continue_merged`).
 
 The run directory follows reference.rundir's rules for both routes: it is held while the merge writes into
 it, an old run is removed first on `overwrite`, and on `resume` the merged base already there is the one
@@ -24,7 +25,7 @@ from reference.errors import InputError
 from reference.manifest import RunManifest
 
 MODES = ("adapter", "merge")
-MERGED_BASE = "merged-base"
+MERGED_BASE = rundir.MERGED_BASE
 """The merge route's base, inside the run directory."""
 
 
@@ -74,6 +75,6 @@ def continue_merged(
     with rundir.claimed(output_dir, resume, overwrite, say):  # the reuse rules, before anything is written
         if not (resume and merged.is_dir()):
             quantization = models.quantization_name(recipe.quantization)
-            lora.merge(model_dir, adapter_dir, merged, quantization=quantization)
+            lora.merge(model_dir, adapter_dir, merged, quantization=quantization, say=say)  # a differing record: noted
             say(f"merged {adapter_dir} into {model_dir} -> {merged}; training a new adapter on it")
     return train.run(recipe, str(merged), data_path, output_dir, columns=columns, say=say, resume=resume)

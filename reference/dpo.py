@@ -40,7 +40,7 @@ import peft
 import torch
 import torch.nn.functional as F
 
-from reference import lora, models
+from reference import kernels, lora, models
 from reference.data import read_text_rows
 from reference.errors import InputError
 from reference.formats import encode_prompt
@@ -107,10 +107,24 @@ def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], token
     return (token_logprobs * scored).sum(-1)
 
 
+SHOWN = 20
+"""Lines named at most in one message; the rest are counted."""
+
+
 def read_pairs(path: str | Path) -> list[PreferencePair]:
-    """JSONL rows with prompt, chosen and rejected text; a bad row is an error naming file and line."""
-    rows = read_text_rows(path, ("prompt", "chosen", "rejected"))
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    """JSONL rows with prompt, chosen and rejected text; a bad row is an error naming file and line. So is a
+    pair whose chosen answer is the rejected one: it has no preference to learn (r_w = r_l whatever the
+    policy, so its loss stays log 2 and its gradient is zero), and a file of them would train to nothing and
+    still save an adapter. Every such line is named, before any model loads."""
+    rows = read_text_rows(path, ("prompt", "chosen", "rejected"), with_lines=True)
+    same = [line for line, r in rows if r["chosen"] == r["rejected"]]
+    if same:
+        shown = ", ".join(map(str, same[:SHOWN])) + (f" and {len(same) - SHOWN} more" if len(same) > SHOWN else "")
+        raise InputError(
+            f"{path}: {len(same)} of {len(rows)} pair(s) have the same text as chosen and as rejected, so there is "
+            f"no preference to learn (the loss stays log 2): line(s) {shown}; give each pair two different answers"
+        )
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for _, r in rows]
 
 
 def keep_reference(model) -> None:
@@ -183,12 +197,19 @@ def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, 
         raise InputError("dpo: the policy must be a peft model with a LoRA adapter (attach or load one)")
     if not any(p.requires_grad for p in model.parameters()):
         raise InputError("dpo: the policy has no trainable weight (attach or load an adapter trainable)")
+    kernels.standard_layout(model)  # a 4-bit base repacked for CPU inference has no backward pass
     keep_reference(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
     log = DPOLog(settings=asdict(settings), pairs_dropped=dropped)
     if dropped:
         say(f"dpo: {dropped} pair(s) left out: the prompt alone fills max_length {settings.max_length}")
+    alike = sum(c[0] == r[0] for c, r in zip(chosen, rejected, strict=True))
+    if alike:  # different texts, the same tokens once cut (or an EOS written out): no signal from these
+        say(
+            f"dpo: {alike} pair(s) encode chosen and rejected to the same tokens (cut at max_length "
+            f"{settings.max_length}, or differing only by a final EOS); they add nothing to learn from"
+        )
     model.train()
     for step in range(1, settings.steps + 1):
         with torch.no_grad(), reference_of(model):

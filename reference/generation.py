@@ -130,11 +130,30 @@ def generate(model, tokenizer, prompts: list[str], config=None, batch_size: int 
     return outputs
 
 
-def read_tasks(path: str | Path) -> list[dict]:
-    """Tasks: JSONL rows with a non-empty 'input' and, optionally, a 'task_id'."""
+def read_tasks(path: str | Path, with_lines: bool = False) -> list:
+    """Tasks: JSONL rows with a non-empty 'input' and, optionally, a 'task_id'; with `with_lines`, (line
+    number, row) pairs, so that a message can name the line of a task (`task_names`)."""
     from reference.data import read_text_rows
 
-    return read_text_rows(path, ("input",))
+    return read_text_rows(path, ("input",), with_lines=with_lines)
+
+
+def task_names(tasks: list[dict], path: str | Path | None = None, lines: list[int] | None = None) -> list[str]:
+    """How messages name each task: its task_id (its position from 0 when it has none) and where it is,
+    the file and line when read from one (`read_tasks(..., with_lines=True)`), else its place in the list."""
+    names = []
+    for number, task in enumerate(tasks):
+        where = f"{path}, line {lines[number]}" if path is not None and lines is not None else f"number {number}"
+        names.append(
+            f"task_id {task['task_id']!r} ({where})" if "task_id" in task else f"task {number} (no task_id; {where})"
+        )
+    return names
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was made for (its config's max_position_embeddings), if it says."""
+    length = getattr(model.config, "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
 
 
 @dataclass
@@ -160,14 +179,19 @@ def answer_tasks(
     batch_size: int = 1,
     say=print,
     progress=None,
+    names: list[str] | None = None,
 ) -> Answers:
     """Seed 001 §2.3 over `tasks` (rows with 'input', optionally 'task_id'; `read_tasks`): each task's k
     examples of `shots` ((input, output) pairs; `retrieval.read_shots`) whose inputs are the most similar,
     embedded with the local sentence-transformers model `embedder`, make its prompt, fitted to `window`
-    tokens (a task that lost shots is reported through `say`); then `generate` with `config` (default:
-    the seed's settings), `batch_size` prompts at a time."""
+    tokens and to the model's context (`context_length`) when that is shorter (a task that lost shots is
+    reported through `say`); then `generate` with `config` (default: the seed's settings), `batch_size`
+    prompts at a time. A task that does not fit alone is refused before anything is generated, named by
+    `names` (default `task_names(tasks)`: its task_id and place), with its length and the limit it passes."""
+    names = names if names is not None else task_names(tasks)
     pool = retrieval.ShotPool(shots, retrieval.load_embedder(embedder))
-    fitted = retrieval.fitted_prompts([t["input"] for t in tasks], pool, tokenizer, k, window, say)
+    inputs = [t["input"] for t in tasks]
+    fitted = retrieval.fitted_prompts(inputs, pool, tokenizer, k, window, say, names, context_length(model))
     outputs = generate(model, tokenizer, [f.prompt for f in fitted], config, batch_size, progress)
     task_ids = [task.get("task_id", number) for number, task in enumerate(tasks)]
     return Answers(task_ids, outputs, [f.tokens for f in fitted])

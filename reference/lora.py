@@ -10,7 +10,6 @@ alpha / r so the update's size does not shrink as r grows.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from pathlib import Path
@@ -19,6 +18,14 @@ import peft
 import torch
 
 from reference import models, vocab
+from reference.adapter_records import (
+    base_record,
+    check_fits,
+    check_recorded_base,
+    merge_quantization,
+    note,
+    recorded_quantization,
+)
 from reference.errors import InputError
 from reference.paths import complete_directory
 from reference.shapes import projection_shapes
@@ -60,9 +67,11 @@ def attach(model, section: dict, gradient_checkpointing: bool = False):
     model = prepare_base(model, gradient_checkpointing)
     if "random_state" in section:
         torch.manual_seed(section["random_state"])
+    config = lora_config(section)
+    config.auto_mapping = base_record(model)
     with warnings.catch_warnings():  # peft still calls transformers' deprecated *gradient_checkpointing* names
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-        return peft.get_peft_model(model, lora_config(section))
+        return peft.get_peft_model(model, config)
 
 
 def prepare_base(model, gradient_checkpointing: bool):
@@ -104,9 +113,12 @@ SAFE_WEIGHTS = "adapter_model.safetensors"
 """Adapters load from safetensors only: a pickled adapter_model.bin could run code when loaded."""
 
 
-def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = True, say=note, checked: bool = False):
     """A saved adapter on `model`, its weights trainable (peft's default, is_trainable=False, freezes them:
-    the mistake behind "it only learned the new data", seed 000). A mismatch is an error naming both."""
+    the mistake behind "it only learned the new data", seed 000). A mismatch is an error naming both: first
+    the kind of base the adapter records (check_recorded_base; `checked` when the caller did that already),
+    then peft's shapes. The loaded adapter records `model` as its base from now on (base_record): saved
+    again after more training, it says what it was last trained on."""
     directory = Path(adapter_dir)
     if not (directory / "adapter_config.json").is_file():
         raise InputError(f"adapter {adapter_dir}: no adapter_config.json (not a saved peft adapter)")
@@ -120,15 +132,19 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
             f"adapter {adapter_dir}: no {SAFE_WEIGHTS};{pickled} (convert a trusted one with "
             "peft: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True))"
         )
-    check_recorded_base(directory, model.config.to_dict())
+    if not checked:
+        check_recorded_base(directory, model.config.to_dict(), say)
+    record = base_record(model)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
             warnings.filterwarnings("error", message=".*missing adapter keys.*")
-            return peft.PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+            loaded = peft.PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError, UserWarning) as error:
         base = getattr(model.config, "_name_or_path", "the base model")
         raise InputError(f"adapter {adapter_dir} does not fit {base}: {str(error).splitlines()[0]}") from None
+    loaded.peft_config[loaded.active_adapter].auto_mapping = record
+    return loaded
 
 
 def tokenizer_dir(base_dir: str | Path, adapter_dir: str | Path | None = None) -> Path:
@@ -151,43 +167,32 @@ def load_tokenizer(base_dir: str | Path, adapter_dir: str | Path | None = None):
     return vocab.load_tokenizer(directory)
 
 
-SHAPE_KEYS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-)
-
-
-def check_recorded_base(adapter_dir: Path, config: dict) -> None:
-    """peft can only see shapes; two architectures of the same sizes take each other's adapters
-    silently. So the base the adapter records (adapter_config's base_model_name_or_path), when that
-    directory is at hand, must be the same kind of model as the one it is loaded onto."""
-    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not recorded or not (Path(recorded) / "config.json").is_file():
-        return
-    theirs = json.loads((Path(recorded) / "config.json").read_text())
-    differ = [f"{k} {theirs.get(k)!r} vs {config.get(k)!r}" for k in SHAPE_KEYS if theirs.get(k) != config.get(k)]
-    if differ:
-        raise InputError(
-            f"adapter {adapter_dir} does not fit this base: it was made for {recorded} ({'; '.join(differ)})"
-        )
-
-
-def merge(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path, quantization: str = "none") -> dict:
+def merge(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    quantization: str | None = None,
+    override_record: bool = True,
+    say=note,
+) -> dict:
     """Fold a trained adapter into its base and save the result: W = W0 + s B A, in bf16.
 
-    With `quantization="nf4"` (or a base saved 4-bit) the base is loaded as the adapter was trained on
-    it, in NF4, and dequantised to bf16 before the merge: the merged weights are then the very weights
-    the adapter saw, plus its update. Returns what was merged, for the run's manifest."""
+    The base is loaded as the adapter was trained on it: `quantization` None follows the adapter's run record
+    (merge_quantization: none, with a note, when there is none); a name is used as given, a different record
+    noted, or refused without `override_record` (the `merge` command's --override-record; the `continue`
+    route passes its recipe's choice and keeps the default). An NF4 or 8-bit base (or a base saved 4-bit) is
+    dequantised to bf16 before the merge: the merged weights are then the very weights the adapter saw, plus
+    its update. An adapter made for another kind of model is refused before the base loads (check_fits).
+    Returns what was merged, for the run's manifest."""
+    check_fits(base_dir, adapter_dir, say)
+    record = recorded_quantization(adapter_dir)
+    quantization = merge_quantization(adapter_dir, quantization, override_record, say)
     model, identity = models.load_causal_lm(base_dir, dtype="bfloat16", quantization=quantization)
+    if identity.quantization != quantization:
+        say(f"note: base {base_dir} is saved {identity.quantization}, so it is merged as saved, not {quantization}")
     if identity.quantization != "none":
         model = model.dequantize()
-    merged = load_adapter(model, adapter_dir, trainable=False).merge_and_unload()
+    merged = load_adapter(model, adapter_dir, trainable=False, say=say, checked=True).merge_and_unload()
     target = Path(output_dir)
     with complete_directory(target) as partial:
         merged.save_pretrained(partial, safe_serialization=True)
@@ -195,6 +200,8 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path,
     return {
         "base": identity.path,
         "base_quantization": identity.quantization,
+        "recorded_quantization": None if record is None else record[0],
+        "quantization_record": None if record is None else record[1],
         "adapter": str(Path(adapter_dir).resolve()),
         "merged": str(target.resolve()),
     }

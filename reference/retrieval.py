@@ -17,8 +17,9 @@ Departures: the seed searched with ColBERT (RAGatouille, JaColBERTv2); here any 
 sentence-transformers model embeds the inputs and similarity is cosine. The seed looked outputs up in
 a dict keyed by input text, so two examples with the same input collapsed into one (the later output
 twice); here each example keeps its own output. When a prompt is longer than the inference window
-(4096 tokens in the seed), the least similar examples are dropped until it fits, and that is
-reported; the task itself is never cut (a task that does not fit alone is an error).
+(4096 tokens in the seed), or than the model's context (its max_position_embeddings) when that is
+shorter, the least similar examples are dropped until it fits, and that is reported; the task itself
+is never cut (a task that does not fit alone is an error naming it, its length and the limit).
 """
 
 from __future__ import annotations
@@ -111,32 +112,63 @@ class FittedPrompt:
     tokens: int
 
 
-def fit(shots: list[Shot], task: str, tokenizer, window: int = DEFAULT_WINDOW) -> FittedPrompt:
-    """The prompt with as many of the most similar shots as fit in `window` tokens (BOS included)."""
+def fit(
+    shots: list[Shot],
+    task: str,
+    tokenizer,
+    window: int = DEFAULT_WINDOW,
+    name: str = "the task",
+    context: int | None = None,
+) -> FittedPrompt:
+    """The prompt with as many of the most similar shots as fit in `window` tokens (BOS included), and in the
+    model's `context` (its max_position_embeddings) when given and shorter. A task that does not fit alone is
+    an error naming it (`name`), its length and each limit it passes."""
 
     def length(prompt: str) -> int:
         return len(tokenizer(prompt)["input_ids"])
 
+    limit = window if context is None else min(window, context)
     kept = list(shots)
     prompt = build_prompt(kept, task)
-    while length(prompt) > window and kept:
+    while length(prompt) > limit and kept:
         kept.pop()  # the least similar is the last of most-similar-first
         prompt = build_prompt(kept, task)
     tokens = length(prompt)
-    if tokens > window:
-        raise InputError(f"the task alone takes {tokens} tokens, more than the {window}-token window; it is never cut")
+    if tokens > limit:
+        over = [f"the {window}-token window (--window)"] if tokens > window else []
+        if context is not None and tokens > context:
+            over.append(f"the model's context of {context} tokens (its config's max_position_embeddings)")
+        raise InputError(
+            f"{name}: the task alone takes {tokens} tokens, more than {' and '.join(over)}; it is never cut"
+        )
     return FittedPrompt(prompt, kept, len(shots) - len(kept), tokens)
 
 
 def fitted_prompts(
-    tasks: list[str], pool: ShotPool, tokenizer, k: int = DEFAULT_K, window: int = DEFAULT_WINDOW, say=print
+    tasks: list[str],
+    pool: ShotPool,
+    tokenizer,
+    k: int = DEFAULT_K,
+    window: int = DEFAULT_WINDOW,
+    say=print,
+    names: list[str] | None = None,
+    context: int | None = None,
 ) -> list[FittedPrompt]:
-    """Each task's prompt from its k most similar shots, fitted to `window`; a task that lost shots is
-    reported through `say`, numbered from 0 in the tasks' order."""
+    """Each task's prompt from its k most similar shots, fitted to `window` (and to the model's `context`, when
+    given and shorter: said once); a task that lost shots is reported through `say`, numbered from 0 in the
+    tasks' order. A task that does not fit alone is an error naming it: `names[i]` (e.g. its task_id and
+    line), else its number."""
+    limit = window if context is None else min(window, context)
+    if limit < window:
+        say(
+            f"the {window}-token window is longer than the model's context ({context} tokens, its "
+            f"max_position_embeddings): prompts are fitted to {context} tokens"
+        )
     prompts = []
     for number, task in enumerate(tasks):
-        fitted = fit(pool.top(task, k), task, tokenizer, window)
+        name = names[number] if names is not None else f"task {number}"
+        fitted = fit(pool.top(task, k), task, tokenizer, window, name, context)
         if fitted.dropped:
-            say(f"task {number}: prompt over {window} tokens; dropped the {fitted.dropped} least similar shots")
+            say(f"task {number}: prompt over {limit} tokens; dropped the {fitted.dropped} least similar shots")
         prompts.append(fitted)
     return prompts

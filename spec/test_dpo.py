@@ -13,7 +13,7 @@ import torch
 
 from reference import dpo, lora, models
 from reference.errors import InputError
-from spec.cli_runner import run_cli
+from spec.cli_runner import run_cli, run_main
 
 
 @pytest.mark.claim("D3")
@@ -79,6 +79,52 @@ def test_preference_pairs_with_a_missing_field_are_named(tmp_path):
     )
     with pytest.raises(InputError, match=r"pairs.jsonl, line 2: needs non-empty text in rejected"):
         dpo.read_pairs(bad)
+
+
+def pairs_file(path, same_lines: set[int], lines: int = 5):
+    """A pairs file of `lines` lines whose chosen answer is the rejected one on `same_lines`."""
+    rows = [
+        {"prompt": f"質問{n}：", "chosen": "東京です。", "rejected": "東京です。" if n in same_lines else "大阪です。"}
+        for n in range(1, lines + 1)
+    ]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.claim("D3")
+def test_pairs_whose_chosen_answer_is_the_rejected_one_are_named_by_line_and_refused(tmp_path):
+    """Such a pair has no preference to learn: r_w = r_l whatever the policy, so its loss stays log 2 with a zero
+    gradient (shown on the tiny numbers below), and a file of them trained to nothing and saved an adapter.
+    Every such line is named; a file with none reads as before."""
+    loss, r_w, r_l = dpo.dpo_loss(
+        torch.tensor([-2.0]), torch.tensor([-2.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), 0.1
+    )
+    assert loss.item() == pytest.approx(math.log(2)) and torch.equal(r_w, r_l)
+    with pytest.raises(InputError) as refused:
+        dpo.read_pairs(pairs_file(tmp_path / "pairs.jsonl", {2, 4}))
+    assert str(refused.value) == (
+        f"{tmp_path / 'pairs.jsonl'}: 2 of 5 pair(s) have the same text as chosen and as rejected, so there is no "
+        "preference to learn (the loss stays log 2): line(s) 2, 4; give each pair two different answers"
+    )
+    assert len(dpo.read_pairs(pairs_file(tmp_path / "fine.jsonl", set()))) == 5
+
+
+@pytest.mark.claim("D3")
+def test_the_dpo_command_refuses_pairs_with_nothing_to_prefer_before_any_model_loads(
+    tmp_path, tiny_gemma2_dir, monkeypatch
+):
+    """Exit 2 naming the lines; no model was loaded (the loader is watched) and no output written."""
+    loaded = []
+
+    def load_causal_lm(*args, **kwargs):
+        loaded.append(args)
+        raise AssertionError(f"a model was loaded: {args}")
+
+    monkeypatch.setattr(models, "load_causal_lm", load_causal_lm)
+    data = pairs_file(tmp_path / "pairs.jsonl", {1, 2, 3, 4, 5})
+    code, _, err = run_main("dpo", "--model", tiny_gemma2_dir, "--data", data, "--output", tmp_path / "out")
+    assert code == 2 and "5 of 5 pair(s) have the same text" in err and "line(s) 1, 2, 3, 4, 5;" in err
+    assert loaded == [] and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

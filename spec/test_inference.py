@@ -14,6 +14,7 @@ import torch
 
 from reference import cli, generation, retrieval
 from reference.errors import InputError
+from spec.cli_runner import run_main
 
 ADDED = "<user_name>"
 
@@ -165,3 +166,67 @@ def test_the_generate_command_answers_with_an_adapter_that_saved_no_tokenizer(
     assert [r["task_id"] for r in rows] == [0, 1, 2, 3]
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["max_new_tokens"] == 2 and report["settings"]["batch_size"] == 4
+
+
+def alone(tokenizer, task: str) -> int:
+    """Tokens of a task's prompt with no shot at all: the least it can be fitted to."""
+    return retrieval.fit([], task, tokenizer, 100_000).tokens
+
+
+LONG_TASK = "日本の首都について説明してください。" + "東京の歴史と文化を詳しく教えてください。" * 6
+"""A task far longer than tasks_sample.jsonl's, so that it alone passes a window or context the others fit."""
+
+
+@pytest.mark.claim("C21")
+def test_a_task_longer_than_the_models_context_is_refused_naming_it_and_both_lengths(tiny_gemma2_dir, fixtures_dir):
+    """The model's context (its config's max_position_embeddings, here lowered to the first task's prompt with
+    no shot) binds before the 4096-token window: that is said once, the first task drops both its shots to
+    fit it, and the second, which does not fit alone, is refused before anything is generated, named by its
+    task_id and place, with its length and the context. (It used to be answered, with only transformers'
+    warning about positions past the context.)"""
+    model, tokenizer = generation.load_for_inference(tiny_gemma2_dir)
+    short = "日本の首都について説明してください。"
+    context = alone(tokenizer, short)
+    model.config.max_position_embeddings = context
+    assert alone(tokenizer, LONG_TASK) > context
+    tasks = [{"task_id": "short", "input": short}, {"task_id": "long", "input": LONG_TASK}]
+    shots = retrieval.read_shots(fixtures_dir / "data" / "qa111_sample.jsonl")
+    config = generation.seed_generation_config(tokenizer, max_new_tokens=1)
+    said = []
+    with pytest.raises(InputError) as refused:
+        embedder = fixtures_dir / "models" / "tiny-embedder"
+        generation.answer_tasks(model, tokenizer, tasks, shots, embedder, config, k=2, say=said.append)
+    assert str(refused.value) == (
+        f"task_id 'long' (number 1): the task alone takes {alone(tokenizer, LONG_TASK)} tokens, more than the "
+        f"model's context of {context} tokens (its config's max_position_embeddings); it is never cut"
+    )
+    assert said == [
+        f"the 4096-token window is longer than the model's context ({context} tokens, its max_position_embeddings): "
+        f"prompts are fitted to {context} tokens",
+        f"task 0: prompt over {context} tokens; dropped the 2 least similar shots",
+    ]
+
+
+@pytest.mark.claim("C21")
+def test_the_generate_command_names_the_task_that_does_not_fit_the_window_by_its_task_id_and_line(
+    tiny_gemma2_dir, fixtures_dir, tmp_path
+):
+    """The window fits the first task's prompt with no shot but not the long task, on line 3 of the tasks file
+    (line 2 is blank, so its place, 1, is not its line). `generate` exits 2 naming it, its length and the
+    window (it used to say only "the task alone takes N tokens"), and writes nothing."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gemma2_dir))
+    tasks = tmp_path / "tasks.jsonl"
+    rows = [{"task_id": 0, "input": "日本の首都について説明してください。"}, {"task_id": "long", "input": LONG_TASK}]
+    tasks.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n", encoding="utf-8")
+    window = alone(tokenizer, rows[0]["input"])
+    argv = ["generate", "--model", tiny_gemma2_dir, "--tasks", tasks]
+    argv += ["--shots", fixtures_dir / "data" / "qa111_sample.jsonl", "--k", "1", "--window", window]
+    code, _, err = run_main(*argv, "--max-new-tokens", "1", "--output", tmp_path / "output.jsonl")
+    assert code == 2
+    assert (
+        f"error: task_id 'long' ({tasks}, line 3): the task alone takes {alone(tokenizer, LONG_TASK)} tokens, "
+        f"more than the {window}-token window (--window); it is never cut"
+    ) in err
+    assert not (tmp_path / "output.jsonl").exists()

@@ -13,6 +13,7 @@ fresh adapter there) is called from Python here, and from the command line in sp
 
 from __future__ import annotations
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from reference import continuation, lora, models, rundir
+from reference import adapter_records, continuation, lora, models, rundir
 from reference.errors import InputError
 from reference.recipes import apply_overrides, load_recipe
 from spec.adapters import (
@@ -31,6 +32,7 @@ from spec.adapters import (
     logits_of,
     max_difference,
 )
+from spec.cli_runner import run_main
 
 # --- A3: merge the adapter into the (dequantised) base ---
 
@@ -71,14 +73,80 @@ def test_merging_dequantises_the_nf4_base_and_gives_base_plus_adapter_logits(mer
     assert max_difference(logits_of(naive.eval()), expected) > 4 * TOLERANCE
 
 
+# --- A3: the base loaded as the adapter's run recorded it ---
+
+
+@pytest.mark.slow
+@pytest.mark.claim("A3")
+def test_merge_loads_the_base_as_the_adapters_run_recorded_it_unless_told(
+    merged, uninterrupted, tiny_gemma2_dir, tmp_path
+):
+    """The six-step run trained on an NF4 base and says so: run.json (beside checkpoints/) and manifest.json
+    (beside the final adapter) record model.quantization "nf4". With no --quantization, the command's
+    default, lora.merge follows that record: the base is loaded in NF4 and dequantised, and the merged model
+    is, weight for weight, the one merged with quantization="nf4" given. (It used to merge into the bf16
+    base the adapter never saw, with exit 0 and no word.) The Trainer's checkpoint also records its base's
+    kind (reference/lora.py's RECORD)."""
+    run = uninterrupted.output
+    assert adapter_records.recorded_quantization(uninterrupted.checkpoint) == ("nf4", str(run / rundir.RUN))
+    assert adapter_records.recorded_quantization(run) == ("nf4", str(run / "manifest.json"))
+    assert adapter_records.recorded_kind(uninterrupted.checkpoint)["model_type"] == "gemma2"
+    said = []
+    summary = lora.merge(tiny_gemma2_dir, uninterrupted.checkpoint, tmp_path / "model", say=said.append)
+    assert said == [] and summary["base_quantization"] == summary["recorded_quantization"] == "nf4"
+    assert summary["quantization_record"] == str(run / rundir.RUN)
+    ours, _ = models.load_causal_lm(tmp_path / "model", dtype="bfloat16")
+    told, _ = models.load_causal_lm(merged.output, dtype="bfloat16")
+    assert_same_tensors(ours.state_dict(), told.state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.claim("A3")
+def test_a_merge_quantisation_that_contradicts_the_record_is_refused_naming_both_unless_overridden(
+    uninterrupted, tiny_gemma2_dir, tmp_path
+):
+    """`merge --quantization none` of the NF4-trained checkpoint exits 2 before any model loads, naming the
+    choice, the record and the file it is in, and the two ways on; nothing is written. With
+    --override-record (folding a QLoRA adapter into the full-precision base on purpose) it merges as told,
+    says so, and the summary keeps both. --override-record with nothing to override with is refused."""
+    on = ["merge", "--model", tiny_gemma2_dir, "--adapter", uninterrupted.checkpoint]
+    code, _, err = run_main(*on, "--output", tmp_path / "refused", "--quantization", "none")
+    assert code == 2 and not (tmp_path / "refused").exists()
+    assert "--quantization none" in err and "loaded nf4" in err and str(uninterrupted.output / rundir.RUN) in err
+    assert "Leave --quantization out" in err and "--override-record" in err
+    code, out, err = run_main(*on, "--output", tmp_path / "model", "--quantization", "none", "--override-record")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["base_quantization"], summary["recorded_quantization"]) == ("none", "nf4")
+    assert "note: merging onto the base loaded none, as asked" in err
+    code, _, err = run_main(*on, "--output", tmp_path / "vague", "--override-record")
+    assert code == 2 and "give the --quantization" in err and not (tmp_path / "vague").exists()
+
+
+@pytest.mark.claim("A3")
+def test_an_adapter_without_a_run_record_merges_onto_the_base_as_saved_and_says_it_could_not_tell(
+    saved_adapter, tiny_gemma2_dir, tmp_path
+):
+    """The `saved_adapter` fixture was saved by peft alone: no manifest.json, dpo.json or run.json beside it.
+    The default then is what it always was, the base as saved (none), with a note naming the flag to use for
+    an adapter trained on a 4-bit base; an explicit choice is taken as given."""
+    code, out, err = run_main(
+        "merge", "--model", tiny_gemma2_dir, "--adapter", saved_adapter, "--output", tmp_path / "m"
+    )
+    assert code == 0, err
+    assert json.loads(out)["base_quantization"] == "none" and json.loads(out)["recorded_quantization"] is None
+    assert f"note: adapter {saved_adapter} has no run record beside it" in err and "--quantization nf4" in err
+    assert adapter_records.merge_quantization(saved_adapter, "nf4", say=pytest.fail) == "nf4"
+
+
 # --- A3: the merge route of `continue`, from Python ---
 
 
 def an_old_run(directory):
-    """A directory that holds a run (its run.json) and a file of that run's."""
+    """A directory that holds a run (its run.json) and a file of that run's (its adapter, by the name peft saves)."""
     directory.mkdir()
     (directory / rundir.RUN).write_text("{}", encoding="utf-8")
-    (directory / "old.txt").write_text("the old run's", encoding="utf-8")
+    (directory / "adapter_model.safetensors").write_text("the old run's", encoding="utf-8")
     return directory
 
 
@@ -95,7 +163,7 @@ def test_the_merge_route_checks_the_run_directory_before_it_merges_anything(
         continuation.continue_merged(*on, say=lambda _: None)
     with pytest.raises(InputError, match="choose one"):
         continuation.continue_merged(*on, resume=True, overwrite=True, say=lambda _: None)
-    assert sorted(p.name for p in output.iterdir()) == ["old.txt", rundir.RUN]
+    assert sorted(p.name for p in output.iterdir()) == ["adapter_model.safetensors", rundir.RUN]
 
 
 @pytest.mark.slow
@@ -105,19 +173,21 @@ def test_the_merge_route_replaces_an_old_run_then_resumes_on_the_base_it_merged(
 ):
     """continuation.continue_merged with overwrite: the old run's files are gone, the adapter is merged into
     OUTPUT/merged-base, and a fresh adapter trains there (3 steps, checkpoints at 2 and 3; the loss falls).
-    checkpoint-3 is then removed, as if the run had been killed before writing it, and the route is called
-    again with resume: it says nothing about merging (the merged base is the run's, kept), and the run goes
-    on from checkpoint-2 at step 3 on that base."""
+    checkpoint-3 and the manifest are then removed, as if the run had been killed before writing them, and the
+    route is called again with resume: it says nothing about merging (the merged base is the run's, kept), and
+    the run goes on from checkpoint-2 at step 3 on that base."""
     output, said = an_old_run(tmp_path / "run"), []
     recipe = apply_overrides(load_recipe("llm2024"), [*THREE_STEPS, "save_steps=2"])
     on = (recipe, tiny_gemma2_dir, saved_adapter, magpie_data, output)
     first = continuation.continue_merged(*on, overwrite=True, say=said.append)
     merged = output / continuation.MERGED_BASE
-    assert not (output / "old.txt").exists() and first.model["path"] == str(merged.resolve())
+    old = output / "adapter_model.safetensors"
+    assert old.read_bytes() != b"the old run's" and first.model["path"] == str(merged.resolve())
     assert any(line.startswith(f"merged {saved_adapter} into {tiny_gemma2_dir}") for line in said)
     assert first.adapter["mode"] == "created" and first.steps[-1]["loss"] < first.steps[0]["loss"]
 
     shutil.rmtree(output / "checkpoints" / "checkpoint-3")
+    (output / "manifest.json").unlink()  # killed before its last checkpoint: no manifest either
     said.clear()
     resumed = continuation.continue_merged(*on, resume=True, say=said.append)
     assert not any(line.startswith("merged ") for line in said)

@@ -13,7 +13,12 @@ HELP = "DPO with a LoRA policy; the reference is the starting adapter, frozen (D
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
-    p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected}")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="JSONL of {prompt, chosen, rejected}, chosen != rejected in every pair (a pair with "
+        "nothing to prefer is refused, its line named, before the model loads)",
+    )
     p.add_argument("--output", required=True, help="directory for the adapter, tokenizer and dpo.json")
     p.add_argument(
         "--adapter",

@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--window",
         type=positive_int,
         default=retrieval.DEFAULT_WINDOW,
-        help="prompt tokens at most; least similar shots are dropped (default %(default)s, the seed's)",
+        help="prompt tokens at most; least similar shots are dropped, and a task that does not fit alone is "
+        "refused, named; prompts also fit the model's context (max_position_embeddings) (default %(default)s, "
+        "the seed's)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -60,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from reference import generation, retrieval
 
-    tasks, shots = generation.read_tasks(args.tasks), retrieval.read_shots(args.shots)  # bad rows fail before loading
+    numbered = generation.read_tasks(args.tasks, with_lines=True)  # bad rows fail before loading
+    tasks, shots = [task for _, task in numbered], retrieval.read_shots(args.shots)
+    names = generation.task_names(tasks, args.tasks, [line for line, _ in numbered])
     model, tokenizer = generation.load_for_inference(args.model, args.adapter, dtype=args.dtype)
     config = generation.seed_generation_config(tokenizer, max_new_tokens=args.max_new_tokens)
     bar = progress(len(tasks), "generate")  # a person watching a long run sees it move
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         say=say,
         progress=bar.update if bar else None,
+        names=names,
     )
     if bar:
         bar.close()
