@@ -174,7 +174,14 @@ def write_or_check(directory: str | Path, what_runs: dict, resume: bool) -> None
     if not resume:
         write_text_atomic(path, json.dumps(what_runs, ensure_ascii=False, indent=1, default=str) + "\n")
         return
-    recorded = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        manifest.what_ran_differences(recorded, recorded)  # the parts a record must have, of the right kinds
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(
+            f"--resume: {path} is damaged ({type(error).__name__}: {error}); what the run trains cannot be "
+            "checked against it, so it is not carried on: use --overwrite to start the run again"
+        ) from None
     differences = [
         f"{part}: {line}"
         for part, lines in manifest.what_ran_differences(recorded, what_runs).items()

@@ -309,3 +309,82 @@ def test_a_run_that_fills_its_disk_exits_2_naming_it_and_leaves_no_half_checkpoi
     assert f"--output {small_device / 'run' / 'checkpoints'}: no space left on the device" in err
     assert list((small_device / "run" / "checkpoints").iterdir()) == []
     assert shutil.disk_usage(small_device).free > 600 * 1024
+
+
+@pytest.mark.claim("X5", "X1")
+@pytest.mark.parametrize("content", ['{"model": {"weights_sha256": "m"}, "da', "[]", '{"model": 1}'])
+def test_resume_of_a_run_whose_record_is_damaged_is_refused_naming_it(tmp_path, content):
+    """A half-written or foreign run.json cannot say what the run trained: --resume is exit 2 naming the file and
+    --overwrite, never a traceback."""
+    (tmp_path / "run.json").write_text(content, encoding="utf-8")
+    what_runs = {"model": {"weights_sha256": "m"}, "data": {"sha256": "d"}, "settings": {}}
+    with pytest.raises(InputError, match=r"--resume: .*run.json is damaged .* use --overwrite"):
+        rundir.write_or_check(tmp_path, what_runs, resume=True)
+
+
+# --- the caches a command writes into ---
+
+
+@pytest.mark.claim("X6")
+def test_a_cache_variable_pointing_at_a_file_is_named_not_blamed_on_the_data(tmp_path, monkeypatch):
+    """HF_HOME=FILE: datasets would fail with NotADirectoryError '<FILE>/datasets' while reading the data, and the
+    message used to name the data file. The check names the cache folder and HF_HOME."""
+    from reference import caches
+
+    a_file = tmp_path / "hf-home"
+    a_file.write_text("not a folder", encoding="utf-8")
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(a_file))
+    with pytest.raises(
+        InputError, match=rf"the datasets cache {a_file / 'datasets'} \(chosen by HF_HOME\): {a_file} is a file"
+    ):
+        caches.require_writable_cache()
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    assert caches.require_writable_cache() == tmp_path / "cache" and (tmp_path / "cache").is_dir()
+
+
+@pytest.mark.claim("X6")
+def test_a_read_only_home_is_named_with_the_variable_that_chose_the_cache(tmp_path, monkeypatch):
+    """HOME on a read-only file system (root may write anywhere else, so a read-only tmpfs stands in)."""
+    from reference import caches
+
+    home = tmp_path / "home"
+    home.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(home)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        for name in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(home))
+        with pytest.raises(InputError, match=r"\(chosen by HOME\): it cannot be written \(Read-only file system\)"):
+            caches.require_writable_cache()
+    finally:
+        subprocess.run(["umount", str(home)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X6", "A3")
+def test_a_merge_that_fills_its_disk_exits_2_naming_it_and_leaves_no_partial_model(saved_adapter, small_device):
+    """The merged model (about 1 MB of bf16 weights) does not fit in 700 KiB: exit 2 naming --output and the space
+    left, no traceback, and neither the output nor a hidden partial folder is left on the device."""
+    code, _, err = run_cli("merge", "--model", MODEL, "--adapter", saved_adapter, "--output", small_device / "merged")
+    assert code == 2 and "Traceback" not in err
+    assert f"{small_device / 'merged'}: no space left on the device" in err
+    assert list(small_device.iterdir()) == []
+
+
+@pytest.mark.claim("X10")
+@pytest.mark.parametrize(("world_size", "says"), [("2", "2 processes were started"), ("1", "and this is one")])
+def test_an_fsdp_run_that_forms_no_process_group_says_how_many_processes_were_started(monkeypatch, world_size, says):
+    """The refusal is true to what ran: under torchrun (WORLD_SIZE=2) it no longer says 'this is one process'."""
+    from types import SimpleNamespace
+
+    from transformers.training_args import ParallelMode
+
+    from reference import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    args = SimpleNamespace(fsdp="full_shard", fsdp_config={}, parallel_mode=ParallelMode.NOT_PARALLEL)
+    with pytest.raises(InputError, match=says):
+        distributed.check_arguments(args, adapter=True)
