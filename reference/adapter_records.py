@@ -57,14 +57,56 @@ def base_record(model) -> dict:
     return {"base_model_class": cls.__name__, "parent_library": cls.__module__, RECORD: kind}
 
 
+CONFIG = "adapter_config.json"
+SAFE_WEIGHTS = "adapter_model.safetensors"
+"""Adapters load from safetensors only: a pickled adapter_model.bin could run code when loaded."""
+AGAIN = "copy or save the adapter again (an interrupted copy or save leaves a file cut short)"
+
+
 def adapter_settings(adapter_dir: Path) -> dict:
-    """adapter_config.json as a dict; unreadable is an error naming the adapter."""
+    """adapter_config.json as a dict; unreadable is an error naming the file."""
+    path = Path(adapter_dir) / CONFIG
     try:
-        settings = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"adapter {adapter_dir}: adapter_config.json is not readable: {error}") from None
+        settings = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise InputError(f"adapter {adapter_dir}: {path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        reason = f"not UTF-8 text ({error.reason} at byte {error.start})"
+        raise InputError(f"adapter {adapter_dir}: {path} is damaged: {reason}; {AGAIN}") from None
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"adapter {adapter_dir}: {path} is damaged or truncated: not valid JSON (line {error.lineno}, column "
+            f"{error.colno}: {error.msg}); {AGAIN}"
+        ) from None
     if not isinstance(settings, dict):
-        raise InputError(f"adapter {adapter_dir}: adapter_config.json is not a JSON object")
+        raise InputError(f"adapter {adapter_dir}: {path} is not a JSON object but a JSON {type(settings).__name__}")
+    return settings
+
+
+def check_adapter_files(adapter_dir: str | Path | None) -> dict:
+    """Before anything loads: the adapter directory holds a readable adapter_config.json and a whole
+    adapter_model.safetensors (never a pickle), or an error names the file and what is wrong with it (missing,
+    not JSON, cut short, damaged). Returns the adapter's settings ({} for no adapter, None)."""
+    if adapter_dir is None:
+        return {}
+    directory = Path(adapter_dir)
+    if not (directory / CONFIG).is_file():
+        raise InputError(f"adapter {adapter_dir}: no {CONFIG} (not a saved peft adapter)")
+    settings = adapter_settings(directory)
+    weights = directory / SAFE_WEIGHTS
+    if not weights.is_file():
+        pickled = (
+            " only a pickled adapter_model.bin, which is never unpickled here"
+            if (directory / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise InputError(
+            f"adapter {adapter_dir}: no {SAFE_WEIGHTS};{pickled} (convert a trusted one with "
+            "peft: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True))"
+        )
+    fault = models.safetensors_fault(weights)
+    if fault:
+        raise InputError(f"adapter {adapter_dir}: {weights} cannot be read whole: {fault}; {AGAIN}")
     return settings
 
 
@@ -114,12 +156,12 @@ def check_recorded_base(adapter_dir: Path, config: dict, say=note) -> None:
 
 
 def check_fits(base_dir: str | Path, adapter_dir: str | Path, say=note) -> None:
-    """check_recorded_base from the base's config alone, before its weights load."""
+    """The adapter's files (check_adapter_files), then check_recorded_base from the base's config alone, before
+    its weights load."""
     from transformers import AutoConfig
 
     directory = models.require_model_dir(base_dir)
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise InputError(f"adapter {adapter_dir}: no adapter_config.json (not a saved peft adapter)")
+    check_adapter_files(adapter_dir)
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True).to_dict()
     except (OSError, ValueError) as error:

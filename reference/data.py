@@ -1,6 +1,6 @@
 """Datasets: records with columns, from files, mapped to instruction/response (seed 004 §2, seed 001 §2.2).
 
-A dataset is structured data: one row is one record, a record has columns. Two ways in:
+A dataset is structured data: one row is one record, a record has columns. Three ways in:
 
 * `parse_jsonl` / `read_pairs` turn JSONL bytes into instruction/response pairs with nothing but `json`
   — the filter's path, which must start fast and must not lose a row: a line that is not UTF-8, not
@@ -8,6 +8,10 @@ A dataset is structured data: one row is one record, a record has columns. Two w
 * `load_records` builds a `datasets.Dataset` from JSONL, JSON, CSV, Parquet or a saved dataset folder
   and maps named columns to instruction/response; a missing file or column, or a row whose value is
   not text, is an `InputError` naming the file, the row number and the column.
+* `read_text_rows` reads the small JSONL files of tasks, shots and preference pairs.
+
+All three read JSON Lines by the rules of reference/file_faults.py: a row whose object gives a key twice is
+refused (unreadable, for the filter), naming the key; a UTF-8 byte order mark at the start of a file is skipped.
 
 Magpie records (llm-jp/magpie-sft-v1.0) hold a `conversations` list; the instruction is the content of
 the first `user` turn and the response that of the first `assistant` turn, "" when there is none (C3).
@@ -20,8 +24,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from reference import caches
 from reference.errors import InputError
-from reference.file_faults import locate_fault, not_utf8
+from reference.file_faults import BLANK, BOM, UNIQUE_KEYS, RepeatedKey, locate_fault, not_utf8
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 QA111_COLUMNS = {"instruction": "input", "response": "output"}
@@ -71,7 +76,7 @@ def pair_from_row(row: object, line: int) -> Pair:
     return Pair(line, instruction, response, row.get("id"))
 
 
-_scan = json.JSONDecoder().scan_once  # json.loads without its per-call Python wrapper
+_scan = UNIQUE_KEYS.scan_once  # json.loads without its per-call Python wrapper; a repeated key is refused
 
 
 def _loads(text: str):
@@ -86,18 +91,21 @@ def _loads(text: str):
     return value
 
 
-_BLANK = " \t\n\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank
+_BLANK = BLANK  # what bytes.strip() removes: a line of only these is blank
 
 
 def parse_jsonl(data, first_line: int = 1, start: int = 0, end: int | None = None) -> list[Pair | Unreadable]:
     """Each line of JSONL bytes (bytes or an mmap; data[start:end]) as a Pair, or as Unreadable with its
     line number (blank lines skipped).
 
-    A line that is not UTF-8 or not JSON, or a row that is neither magpie nor instruction/response,
-    is Unreadable: reported, never skipped. Lines are decoded straight from `data`, never copied first."""
+    A line that is not UTF-8 or not JSON, an object that gives a key twice, or a row that is neither magpie
+    nor instruction/response, is Unreadable: reported, never skipped. A byte order mark at the start of the
+    file (start 0) is skipped. Lines are decoded straight from `data`, never copied first."""
     end = len(data) if end is None else end
     items: list[Pair | Unreadable] = []
     view, number, at = memoryview(data), first_line, start
+    if start == 0 and data[: len(BOM)] == BOM:
+        at = len(BOM)
     try:
         while at < end:
             stop = data.find(b"\n", at, end)
@@ -150,15 +158,20 @@ def load_table(path: str | Path):
         raise InputError(f"{path}: no such file or folder")
     kind = _format(source)
     raw = source.read_bytes() if source.is_file() else None
-    if raw is not None and not raw.strip():
+    if raw is not None and not raw.removeprefix(BOM).strip():
         raise InputError(f"{path}: the file is empty: no records")
+    fault = None
+    if kind == "json":  # every row read first: the loader keeps one value of a repeated key without a word
+        fault = locate_fault(source, kind, raw)
+    elif kind == "csv":  # the loader may read bytes that are not UTF-8 and fail only when a row is read
+        fault = not_utf8(raw)
+    if fault:
+        raise InputError(f"{path}, {fault}")
+    if kind != "saved":  # the loader writes the file as Arrow tables into its cache first
+        caches.require_writable_cache()
     import datasets
 
     datasets.disable_progress_bars()
-    if kind in ("json", "csv"):  # the loaders may read bytes that are not UTF-8 and fail only when a row is read
-        fault = not_utf8(raw)
-        if fault:
-            raise InputError(f"{path}, {fault}")
     try:
         if kind == "saved":
             table = datasets.load_from_disk(str(source))
@@ -227,18 +240,25 @@ def training_set(filtered_path: str | Path, qa_path: str | Path):
 
 def read_text_rows(path: str | Path, needed: tuple[str, ...], with_lines: bool = False) -> list:
     """The rows of a small JSONL file, each an object with non-empty text in every `needed` field;
-    the first row that is not is an error naming the file, the line and the fields. With
-    `with_lines`, (line number, row) pairs, for callers that check more and must name the line."""
+    the first row that is not is an error naming the file, the line and the fields (or the key it gives
+    twice). A byte order mark at the start is skipped. With `with_lines`, (line number, row) pairs, for
+    callers that check more and must name the line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read: {error}") from None
+        content = Path(path).read_bytes()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
+    fault = not_utf8(content)
+    if fault:
+        raise InputError(f"{path}, {fault}")
+    lines = content.decode("utf-8").removeprefix("\ufeff").split("\n")  # split(): a row may hold U+2028
     rows = []
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        if not line.strip(BLANK):
             continue
         try:
-            row = json.loads(line)
+            row = UNIQUE_KEYS.decode(line)
+        except RepeatedKey as error:
+            raise InputError(f"{path}, line {number}: {error}") from None
         except ValueError as error:
             raise InputError(f"{path}, line {number}: not JSON ({error})") from None
         missing = [k for k in needed if not isinstance(row, dict) or not isinstance(row.get(k), str) or not row[k]]

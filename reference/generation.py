@@ -91,15 +91,20 @@ def load_for_inference(
 ):
     """(model, tokenizer) for generation: the base from a local directory (reference/models.py), the
     adapter on it frozen (peft's is_trainable=False), the model in eval mode, and the tokenizer
-    `lora.load_tokenizer` chooses (the adapter's own when it saved one, else the base's)."""
+    `lora.load_tokenizer` chooses (the adapter's own when it saved one, else the base's). The tokenizer and the
+    adapter's files are checked before the model loads: a tokenizer larger than the embeddings, or an adapter
+    file cut short, is named at once."""
     from reference import lora, models
 
+    models.require_model_dir(model_dir)  # first: a missing model is named as such
+    tokenizer = lora.load_tokenizer(model_dir, adapter_dir)
+    lora.check_adapter_files(adapter_dir)
     model, _ = models.load_causal_lm(
         model_dir, dtype=dtype, quantization=quantization, quantization_section=quantization_section
     )
     if adapter_dir is not None:
         model = lora.load_adapter(model, adapter_dir, trainable=False)
-    return model.eval(), lora.load_tokenizer(model_dir, adapter_dir)
+    return model.eval(), tokenizer
 
 
 def generate(model, tokenizer, prompts: list[str], config=None, batch_size: int = 1, progress=None) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 from reference import models, vocab
 from reference.adapter_records import (
     base_record,
+    check_adapter_files,
     check_fits,
     check_recorded_base,
     merge_quantization,
@@ -109,29 +110,15 @@ def count_trainable(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-SAFE_WEIGHTS = "adapter_model.safetensors"
-"""Adapters load from safetensors only: a pickled adapter_model.bin could run code when loaded."""
-
-
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = True, say=note, checked: bool = False):
     """A saved adapter on `model`, its weights trainable (peft's default, is_trainable=False, freezes them:
-    the mistake behind "it only learned the new data", seed 000). A mismatch is an error naming both: first
+    the mistake behind "it only learned the new data", seed 000). Its files are checked first
+    (check_adapter_files: a missing, cut or damaged one is named). A mismatch is an error naming both: first
     the kind of base the adapter records (check_recorded_base; `checked` when the caller did that already),
     then peft's shapes. The loaded adapter records `model` as its base from now on (base_record): saved
     again after more training, it says what it was last trained on."""
     directory = Path(adapter_dir)
-    if not (directory / "adapter_config.json").is_file():
-        raise InputError(f"adapter {adapter_dir}: no adapter_config.json (not a saved peft adapter)")
-    if not (directory / SAFE_WEIGHTS).is_file():
-        pickled = (
-            " only a pickled adapter_model.bin, which is never unpickled here"
-            if (directory / "adapter_model.bin").is_file()
-            else ""
-        )
-        raise InputError(
-            f"adapter {adapter_dir}: no {SAFE_WEIGHTS};{pickled} (convert a trusted one with "
-            "peft: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True))"
-        )
+    check_adapter_files(directory)
     if not checked:
         check_recorded_base(directory, model.config.to_dict(), say)
     record = base_record(model)
@@ -157,14 +144,18 @@ def tokenizer_dir(base_dir: str | Path, adapter_dir: str | Path | None = None) -
 
 def load_tokenizer(base_dir: str | Path, adapter_dir: str | Path | None = None):
     """The tokenizer `tokenizer_dir` chooses, read from the local directory. A directory with no tokenizer files
-    is an error: transformers 5 would otherwise build an almost empty tokenizer from config.json alone."""
+    is an error: transformers 5 would otherwise build an almost empty tokenizer from config.json alone; so is a
+    tokenizer with more tokens than the base has embedding rows (models.check_vocabulary), before any model
+    loads."""
     directory = Path(tokenizer_dir(base_dir, adapter_dir))
     if not any((directory / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
         where = f"model {base_dir}" + (f" nor adapter {adapter_dir}" if adapter_dir else "")
         raise InputError(
             f"{where}: no tokenizer (tokenizer_config.json or tokenizer.json); save one beside the weights"
         )
-    return vocab.load_tokenizer(directory)
+    tokenizer = vocab.load_tokenizer(directory)
+    models.check_vocabulary(tokenizer, directory, base_dir)
+    return tokenizer
 
 
 def merge(
@@ -185,6 +176,7 @@ def merge(
     its update. An adapter made for another kind of model is refused before the base loads (check_fits).
     Returns what was merged, for the run's manifest."""
     check_fits(base_dir, adapter_dir, say)
+    tokenizer = load_tokenizer(base_dir, adapter_dir)  # saved with the merged model: checked before the merge
     record = recorded_quantization(adapter_dir)
     quantization = merge_quantization(adapter_dir, quantization, override_record, say)
     model, identity = models.load_causal_lm(base_dir, dtype="bfloat16", quantization=quantization)
@@ -196,7 +188,7 @@ def merge(
     target = Path(output_dir)
     with complete_directory(target) as partial:
         merged.save_pretrained(partial, safe_serialization=True)
-        load_tokenizer(base_dir, adapter_dir).save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return {
         "base": identity.path,
         "base_quantization": identity.quantization,

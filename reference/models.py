@@ -67,6 +67,68 @@ class ModelIdentity:
     """none, 8bit or nf4 as loaded (a saved 4-bit directory reads as nf4)."""
 
 
+def safetensors_fault(path: str | Path) -> str | None:
+    """Why a safetensors file cannot be read whole, or None when it can: "it is truncated, N bytes of the M its
+    header describes" for a file cut short (an interrupted copy or save), else "it is damaged (why)". Only the
+    header is read (safetensors checks that it describes the file exactly); no tensor is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except (SafetensorError, OSError) as error:
+        reason = str(error)
+    size, described = Path(path).stat().st_size, _described_size(Path(path))
+    if described is not None and described > size:
+        return f"it is truncated, {size:,} bytes of the {described:,} its header describes"
+    return f"it is damaged (safetensors: {reason})"
+
+
+def _described_size(path: Path) -> int | None:
+    """The bytes a safetensors file's header says the file holds (8 + header + tensor data), at least as many
+    as the header alone when that is cut short; None when there is no header to read."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            return None
+        length = int.from_bytes(head, "little")
+        if length > 100_000_000:  # safetensors' own limit: not a header length, but damage
+            return None
+        header = file.read(length)
+    if len(header) < length:
+        return 8 + length
+    try:
+        entries = json.loads(header)
+        ends = [entry["data_offsets"][1] for key, entry in entries.items() if key != "__metadata__"]
+        return 8 + length + max(ends, default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def embedding_rows(directory: str | Path) -> int | None:
+    """How many token ids the model in `directory` has input embeddings for: its config's vocab_size (the rows
+    from_pretrained builds the embedding with), or its text model's for a composite config; None if unsaid."""
+    config = json.loads((require_model_dir(directory) / "config.json").read_text(encoding="utf-8"))
+    rows = config.get("vocab_size")
+    if rows is None and isinstance(config.get("text_config"), dict):
+        rows = config["text_config"].get("vocab_size")
+    return rows if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0 else None
+
+
+def check_vocabulary(tokenizer, tokenizer_dir: str | Path, model_dir: str | Path) -> None:
+    """A tokenizer with more tokens than the model has embedding rows is refused, naming the tokenizer's
+    directory and both sizes: an id past the last row has no embedding, and the model fails on it mid-run
+    (index out of range). Fewer tokens than rows is normal (vocabularies padded to a multiple of 64 or 128)."""
+    rows = embedding_rows(model_dir)
+    if rows is not None and len(tokenizer) > rows:
+        raise InputError(
+            f"tokenizer {tokenizer_dir} has {len(tokenizer):,} tokens, more than the {rows:,} rows of the input "
+            f"embeddings of model {model_dir} (config.json vocab_size): ids {rows:,} and up have no embedding. "
+            "Use the tokenizer saved with the model, or register new tokens with `add-tokens`, which grows the "
+            "embeddings"
+        )
+
+
 def weight_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:

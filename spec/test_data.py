@@ -195,3 +195,108 @@ def test_an_empty_file_is_named_as_empty(tmp_path, content):
     path.write_text(content)
     with pytest.raises(InputError, match="the file is empty: no records"):
         load_records(path)
+
+
+# ------------------------------------------------------------------ one JSON Lines rule for every reader
+
+BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte order mark that Windows editors write at the start of a file."""
+REPEATED = [
+    ('{"input": "a", "input": "b", "output": "c"}', "'input'"),
+    ('{"conversations": [{"role": "user", "role": "assistant", "content": "x"}], "output": "c"}', "'role'"),
+]
+"""A row that gives a key twice, at the top and nested: json and pyarrow keep one of the values without a word."""
+
+
+def qa_lines(*rows: str) -> bytes:
+    return "".join(f"{row}\n" for row in rows).encode()
+
+
+GOOD = '{"input": "日本の首都は？", "output": "東京です。"}'
+
+
+@pytest.mark.claim("P2")
+@pytest.mark.parametrize("row, key", REPEATED, ids=["top-level", "nested"])
+def test_a_jsonl_row_that_gives_a_key_twice_is_refused_naming_file_row_line_and_key(tmp_path, row, key):
+    """The datasets loader took {"input": "a", "input": "b"} as "b" (or failed naming no row); every row is now read
+    with the standard library first."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(qa_lines(GOOD, "", row))
+    with pytest.raises(InputError) as error:
+        load_records(path, QA111_COLUMNS)
+    assert f"{path}, row 2 (line 3): key {key} appears twice in one object" in str(error.value)
+
+
+@pytest.mark.claim("P2")
+def test_a_json_array_record_that_gives_a_key_twice_is_named_by_row_and_line(tmp_path):
+    """A JSON document's records load with the last value of a repeated key, silently, unless read first."""
+    path = tmp_path / "data.json"
+    path.write_text(f"[{GOOD},\n {GOOD},\n {REPEATED[0][0]}]\n", encoding="utf-8")
+    with pytest.raises(InputError) as error:
+        load_records(path, QA111_COLUMNS)
+    assert f"{path}, row 3 (line 3): key 'input' appears twice in one object" in str(error.value)
+
+
+@pytest.mark.claim("P2")
+@pytest.mark.parametrize("row, key", REPEATED, ids=["top-level", "nested"])
+def test_small_jsonl_files_refuse_a_repeated_key_naming_file_line_and_key(tmp_path, row, key):
+    """Tasks, shots, DPO pairs and preference rows (read_text_rows) took the last value."""
+    from reference.data import read_text_rows
+
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(qa_lines(GOOD, row))
+    with pytest.raises(InputError) as error:
+        read_text_rows(path, ("input",))
+    assert f"{path}, line 2: key {key} appears twice in one object" in str(error.value)
+
+
+@pytest.mark.claim("P2")
+def test_the_filters_reader_reports_a_repeated_key_as_an_unreadable_line_naming_it(tmp_path):
+    """The filter's own parser (parse_jsonl) kept the last instruction; the row is now unreadable, like any
+    row that cannot be taken as one record (the filter rejects it, or refuses it with --strict)."""
+    path = tmp_path / "magpie.jsonl"
+    path.write_bytes(qa_lines('{"instruction": "a", "response": "b"}', '{"instruction": "a", "instruction": "x"}'))
+    items = read_pairs(path)
+    assert isinstance(items[0], Pair)
+    assert isinstance(items[1], Unreadable) and items[1].line == 2
+    assert items[1].error == "key 'instruction' appears twice in one object"
+
+
+@pytest.mark.claim("P2")
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_skipped(tmp_path, fmt):
+    """The same records as the file without it: pyarrow's readers skip it, and so does every reader here."""
+    path = write(tmp_path, fmt)
+    plain = load_records(path, QA111_COLUMNS).to_list()
+    path.write_bytes(BOM + path.read_bytes())
+    assert load_records(path, QA111_COLUMNS).to_list() == plain
+
+
+@pytest.mark.claim("P2")
+def test_the_small_jsonl_files_and_the_filters_reader_skip_a_byte_order_mark_too(tmp_path):
+    """read_text_rows refused line 1 as "not JSON (Unexpected UTF-8 BOM)"; parse_jsonl called it unreadable."""
+    from reference.data import parse_jsonl, read_text_rows
+
+    rows = qa_lines(GOOD, '{"input": "一年は何日？", "output": "365日です。"}')
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(BOM + rows)
+    assert read_text_rows(path, ("input", "output"), with_lines=True) == [
+        (1, json.loads(GOOD)),
+        (2, {"input": "一年は何日？", "output": "365日です。"}),
+    ]
+    pairs = qa_lines('{"instruction": "a", "response": "b"}', '{"instruction": "c", "response": "d"}')
+    assert parse_jsonl(BOM + pairs) == parse_jsonl(pairs)
+    assert [type(item) for item in parse_jsonl(BOM + pairs)] == [Pair, Pair]
+
+
+@pytest.mark.claim("P2")
+def test_a_byte_order_mark_inside_a_file_is_no_mark_but_a_character_the_row_cannot_start_with(tmp_path):
+    """Only the file's first bytes can be a mark; a second file appended with its own is a faulty row."""
+    from reference.data import parse_jsonl
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(qa_lines(GOOD) + BOM + qa_lines(GOOD))
+    with pytest.raises(InputError, match=r"row 2 \(line 2\): not JSON"):
+        load_records(path, QA111_COLUMNS)
+    pairs = qa_lines('{"instruction": "a", "response": "b"}')
+    assert isinstance(parse_jsonl(pairs + BOM + pairs)[1], Unreadable)

@@ -41,22 +41,23 @@ def adapter_dir(tiny_gemma2_dir, tmp_path_factory):
 
 @pytest.fixture
 def adapter_with_tokenizer(adapter_dir, tiny_gemma2_dir, tmp_path):
-    """The same adapter with a tokenizer saved beside it that holds one more token, as after add-tokens."""
+    """The same adapter with a tokenizer of its own saved beside it (the base's, with another model_max_length: a
+    tokenizer with more tokens than the base's embeddings is refused, spec/test_damaged_files.py)."""
     from transformers import AutoTokenizer
 
     directory = tmp_path / "adapter"
     shutil.copytree(adapter_dir, directory)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_gemma2_dir))
-    tokenizer.add_tokens([ADDED], special_tokens=True)
+    tokenizer.model_max_length = 1234
     tokenizer.save_pretrained(directory)
     return directory
 
 
 @pytest.mark.claim("C16")
 def test_an_adapter_that_saved_a_tokenizer_brings_its_own(tiny_gemma2_dir, adapter_with_tokenizer):
-    """The base's vocabulary holds 2,862 tokens; the adapter's tokenizer adds <user_name> as id 2,862."""
+    """The adapter's tokenizer is the one loaded: its own model_max_length (the base's tokenizer says otherwise)."""
     _, tokenizer = generation.load_for_inference(tiny_gemma2_dir, adapter_with_tokenizer)
-    assert len(tokenizer) == 2862 + 1 and tokenizer.convert_tokens_to_ids(ADDED) == 2862
+    assert tokenizer.model_max_length == 1234 and len(tokenizer) == 2862
 
 
 @pytest.mark.claim("C16")
