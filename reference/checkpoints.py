@@ -21,7 +21,11 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from reference import steps
+from reference.errors import InputError
 from reference.hashing import digests
+from reference.manifest import RunManifest
+from reference.paths import no_space
 
 MARKER = "complete.json"
 PREFIX = "checkpoint-"
@@ -34,8 +38,8 @@ def file_hashes(directory: Path) -> dict[str, str]:
 
 
 def mark_complete(directory: str | Path, steps: list | None = None) -> None:
-    """Write the marker (hashes of every file, and the run's step records so far) with an atomic rename, after the
-    checkpoint is written."""
+    """Write the marker (hashes of every file, and the step records the manifest would hold now) with an atomic
+    rename, after the checkpoint is written."""
     directory = Path(directory)
     temporary = directory / (MARKER + ".tmp")
     temporary.write_text(json.dumps({"files": file_hashes(directory), "steps": steps or []}, indent=1))
@@ -111,8 +115,9 @@ def finished_training(checkpoint: Path) -> tuple[int, int] | None:
 
 
 class CompletionMarker(TrainerCallback):
-    """Marks each checkpoint complete once every process has written its part of it, with the run's step records
-    so far (a run that ends after its last checkpoint and before its manifest is completed from them)."""
+    """Marks each checkpoint complete once every process has written its part of it, with the step records this
+    process has kept (since the run started, or since it last resumed: what its manifest would hold), so that a
+    run that ends after its last checkpoint and before its manifest is completed from them."""
 
     def __init__(self, steps: list | None = None):
         self.steps = steps if steps is not None else []
@@ -123,3 +128,29 @@ class CompletionMarker(TrainerCallback):
             dist.barrier()  # every process has written its part (each saves its own RNG state)
         if state.is_world_process_zero:
             mark_complete(Path(args.output_dir) / f"{PREFIX}{state.global_step}", self.steps)
+
+
+def train_keeping_whole_checkpoints(trainer, resume_from: Path | None, checkpoint_dir: Path) -> None:
+    """trainer.train; when it fails (a full disk, an interrupt), the checkpoint it was writing is removed, so only
+    whole ones are left to --resume from and a full device gets its space back. A full device is named."""
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException as error:
+        full = no_space(error, [checkpoint_dir]) if isinstance(error, Exception) else None
+        remove_incomplete(checkpoint_dir)
+        if full:
+            raise InputError(f"--output {full}") from error
+        raise
+
+
+def complete_from(trainer, checkpoint: Path, manifest: RunManifest, records: int, say) -> None:
+    """The trained weights and the step records of a run whose last checkpoint holds its last step."""
+    step, planned = finished_training(checkpoint)
+    say(
+        f"--resume: {checkpoint.name} holds the run's last step ({step} of {planned}): training had finished "
+        "before the run was recorded; its record is completed from that checkpoint, nothing is trained again"
+    )
+    trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loading of a checkpoint's weights
+    plan = steps.plan(steps.settings_from_training_arguments(trainer.args, records))
+    manifest.step_plan = plan.to_dict()
+    manifest.steps[:] = recorded_steps(checkpoint)

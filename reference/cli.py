@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WRITE_FAILURES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
 
 
 class StandardOutput:
@@ -92,8 +96,8 @@ class StandardOutput:
 
 
 def write_failure(error: OSError) -> str | None:
-    """A message for a write that failed for lack of room or permission, naming the path; None for other errors."""
-    reason = WRITE_FAILURES.get(error.errno) or (error.strerror if error.errno in (errno.EROFS, errno.EACCES) else None)
+    """A message for a write that failed for lack of room (or on a read-only device), naming the path; None else."""
+    reason = WRITE_FAILURES.get(error.errno)
     if reason is None:
         return None
     where = error.filename or "an output file"
@@ -110,6 +114,10 @@ def no_space_for(args: argparse.Namespace, error: BaseException) -> str | None:
 def interrupted(args: argparse.Namespace) -> str:
     """What was interrupted and, for a run that can be carried on, what to run next."""
     if hasattr(args, "resume"):
+        from reference import rundir
+
+        if not rundir.holds_a_run(Path(args.output)):
+            return "interrupted before the run was recorded; run the same command again"
         return (
             "interrupted; to carry the run on, run the same command with --resume (from its newest complete "
             "checkpoint, or from step 0 if none was written yet)"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reference import lora, models, rundir, train
+from reference import adapter_records, lora, models, rundir, train
 from reference.errors import InputError
 from reference.manifest import RunManifest
 
@@ -70,11 +70,14 @@ def continue_merged(
     overwrite: bool = False,
     say=train.stderr_line,
 ) -> RunManifest:
-    """Merge the adapter into its base as OUTPUT/merged-base, then train a fresh adapter on that base."""
+    """Merge the adapter into its base as OUTPUT/merged-base, then train a fresh adapter on that base. The base is
+    loaded for the merge as the adapter's run recorded it (the weights the adapter was trained on); an adapter
+    without a record is merged onto the base as this recipe loads it."""
     merged = Path(output_dir) / MERGED_BASE
     with rundir.claimed(output_dir, resume, overwrite, say):  # the reuse rules, before anything is written
         if not (resume and merged.is_dir()):
-            quantization = models.quantization_name(recipe.quantization)
-            lora.merge(model_dir, adapter_dir, merged, quantization=quantization, say=say)  # a differing record: noted
+            recorded = adapter_records.recorded_quantization(adapter_dir)
+            quantization = None if recorded else models.quantization_name(recipe.quantization)
+            lora.merge(model_dir, adapter_dir, merged, quantization=quantization, say=say)
             say(f"merged {adapter_dir} into {model_dir} -> {merged}; training a new adapter on it")
     return train.run(recipe, str(merged), data_path, output_dir, columns=columns, say=say, resume=resume)

@@ -54,13 +54,14 @@ def repacked_layers(model) -> list[str]:
 
 
 def standard_nibbles(tiled: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The inverse of bitsandbytes' CPU regrouping: tiled `[N, K/2]` bytes, each holding two nibbles of one
-    row's pair of columns spread over a tile of 32 rows, back to the standard bytes `[N*K/2]`, where byte i holds
-    element 2i of the flattened `[N, K]` weight in its high nibble and element 2i+1 in its low nibble."""
+    """The inverse of bitsandbytes' CPU regrouping. In the tiled `[N, K/2]` bytes, the weight is cut into tiles of
+    32 rows by 2 columns (2j, 2j+1), each tile 32 bytes: byte b holds, in its low nibble, row b // 2 of the tile at
+    column 2j + b % 2, and in its high nibble row 16 + b // 2 at the same column. The standard bytes `[N*K/2]` hold
+    element 2i of the flattened `[N, K]` weight in the high nibble of byte i and element 2i+1 in its low nibble."""
     rows, columns = shape
-    tiled = tiled.reshape(-1, TILE_ROWS)
-    low_then_high = torch.cat([tiled & 0xF, tiled >> 4], dim=-1)  # 64 nibbles: 32 rows' column 2j, then 2j+1
-    tiles = low_then_high.reshape(rows // TILE_ROWS, columns // 2, TILE_ROWS, 2).transpose(1, 2)
+    tiled = tiled.reshape(-1, TILE_ROWS)  # one tile's 32 bytes a row
+    tile = torch.cat([tiled & 0xF, tiled >> 4], dim=-1)  # its 64 nibbles: rows 0-15, then rows 16-31, 2 columns each
+    tiles = tile.reshape(rows // TILE_ROWS, columns // 2, TILE_ROWS, 2).transpose(1, 2)
     nibbles = tiles.reshape(-1)  # element order of the [N, K] weight
     return (nibbles[0::2] << 4) | nibbles[1::2]
 

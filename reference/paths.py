@@ -64,6 +64,9 @@ def require_writable(name: str, path: Path) -> None:
 
 def require_kind(name: str, path: Path, directory: bool) -> None:
     """An output that exists already must be what the command writes there: a folder, or a file."""
+    if path.is_symlink() and not path.exists():
+        target = os.readlink(path)
+        raise InputError(f"{name} {path}: a broken symbolic link is there (to {target}); choose another path")
     if directory and path.exists() and not path.is_dir():
         raise InputError(f"{name} {path}: a file is there; this command writes a directory. Choose another path")
     if not directory and path.is_dir():
@@ -74,15 +77,25 @@ NEARLY_FULL = 1 << 20
 """Bytes free below which a device that a failed write was writing to is taken to be full."""
 
 
+WRITE_ERRORS = ("OSError", "RuntimeError", "SafetensorError")
+"""What a failed write is raised as: Python's own, torch's serialisation (RuntimeError, at times with no errno), and
+safetensors'."""
+NOT_A_WRITE = ("out of memory", "allocate memory")
+
+
 def no_space(error: BaseException, outputs: list[Path]) -> str | None:
     """Whether `error` came from running out of space while writing one of `outputs`: ENOSPC anywhere in its chain
-    (safetensors and torch re-raise it under their own types, torch sometimes with no errno at all, so a device
-    holding an output with under a MiB free counts too). The message names the output and the space left."""
+    (safetensors and torch re-raise it under their own types, torch sometimes with no errno at all, so a write error
+    while a device holding an output has under a MiB free counts too; an out-of-memory error never does). The
+    message names the output and the space left."""
     chain, seen = [], error
     while seen is not None and len(chain) < 8:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     said = any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) for e in chain)
+    a_write = any(type(e).__name__ in WRITE_ERRORS for e in chain)
+    if not said and (not a_write or any(words in str(error).lower() for words in NOT_A_WRITE)):
+        return None
     for output in outputs:
         existing = next((p for p in (output, *output.parents) if p.exists()), None)
         if existing is None:

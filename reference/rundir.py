@@ -48,12 +48,16 @@ SAVED_NAMES = (
     "model.safetensors.index.json",
     "tokenizer.json",
     "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
     "chat_template.jinja",
 )
 """What peft's and transformers' save_pretrained write for a run with no manifest to list its files."""
+PARTIAL = ".*.partial"
+"""What the project's write-then-rename leaves when killed mid-write (reference.paths, reference.staged)."""
 
 
 def _alive(pid: int) -> bool:
@@ -98,8 +102,13 @@ def is_finished(directory: str | Path) -> bool:
 
 
 def others(directory: Path) -> list[str]:
-    """Names in the directory that are neither the lock nor a run's records (a merged base, checkpoints)."""
-    return sorted(entry.name for entry in directory.iterdir() if entry.name != LOCK and entry.name not in RECORDS)
+    """Names in a directory that holds no run which a run did not leave there: everything but the lock, a temporary
+    file of the project's (killed mid-write) and the merged base `continue --mode merge` writes before its run.json."""
+    return sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if entry.name not in (LOCK, MERGED_BASE) and not fnmatch.fnmatchcase(entry.name, PARTIAL)
+    )
 
 
 def runs_own(directory: Path) -> list[Path]:
@@ -111,11 +120,11 @@ def runs_own(directory: Path) -> list[Path]:
             saved = tuple(listed)
     except (OSError, ValueError, AttributeError):
         pass  # no manifest (the run ended before it), or an unreadable one: the names save_pretrained gives
-    names = set(RECORDS)
+    names, patterns = set(RECORDS), (*saved, PARTIAL)
     return [
         entry
         for entry in sorted(directory.iterdir())
-        if entry.name in names or any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in saved)
+        if entry.name in names or any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns)
     ]
 
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from reference.errors import InputError
-from reference.paths import umask
+from reference.paths import as_if_created, require_kind
 
 
 def write_at(path: str, offset: int, data: bytes) -> None:
@@ -47,6 +47,8 @@ class StagedFiles:
         self.temporary: dict[str, str] = {}
 
     def __enter__(self) -> StagedFiles:
+        for target, name in self.names.items():  # a folder where a file goes fails only at the rename: check first
+            require_kind(name, Path(target), directory=False)
         try:
             for target in self.names:
                 folder, name = os.path.split(os.path.abspath(target))
@@ -71,15 +73,16 @@ class StagedFiles:
 
     def commit(self) -> None:
         """Rename every file into place, Ctrl-C and SIGTERM held back until all are renamed."""
-        mode = 0o666 & ~umask()  # what open() would have made: mkstemp's files are private (0600)
         with held_signals():
             try:
                 for target, path in list(self.temporary.items()):
-                    os.chmod(path, mode)
+                    as_if_created(path)  # the mode open() would have given: mkstemp's files are private (0600)
                     os.replace(path, target)
                     del self.temporary[target]
             except OSError as error:
-                raise self._named(error, renamed=len(self.names) - len(self.temporary)) from None
+                named = self._named(error, renamed=len(self.names) - len(self.temporary))
+                self.discard()
+                raise named from None
 
     def discard(self) -> None:
         for path in self.temporary.values():

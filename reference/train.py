@@ -44,13 +44,12 @@ from reference import (
     progress,
     rundir,
     sft,
-    steps,
     training_arguments,
 )
 from reference.errors import InputError
 from reference.hashing import sha256_of, trainable_weights_sha256
 from reference.manifest import AdapterMode, RunManifest
-from reference.paths import complete_directory, no_space
+from reference.paths import complete_directory
 
 CHECKPOINTS = rundir.CHECKPOINTS
 
@@ -185,6 +184,7 @@ def run(
     A finished run (its manifest written) is complete: --resume says so and changes nothing. A run that ended
     after its last checkpoint but before its manifest is completed from that checkpoint, nothing trained again."""
     models.require_model_dir(model_dir)  # first: a wrong model fails before any work
+    lora.check_adapter_files(adapter)  # a missing, cut or damaged adapter file, before the output is claimed
     with rundir.claimed(output_dir, resume, overwrite, say):
         return _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume)
 
@@ -192,7 +192,8 @@ def run(
 def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume):
     directory = models.require_model_dir(model_dir)
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
-    resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume else None
+    finished = resume and rundir.is_finished(output_dir)  # said once the command is known to be that run's
+    resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume and not finished else None
     args = training_arguments.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
     distributed.check_arguments(args, adapter=adapter is not None or bool(recipe.lora))
     settings = training_arguments.resolved_settings(recipe, str(checkpoint_dir), args=args)
@@ -227,7 +228,7 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
         what_runs = {"model": manifest.model, "data": data_info, "settings": settings}
         rundir.write_or_check(output_dir, what_runs, resume)
-    if resume and rundir.is_finished(output_dir):  # the same run, and it has ended: nothing to carry on
+    if finished:  # the same run, and it has ended: nothing to carry on
         record = RunManifest.read(output_dir)
         say(
             f"--resume: the run in {output_dir} is complete ({len(record.steps)} steps, "
@@ -254,11 +255,10 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
         f"{'padding-free' if flattened else 'padded'} batches, loss {loss}{resuming}"
     )
     started = time.perf_counter()
-    finished = checkpoints.finished_training(resume_from) if resume_from else None
-    if finished:  # the run ended between its last checkpoint and its manifest: complete it, train nothing
-        complete_from(trainer, resume_from, manifest, len(encoded), say)
+    if resume_from and checkpoints.finished_training(resume_from):  # ended after its last checkpoint: complete it
+        checkpoints.complete_from(trainer, resume_from, manifest, len(encoded), say)
     else:
-        train_keeping_whole_checkpoints(trainer, resume_from, checkpoint_dir)
+        checkpoints.train_keeping_whole_checkpoints(trainer, resume_from, checkpoint_dir)
     manifest.train_seconds = time.perf_counter() - started
     if checkpointing:
         model.activation_checkpointing_disable()  # generation cannot use a cache while checkpointing
@@ -268,32 +268,6 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     manifest.trainable_sha256_per_process = gather_object([trainable_weights_sha256(model)])  # in rank order
     save(trainer, tokenizer, manifest, say)
     return manifest
-
-
-def train_keeping_whole_checkpoints(trainer, resume_from: Path | None, checkpoint_dir: Path) -> None:
-    """trainer.train; when it fails (a full disk, an interrupt), the checkpoint it was writing is removed, so only
-    whole ones are left to --resume from and a full device gets its space back. A full device is named."""
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except BaseException as error:
-        full = no_space(error, [checkpoint_dir]) if isinstance(error, Exception) else None
-        checkpoints.remove_incomplete(checkpoint_dir)
-        if full:
-            raise InputError(f"--output {full}") from None
-        raise
-
-
-def complete_from(trainer, checkpoint: Path, manifest: RunManifest, records: int, say) -> None:
-    """The trained weights and the step records of a run whose last checkpoint holds its last step."""
-    step, planned = checkpoints.finished_training(checkpoint)
-    say(
-        f"--resume: {checkpoint.name} holds the run's last step ({step} of {planned}): training had finished "
-        "before the run was recorded; its record is completed from that checkpoint, nothing is trained again"
-    )
-    trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loading of a checkpoint's weights
-    plan = steps.plan(steps.settings_from_training_arguments(trainer.args, records))
-    manifest.step_plan = plan.to_dict()
-    manifest.steps[:] = checkpoints.recorded_steps(checkpoint)
 
 
 def summary(manifest: RunManifest) -> dict:

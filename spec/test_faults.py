@@ -128,28 +128,56 @@ def test_a_run_that_ended_after_its_last_checkpoint_is_completed_from_it_and_ver
     assert run_cli("verify", tmp_path / "whole", tmp_path / "cut", "--rtol", 0).returncode == 0
 
 
-@pytest.mark.slow
-@pytest.mark.claim("X1")
-def test_an_interrupted_run_says_what_to_run_next_and_that_command_carries_it_on(tmp_path):
-    """Ctrl-C (SIGINT) while the model loads, before any checkpoint: the message names --resume, and --resume
-    (which once said 'no checkpoint', while a plain rerun said 'add --resume or --overwrite') starts from step 0."""
+def interrupt_train_once(output, marker: str) -> str:
+    """Start `train`, send SIGINT (Ctrl-C) once `marker` exists in `output`, return stderr; it must exit 130."""
     command = cli_command(
-        "train", "--recipe", "llm2024", "--model", MODEL, "--data", DATA, *QA, "--output", tmp_path / "run", *TINY
+        "train", "--recipe", "llm2024", "--model", MODEL, "--data", DATA, *QA, "--output", output, *TINY
     )
     process = subprocess.Popen(command, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "run" / "run.json").exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
+    while not (output / marker).exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in err
+    assert process.returncode == 130 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X1")
+def test_an_interrupted_run_says_what_to_run_next_and_that_command_carries_it_on(tmp_path):
+    """Ctrl-C once the run is recorded (run.json) but before any checkpoint: the message names --resume, and --resume
+    (which once said 'no checkpoint', while a plain rerun said 'add --resume or --overwrite') starts from step 0."""
+    err = interrupt_train_once(tmp_path / "run", "run.json")
     assert "interrupted; to carry the run on, run the same command with --resume" in err
     code, _, err = train(tmp_path / "run", "--resume", *TINY)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["steps"][-1]["step"] == 3
 
 
+@pytest.mark.slow
+@pytest.mark.claim("X1", "X5")
+def test_a_run_interrupted_before_it_was_recorded_says_to_run_the_same_command_and_that_works(tmp_path):
+    """Ctrl-C while the model loads (the lock taken, run.json not yet written): nothing of the run exists, so the
+    message says to run the same command again, not --resume (which would be refused: no run to carry on)."""
+    err = interrupt_train_once(tmp_path / "run", ".lock")
+    assert "interrupted before the run was recorded; run the same command again" in err and "--resume" not in err
+    assert train(tmp_path / "run", *TINY).returncode == 0
+
+
 # --- standard output ---
+
+
+def run_into_a_closed_pipe(*argv) -> tuple[int, str]:
+    """The command with a standard output whose reader has gone before it writes (what `| head -1` does to a
+    command whose output outgrows the pipe): every write meets EPIPE. Returns the exit code and stderr."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run(cli_command(*argv), env=offline_env(), stdout=writer, stderr=subprocess.PIPE)
+    finally:
+        os.close(writer)
+    return done.returncode, done.stderr.decode()
 
 
 @pytest.mark.claim("X6")
@@ -159,12 +187,8 @@ def test_an_interrupted_run_says_what_to_run_next_and_that_command_carries_it_on
     ids=["steps", "recipe"],
 )
 def test_a_reader_that_closes_stdout_early_ends_the_command_quietly(argv):
-    """`ftref steps ... | head -1`: the reader takes one line and goes; no BrokenPipeError traceback, exit 0."""
-    process = subprocess.Popen(cli_command(*argv), env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.stdout.readline()
-    process.stdout.close()
-    err = process.stderr.read().decode()
-    assert process.wait(timeout=120) == 0 and err == ""
+    """`ftref steps ... | head -1`: no BrokenPipeError traceback (nor Python's 'Exception ignored' at exit), exit 0."""
+    assert run_into_a_closed_pipe(*argv) == (0, "")
 
 
 @pytest.mark.claim("X6", "X2")
@@ -172,15 +196,7 @@ def test_a_reader_that_closes_stdout_early_ends_the_command_quietly(argv):
 def test_verify_keeps_its_exit_code_when_its_reader_goes_early(run_b, verdict):
     """verify's exit code says whether B reproduces A; `verify A B | head -1` must not change it."""
     runs = FIXTURES / "reference-run"
-    process = subprocess.Popen(
-        cli_command("verify", runs / "sft", runs / run_b),
-        env=offline_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    process.stdout.readline()
-    process.stdout.close()
-    assert process.wait(timeout=120) == verdict and process.stderr.read() == b""
+    assert run_into_a_closed_pipe("verify", runs / "sft", runs / run_b) == (verdict, "")
 
 
 @pytest.mark.claim("X6")
@@ -388,3 +404,63 @@ def test_an_fsdp_run_that_forms_no_process_group_says_how_many_processes_were_st
     args = SimpleNamespace(fsdp="full_shard", fsdp_config={}, parallel_mode=ParallelMode.NOT_PARALLEL)
     with pytest.raises(InputError, match=says):
         distributed.check_arguments(args, adapter=True)
+
+
+@pytest.mark.claim("X5")
+def test_a_users_checkpoints_folder_is_not_taken_for_a_run(tmp_path):
+    """A folder holding only `checkpoints/` (a user's own, from another tool) holds no run: refused, since a failed
+    run removes the checkpoints it finds half-written and the Trainer rotates old ones."""
+    (tmp_path / "mine" / "checkpoints" / "checkpoint-100").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"is not empty and holds no run \(checkpoints\)"):
+        with rundir.claimed(tmp_path / "mine", say=lambda _: None):
+            pass
+
+
+@pytest.mark.claim("X5", "X6")
+def test_what_a_killed_write_left_is_the_runs_and_goes_with_overwrite(tmp_path):
+    """A kill -9 during write-then-rename leaves `.run.json.XXXX.partial` (and no run.json): the folder is still the
+    run's to write (not refused as a user's), and --overwrite of a run removes such leftovers with its files."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".run.json.k3j2.partial").write_text("{", encoding="utf-8")
+    with rundir.claimed(run, say=lambda _: None):
+        pass
+    (run / "run.json").write_text("{}", encoding="utf-8")
+    with rundir.claimed(run, overwrite=True, say=lambda _: None):
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+@pytest.mark.claim("X6")
+def test_a_broken_symbolic_link_at_an_output_is_refused_naming_where_it_points(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    code, _, err = run_main("quantize", "--model", MODEL, "--output", tmp_path / "out")
+    assert code == 2 and f"a broken symbolic link is there (to {tmp_path / 'gone'})" in err
+
+
+@pytest.mark.claim("X6")
+def test_a_folder_where_the_filter_writes_its_character_table_is_refused_before_any_output_changes(tmp_path):
+    """kept.jsonl's table goes to kept.chars.tsv: a folder there would fail only at the last rename, after the
+    output had been replaced. It is refused first; the old output stays, and no temporary file is left."""
+    (tmp_path / "kept.jsonl").write_text("old output\n", encoding="utf-8")
+    (tmp_path / "kept.chars.tsv").mkdir()
+    data = FIXTURES / "data" / "magpie_sample.jsonl"
+    code, _, err = run_main(
+        "filter", "--input", data, "--output", tmp_path / "kept.jsonl", "--rejects", tmp_path / "rejects.jsonl"
+    )
+    assert code == 2 and f"{tmp_path / 'kept.chars.tsv'}: a directory is there" in err
+    assert (tmp_path / "kept.jsonl").read_text(encoding="utf-8") == "old output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.chars.tsv", "kept.jsonl"]
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X6")
+def test_train_with_hf_home_pointing_at_a_file_names_the_cache_and_the_variable(tmp_path):
+    """It said '<data>: cannot be read as json: NotADirectoryError', blaming the data file."""
+    a_file = tmp_path / "hf-home"
+    a_file.write_text("not a folder", encoding="utf-8")
+    command = ["train", "--recipe", "llm2024", "--model", MODEL, "--data", DATA, *QA, "--output", tmp_path / "run"]
+    env = offline_env(HF_HOME=str(a_file))
+    env.pop("HF_DATASETS_CACHE", None)  # it would choose the cache instead of HF_HOME
+    code, _, err = run_cli(*command, *TINY, env=env)
+    assert code == 2 and "Traceback" not in err and str(DATA) not in err
+    assert f"the datasets cache {a_file / 'datasets'} (chosen by HF_HOME): {a_file} is a file, not a folder" in err

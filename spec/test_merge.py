@@ -143,10 +143,11 @@ def test_an_adapter_without_a_run_record_merges_onto_the_base_as_saved_and_says_
 
 
 def an_old_run(directory):
-    """A directory that holds a run (its run.json) and a file of that run's (its adapter, by the name peft saves)."""
+    """A directory that holds a run (its run.json) and a file of that run's that a new run does not write again (a
+    tokenizer.model, by the name transformers saves it; the fixtures' tokenizers have none)."""
     directory.mkdir()
     (directory / rundir.RUN).write_text("{}", encoding="utf-8")
-    (directory / "adapter_model.safetensors").write_text("the old run's", encoding="utf-8")
+    (directory / "tokenizer.model").write_text("the old run's", encoding="utf-8")
     return directory
 
 
@@ -163,7 +164,7 @@ def test_the_merge_route_checks_the_run_directory_before_it_merges_anything(
         continuation.continue_merged(*on, say=lambda _: None)
     with pytest.raises(InputError, match="choose one"):
         continuation.continue_merged(*on, resume=True, overwrite=True, say=lambda _: None)
-    assert sorted(p.name for p in output.iterdir()) == ["adapter_model.safetensors", rundir.RUN]
+    assert sorted(p.name for p in output.iterdir()) == [rundir.RUN, "tokenizer.model"]
 
 
 @pytest.mark.slow
@@ -181,8 +182,7 @@ def test_the_merge_route_replaces_an_old_run_then_resumes_on_the_base_it_merged(
     on = (recipe, tiny_gemma2_dir, saved_adapter, magpie_data, output)
     first = continuation.continue_merged(*on, overwrite=True, say=said.append)
     merged = output / continuation.MERGED_BASE
-    old = output / "adapter_model.safetensors"
-    assert old.read_bytes() != b"the old run's" and first.model["path"] == str(merged.resolve())
+    assert not (output / "tokenizer.model").exists() and first.model["path"] == str(merged.resolve())
     assert any(line.startswith(f"merged {saved_adapter} into {tiny_gemma2_dir}") for line in said)
     assert first.adapter["mode"] == "created" and first.steps[-1]["loss"] < first.steps[0]["loss"]
 
@@ -193,3 +193,22 @@ def test_the_merge_route_replaces_an_old_run_then_resumes_on_the_base_it_merged(
     assert not any(line.startswith("merged ") for line in said)
     assert resumed.resumed_from.endswith("checkpoint-2") and [s["step"] for s in resumed.steps] == [3]
     assert resumed.model["path"] == str(merged.resolve())
+
+
+@pytest.mark.slow
+@pytest.mark.claim("A3")
+def test_the_merge_route_merges_an_adapter_as_its_run_recorded_whatever_the_new_recipe_loads(
+    uninterrupted, tiny_gemma2_dir, magpie_data, tmp_path
+):
+    """checkpoint-3 trained on the NF4 base (its run.json says so); continuing it by merging under a recipe that
+    loads the base unquantised still folds it into the dequantised NF4 weights it was trained on: the merged base
+    equals `lora.merge(..., quantization="nf4")` byte for byte, with no note of a departure."""
+    recipe = apply_overrides(load_recipe("llm2024"), [*THREE_STEPS, "quantization.load_in_4bit=false"])
+    said = []
+    continuation.continue_merged(
+        recipe, tiny_gemma2_dir, uninterrupted.checkpoint, magpie_data, tmp_path / "run", say=said.append
+    )
+    lora.merge(tiny_gemma2_dir, uninterrupted.checkpoint, tmp_path / "nf4", quantization="nf4", say=pytest.fail)
+    route = tmp_path / "run" / continuation.MERGED_BASE / "model.safetensors"
+    assert route.read_bytes() == (tmp_path / "nf4" / "model.safetensors").read_bytes()
+    assert not any("note: merging onto the base loaded" in line for line in said)

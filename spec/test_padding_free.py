@@ -31,20 +31,6 @@ WEIGHT_TOLERANCE = 1e-2
 BF16_STEP_TOLERANCE = 1e-3
 """The recipe as it is: an NF4 base and bf16 autocast, which keeps 8 bits of each product's mantissa, so the two
 layouts round differently (3e-5 apart seen over four steps; bf16's own step at a loss of 8 is 0.03)."""
-BF16_UNIT_ROUNDOFF = 2.0**-8
-"""bf16 keeps 8 significant bits: a rounded value is within 2^-8 of the exact one, relatively."""
-
-
-def adam_8bit_half_code() -> float:
-    """Half the largest relative gap between neighbouring codes of the map adamw_8bit stores its moments with
-    (bitsandbytes' signed dynamic map), over the codes at half a block's largest value and above: a moment
-    rounded differently in two runs may land one code apart, and carries that much of the update's size."""
-    import bitsandbytes.functional as F
-
-    codes = F.create_dynamic_map(signed=True).float()
-    codes = codes[codes > 0].sort().values
-    gaps = (codes[1:] - codes[:-1]) / codes[1:]
-    return float(gaps[codes[1:] >= 0.5].max()) / 2
 
 
 def records_of_3_1_and_2_tokens() -> list[dict]:
@@ -268,7 +254,7 @@ def two_runs(request, tmp_path_factory):
 def test_padding_free_steps_train_on_the_same_records_to_the_padded_steps_losses(two_runs):
     """The same records in the same order in every step (the Trainer's sampler, seed 3407; the collator only lays
     them out), the per-step losses within STEP_TOLERANCE with NEFTune on (BF16_STEP_TOLERANCE as the recipe is),
-    and adapters that moved alike."""
+    and in fp32 adapters that moved alike."""
     (padded, padded_seen_by, padded_seen), (free, free_seen_by, free_seen) = two_runs
     assert len(padded_seen.steps[:-1]) == len(free_seen.steps[:-1]) == 4
     assert padded_seen.steps == free_seen.steps and all(len(step) == 4 for step in free_seen.steps[:-1])
@@ -276,17 +262,19 @@ def test_padding_free_steps_train_on_the_same_records_to_the_padded_steps_losses
     bf16 = free.settings["training_arguments"]["bf16"]
     tolerance = BF16_STEP_TOLERANCE if bf16 else STEP_TOLERANCE
     assert [s["loss"] for s in free.steps] == pytest.approx([s["loss"] for s in padded.steps], abs=tolerance)
-    # In bf16 each step's update comes from gradients rounded to 8 bits, differently in the two layouts, and its
-    # 8-bit moments may then round to neighbouring codes: per step the adapters may drift apart by a unit roundoff
-    # plus half a code of the distance moved (4 x (0.0039 + 0.0140) = 0.072 with bitsandbytes 0.50's map).
-    weight_tolerance = len(free.steps) * (BF16_UNIT_ROUNDOFF + adam_8bit_half_code()) if bf16 else WEIGHT_TOLERANCE
     assert_trained(free, free_seen_by)
     start, theirs = padded_seen_by.before, dict(padded_seen_by.trainer.model.named_parameters())
     assert all(torch.equal(free_seen_by.before[name], start[name]) for name in start)  # one LoRA start
+    if bf16:
+        # No bound on the weights follows from bf16's rounding here: adamw_8bit's first update is lr x sign(g) per
+        # weight, so a gradient near zero, rounded to the other sign in the other layout, moves that weight 2 x lr
+        # the other way (then its 8-bit moments may round to neighbouring codes). The losses above carry the
+        # comparison; the fp32 runs compare the weights.
+        return
     for name, weight in free_seen_by.trainer.model.named_parameters():
-        if weight.requires_grad:  # ||padding-free - padded|| <= weight_tolerance x ||padded - start||
+        if weight.requires_grad:  # ||padding-free - padded|| <= WEIGHT_TOLERANCE x ||padded - start||
             gap, moved = (weight - theirs[name]).norm().item(), (theirs[name] - start[name]).norm().item()
-            assert gap <= weight_tolerance * moved, f"{name}: {gap:.3g} apart, moved {moved:.3g}"
+            assert gap <= WEIGHT_TOLERANCE * moved, f"{name}: {gap:.3g} apart, moved {moved:.3g}"
 
 
 @pytest.mark.slow
