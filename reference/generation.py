@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reference import retrieval
+from reference.errors import InputError
 from reference.paths import write_text_atomic
 
 if TYPE_CHECKING:
@@ -161,6 +162,21 @@ def context_length(model) -> int | None:
     return length if isinstance(length, int) and length > 0 else None
 
 
+def prompt_room(model, config) -> int | None:
+    """Tokens a prompt may take so that its answer (up to config.max_new_tokens) still fits the model's context;
+    None when the model states no context. An answer as long as the whole context is an error."""
+    context = context_length(model)
+    if context is None:
+        return None
+    room = context - (config.max_new_tokens or 0)
+    if room <= 0:
+        raise InputError(
+            f"--max-new-tokens {config.max_new_tokens}: the answer alone would fill the model's context of "
+            f"{context} tokens (its max_position_embeddings), leaving no room for a prompt"
+        )
+    return room
+
+
 @dataclass
 class Answers:
     """The tasks answered, in the tasks' order."""
@@ -189,14 +205,17 @@ def answer_tasks(
     """Seed 001 §2.3 over `tasks` (rows with 'input', optionally 'task_id'; `read_tasks`): each task's k
     examples of `shots` ((input, output) pairs; `retrieval.read_shots`) whose inputs are the most similar,
     embedded with the local sentence-transformers model `embedder`, make its prompt, fitted to `window`
-    tokens and to the model's context (`context_length`) when that is shorter (a task that lost shots is
-    reported through `say`); then `generate` with `config` (default: the seed's settings), `batch_size`
-    prompts at a time. A task that does not fit alone is refused before anything is generated, named by
-    `names` (default `task_names(tasks)`: its task_id and place), with its length and the limit it passes."""
+    tokens and to what the model's context leaves beside the answer (`prompt_room`) when that is shorter (a
+    task that lost shots is reported through `say`); then `generate` with `config` (default: the seed's
+    settings), `batch_size` prompts at a time. A task that does not fit alone is refused before anything is
+    generated, named by `names` (default `task_names(tasks)`: its task_id and place), with its length and the limit
+    it passes."""
     names = names if names is not None else task_names(tasks)
+    config = config or seed_generation_config(tokenizer)
+    room = prompt_room(model, config)
     pool = retrieval.ShotPool(shots, retrieval.load_embedder(embedder))
     inputs = [t["input"] for t in tasks]
-    fitted = retrieval.fitted_prompts(inputs, pool, tokenizer, k, window, say, names, context_length(model))
+    fitted = retrieval.fitted_prompts(inputs, pool, tokenizer, k, window, say, names, room)
     outputs = generate(model, tokenizer, [f.prompt for f in fitted], config, batch_size, progress)
     task_ids = [task.get("task_id", number) for number, task in enumerate(tasks)]
     return Answers(task_ids, outputs, [f.tokens for f in fitted])

@@ -137,7 +137,10 @@ def fit(
     if tokens > limit:
         over = [f"the {window}-token window (--window)"] if tokens > window else []
         if context is not None and tokens > context:
-            over.append(f"the model's context of {context} tokens (its config's max_position_embeddings)")
+            over.append(
+                f"the {context} tokens the model's context leaves for a prompt (max_position_embeddings less "
+                "the answer's max_new_tokens)"
+            )
         raise InputError(
             f"{name}: the task alone takes {tokens} tokens, more than {' and '.join(over)}; it is never cut"
         )
@@ -161,8 +164,8 @@ def fitted_prompts(
     limit = window if context is None else min(window, context)
     if limit < window:
         say(
-            f"the {window}-token window is longer than the model's context ({context} tokens, its "
-            f"max_position_embeddings): prompts are fitted to {context} tokens"
+            f"the {window}-token window is longer than what the model's context leaves for a prompt ({context} "
+            f"tokens: max_position_embeddings less the answer's max_new_tokens): prompts are fitted to {context} tokens"
         )
     prompts = []
     for number, task in enumerate(tasks):

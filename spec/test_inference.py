@@ -181,31 +181,44 @@ LONG_TASK = "日本の首都について説明してください。" + "東京�
 @pytest.mark.claim("C21")
 def test_a_task_longer_than_the_models_context_is_refused_naming_it_and_both_lengths(tiny_gemma2_dir, fixtures_dir):
     """The model's context (its config's max_position_embeddings, here lowered to the first task's prompt with
-    no shot) binds before the 4096-token window: that is said once, the first task drops both its shots to
-    fit it, and the second, which does not fit alone, is refused before anything is generated, named by its
-    task_id and place, with its length and the context. (It used to be answered, with only transformers'
-    warning about positions past the context.)"""
+    no shot plus the answer's 3 new tokens) binds before the 4096-token window: what it leaves for a prompt is said
+    once, the first task drops both its shots to fit it, and the second, which does not fit alone, is refused
+    before anything is generated, named by its task_id and place, with its length and the room. (It used to be
+    answered, with only transformers' warning about positions past the context.)"""
     model, tokenizer = generation.load_for_inference(tiny_gemma2_dir)
     short = "日本の首都について説明してください。"
-    context = alone(tokenizer, short)
-    model.config.max_position_embeddings = context
-    assert alone(tokenizer, LONG_TASK) > context
+    room = alone(tokenizer, short)
+    model.config.max_position_embeddings = room + 3
+    assert alone(tokenizer, LONG_TASK) > room
     tasks = [{"task_id": "short", "input": short}, {"task_id": "long", "input": LONG_TASK}]
     shots = retrieval.read_shots(fixtures_dir / "data" / "qa111_sample.jsonl")
-    config = generation.seed_generation_config(tokenizer, max_new_tokens=1)
+    config = generation.seed_generation_config(tokenizer, max_new_tokens=3)
     said = []
     with pytest.raises(InputError) as refused:
         embedder = fixtures_dir / "models" / "tiny-embedder"
         generation.answer_tasks(model, tokenizer, tasks, shots, embedder, config, k=2, say=said.append)
     assert str(refused.value) == (
         f"task_id 'long' (number 1): the task alone takes {alone(tokenizer, LONG_TASK)} tokens, more than the "
-        f"model's context of {context} tokens (its config's max_position_embeddings); it is never cut"
+        f"{room} tokens the model's context leaves for a prompt (max_position_embeddings less the answer's "
+        "max_new_tokens); it is never cut"
     )
     assert said == [
-        f"the 4096-token window is longer than the model's context ({context} tokens, its max_position_embeddings): "
-        f"prompts are fitted to {context} tokens",
-        f"task 0: prompt over {context} tokens; dropped the 2 least similar shots",
+        f"the 4096-token window is longer than what the model's context leaves for a prompt ({room} tokens: "
+        f"max_position_embeddings less the answer's max_new_tokens): prompts are fitted to {room} tokens",
+        f"task 0: prompt over {room} tokens; dropped the 2 least similar shots",
     ]
+
+
+@pytest.mark.claim("C21")
+def test_an_answer_as_long_as_the_models_context_is_refused(tiny_gemma2_dir, fixtures_dir):
+    """max_new_tokens equal to max_position_embeddings leaves no room for any prompt: refused, naming both."""
+    model, tokenizer = generation.load_for_inference(tiny_gemma2_dir)
+    config = generation.seed_generation_config(tokenizer, max_new_tokens=model.config.max_position_embeddings)
+    tasks = [{"task_id": "short", "input": "日本の首都は？"}]
+    shots = retrieval.read_shots(fixtures_dir / "data" / "qa111_sample.jsonl")
+    embedder = fixtures_dir / "models" / "tiny-embedder"
+    with pytest.raises(InputError, match="the answer alone would fill the model's context"):
+        generation.answer_tasks(model, tokenizer, tasks, shots, embedder, config, k=2, say=lambda _: None)
 
 
 @pytest.mark.claim("C21")
