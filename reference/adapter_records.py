@@ -193,6 +193,21 @@ def recorded_quantization(adapter_dir: str | Path) -> tuple[str, str] | None:
     return None
 
 
+def recorded_bnb_4bit(adapter_dir: str | Path) -> dict:
+    """The bnb_4bit_* settings the adapter's run loaded its base with (its run.json or manifest.json: the recipe's
+    [quantization] as it ran), or {} when no run record says (bitsandbytes' and the project's defaults then)."""
+    directory = Path(adapter_dir)
+    run = directory.parent.parent if directory.parent.name == "checkpoints" else directory
+    for place in (run / "run.json", run / "manifest.json"):
+        try:
+            section = json.loads(place.read_text(encoding="utf-8"))["settings"]["quantization"]
+        except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+            continue
+        if isinstance(section, dict):
+            return {k: v for k, v in section.items() if k.startswith("bnb_4bit")}
+    return {}
+
+
 def merge_quantization(adapter_dir: str | Path, choice: str | None = None, override_record: bool = False, say=note):
     """How `merge` loads the base: as the adapter's run records it was loaded while the adapter trained
     (`choice` None, the command's default), else as chosen. A choice that contradicts the record is refused,

@@ -76,8 +76,12 @@ def continue_merged(
     merged = Path(output_dir) / MERGED_BASE
     with rundir.claimed(output_dir, resume, overwrite, say):  # the reuse rules, before anything is written
         if not (resume and merged.is_dir()):
-            recorded = adapter_records.recorded_quantization(adapter_dir)
-            quantization = None if recorded else models.quantization_name(recipe.quantization)
-            lora.merge(model_dir, adapter_dir, merged, quantization=quantization, say=say)
+            if adapter_records.recorded_quantization(adapter_dir):  # as the adapter's run loaded the base
+                lora.merge(model_dir, adapter_dir, merged, say=say)
+            else:  # no record: as this recipe loads it
+                quantization, bnb_4bit_settings = models.recipe_quantization(recipe.quantization)
+                lora.merge(
+                    model_dir, adapter_dir, merged, quantization, say=say, quantization_section=bnb_4bit_settings
+                )
             say(f"merged {adapter_dir} into {model_dir} -> {merged}; training a new adapter on it")
     return train.run(recipe, str(merged), data_path, output_dir, columns=columns, say=say, resume=resume)

@@ -40,7 +40,7 @@ import peft
 import torch
 import torch.nn.functional as F
 
-from reference import kernels, lora, models
+from reference import kernels, lora, models, vocab
 from reference.data import read_text_rows
 from reference.errors import InputError
 from reference.formats import encode_prompt
@@ -256,9 +256,7 @@ def run(
         policy = lora.load_adapter(model, adapter, trainable=True)
     else:
         policy = lora.attach(model, {"r": r, "lora_alpha": 2 * r, "target_modules": list(PROJECTIONS)})
-    tokenizer = lora.load_tokenizer(model_dir, adapter)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = vocab.pad_with_eos(lora.load_tokenizer(model_dir, adapter))
     log = train(policy, tokenizer, pairs, settings, say=say)
     out = Path(output_dir)
     with complete_directory(out) as partial:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reference import retrieval
+from reference import retrieval, vocab
 from reference.errors import InputError
 from reference.paths import write_text_atomic
 
@@ -116,8 +116,7 @@ def generate(model, tokenizer, prompts: list[str], config=None, batch_size: int 
     import torch
 
     config = config or seed_generation_config(tokenizer)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    vocab.pad_with_eos(tokenizer)
     device = next(model.parameters()).device
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]  # BOS added, as the seed's call
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))

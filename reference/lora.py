@@ -25,6 +25,7 @@ from reference.adapter_records import (
     check_recorded_base,
     merge_quantization,
     note,
+    recorded_bnb_4bit,
     recorded_quantization,
 )
 from reference.errors import InputError
@@ -165,6 +166,7 @@ def merge(
     quantization: str | None = None,
     override_record: bool = True,
     say=note,
+    quantization_section: dict | None = None,
 ) -> dict:
     """Fold a trained adapter into its base and save the result: W = W0 + s B A, in bf16.
 
@@ -173,13 +175,18 @@ def merge(
     noted, or refused without `override_record` (the `merge` command's --override-record; the `continue`
     route passes its recipe's choice and keeps the default). An NF4 or 8-bit base (or a base saved 4-bit) is
     dequantised to bf16 before the merge: the merged weights are then the very weights the adapter saw, plus
-    its update. An adapter made for another kind of model is refused before the base loads (check_fits).
-    Returns what was merged, for the run's manifest."""
+    its update. Its bnb_4bit settings (double quantisation changes the dequantised values) are
+    `quantization_section`'s, by default those the adapter's run recorded (recorded_bnb_4bit). An adapter made for
+    another kind of model is refused before the base loads (check_fits). Returns what was merged, for the run's
+    manifest."""
     check_fits(base_dir, adapter_dir, say)
     tokenizer = load_tokenizer(base_dir, adapter_dir)  # saved with the merged model: checked before the merge
     record = recorded_quantization(adapter_dir)
     quantization = merge_quantization(adapter_dir, quantization, override_record, say)
-    model, identity = models.load_causal_lm(base_dir, dtype="bfloat16", quantization=quantization)
+    section = recorded_bnb_4bit(adapter_dir) if quantization_section is None else quantization_section
+    model, identity = models.load_causal_lm(
+        base_dir, dtype="bfloat16", quantization=quantization, quantization_section=section
+    )
     if identity.quantization != quantization:
         say(f"note: base {base_dir} is saved {identity.quantization}, so it is merged as saved, not {quantization}")
     if identity.quantization != "none":

@@ -159,6 +159,12 @@ def saved_quantization(directory: Path) -> str | None:
     return quantization_name(settings) if settings else None
 
 
+def recipe_quantization(section: dict) -> tuple[str, dict]:
+    """How a recipe's [quantization] section loads a base: (none, 8bit or nf4; its bnb_4bit_* settings, which
+    load_causal_lm passes to BitsAndBytesConfig). The one reading of that section for every method."""
+    return quantization_name(section), {k: v for k, v in section.items() if k.startswith("bnb_4bit")}
+
+
 def bnb_config(quantization: str, section: dict | None = None):
     """BitsAndBytesConfig: nf4 with the recipe's [quantization] (seed: double quant, bf16 compute), or 8-bit."""
     if quantization == "8bit":

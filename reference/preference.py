@@ -37,7 +37,7 @@ from transformers import (
     set_seed,
 )
 
-from reference import lora, models
+from reference import lora, models, vocab
 from reference.data import read_text_rows
 from reference.errors import InputError
 from reference.paths import complete_directory, write_text_atomic
@@ -104,9 +104,7 @@ def load_classifier(path: str | Path, adapter: str | Path | None = None, dtype: 
     when given. The tokenizer is the adapter's own when it saved one (lora.load_tokenizer), its pad token
     set (EOS when it has none) and padding on the right."""
     model, _ = models.load_causal_lm(path, dtype=dtype, model_class=AutoModelForSequenceClassification, num_labels=3)
-    tokenizer = lora.load_tokenizer(path, adapter)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = vocab.pad_with_eos(lora.load_tokenizer(path, adapter))
     tokenizer.padding_side = "right"
     model.config.pad_token_id = tokenizer.pad_token_id
     if adapter is not None:

@@ -105,11 +105,9 @@ class Scorer:
     for a base with or without an adapter, loaded as training loads it; each model is scored once."""
 
     def __init__(self, pipeline: Pipeline, recipe, old_rows: list, new_rows: list, say):
-        from reference import lora, scoring
+        from reference import lora, scoring, vocab
 
-        tokenizer = self.tokenizer = lora.load_tokenizer(pipeline.model)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = self.tokenizer = vocab.pad_with_eos(lora.load_tokenizer(pipeline.model))
         length = int(recipe.sft.get("max_seq_length", 2048))
         self.sets = {
             "old": scoring.encode_answers(tokenizer, recipe.format, old_rows, length),
@@ -236,13 +234,13 @@ def load_model(recipe, model_dir, adapter_dir=None):
     on it frozen (reference/generation.py)."""
     from reference import generation, models
 
-    quantization = recipe.quantization
+    quantization, bnb_4bit_settings = models.recipe_quantization(recipe.quantization)
     return generation.load_for_inference(
         model_dir,
         adapter_dir,
         dtype="bfloat16" if recipe.training_arguments.get("bf16") else "float32",
-        quantization=models.quantization_name(quantization),
-        quantization_section={k: v for k, v in quantization.items() if k.startswith("bnb_4bit")},
+        quantization=quantization,
+        quantization_section=bnb_4bit_settings,
     )
 
 

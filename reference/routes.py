@@ -75,12 +75,13 @@ def run_routes(recipe, base: str, sft_adapter: str, new_data: str, columns: dict
 
     merged = out / "merged-base"
     say(f"route merge: folding {sft_adapter} into {base} -> {merged}")
-    lora.merge(base, sft_adapter, merged, quantization=models.quantization_name(recipe.quantization))
+    lora.merge(base, sft_adapter, merged, say=say)  # onto the base as the SFT run recorded loading it
     routes.append(trained("merge", str(merged), None))
     routes[-1].notes.append(f"merged base: {merged.name}/ (bf16, quantised again to train on)")
 
     say("route frozen: peft's default load, is_trainable=False")
-    model, _ = models.load_causal_lm(base, quantization=models.quantization_name(recipe.quantization))
+    quantization, bnb_4bit_settings = models.recipe_quantization(recipe.quantization)
+    model, _ = models.load_causal_lm(base, quantization=quantization, quantization_section=bnb_4bit_settings)
     frozen = lora.load_adapter(model, sft_adapter, trainable=False)
     refused = None
     try:

@@ -45,6 +45,7 @@ from reference import (
     rundir,
     sft,
     training_arguments,
+    vocab,
 )
 from reference.errors import InputError
 from reference.hashing import sha256_of, trainable_weights_sha256
@@ -128,11 +129,11 @@ def encode_data(recipe, tokenizer, data_path: str, columns: dict | None) -> tupl
 def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dtype: str, adapter: str | None, say):
     """The base as the recipe quantises it, with a fresh adapter, a saved one to continue (trainable),
     or none (full fine-tuning). Returns (model, identity, weight bytes, what the adapter is)."""
-    bnb_4bit_settings = {k: v for k, v in recipe.quantization.items() if k.startswith("bnb_4bit")}
+    quantization, bnb_4bit_settings = models.recipe_quantization(recipe.quantization)
     model, identity = models.load_causal_lm(
         directory,
         dtype=dtype,
-        quantization=models.quantization_name(recipe.quantization),
+        quantization=quantization,
         quantization_section=bnb_4bit_settings,
         device=device,  # packed where it trains (a 4-bit model cannot move)
     )
@@ -197,9 +198,7 @@ def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, be
     args = training_arguments.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
     distributed.check_arguments(args, adapter=adapter is not None or bool(recipe.lora))
     settings = training_arguments.resolved_settings(recipe, str(checkpoint_dir), args=args)
-    tokenizer = lora.load_tokenizer(directory, adapter)  # a continued adapter's own tokenizer, if it saved one
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = vocab.pad_with_eos(lora.load_tokenizer(directory, adapter))  # a continued adapter's own, if saved
     encoded, data_info = encode_data(recipe, tokenizer, data_path, columns)
 
     checkpointing = args.activation_checkpointing

@@ -45,6 +45,14 @@ def train_bpe(corpus_files: list[str | Path], vocab_size: int):
     return tokenizer
 
 
+def pad_with_eos(tokenizer):
+    """The tokenizer, padding with its EOS token when it has no pad token (as the seed and trl do: Llama-3.1's has
+    none); returned for chaining. Padding positions are masked out, so which token pads does not change a result."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_tokenizer(path: str | Path):
     """A tokenizer from a local directory; never from a hub, never running remote code."""
     directory = Path(path)

@@ -212,3 +212,28 @@ def test_the_merge_route_merges_an_adapter_as_its_run_recorded_whatever_the_new_
     route = tmp_path / "run" / continuation.MERGED_BASE / "model.safetensors"
     assert route.read_bytes() == (tmp_path / "nf4" / "model.safetensors").read_bytes()
     assert not any("note: merging onto the base loaded" in line for line in said)
+
+
+@pytest.mark.slow
+@pytest.mark.claim("A3", "C1")
+def test_merge_loads_the_base_with_the_bnb_settings_the_adapters_run_recorded(tiny_gemma2_dir, fixtures_dir, tmp_path):
+    """Double quantisation stores each block's scale quantised again, so the dequantised base differs with it. An
+    adapter trained on an NF4 base without it (`quantization.bnb_4bit_use_double_quant=false`) is merged onto that
+    same base by default, as its run.json records: equal to a merge told so, byte for byte, and not to a merge onto
+    the double-quantised default."""
+    from reference import train
+    from spec.observe import QA_COLUMNS, SHORT
+
+    recipe = apply_overrides(load_recipe("llm2024"), [*SHORT, "quantization.bnb_4bit_use_double_quant=false"])
+    data = fixtures_dir / "data" / "qa111_sample.jsonl"
+    train.run(recipe, str(tiny_gemma2_dir), str(data), str(tmp_path / "run"), QA_COLUMNS, say=lambda _: None)
+    adapter = tmp_path / "run"
+    assert adapter_records.recorded_bnb_4bit(adapter)["bnb_4bit_use_double_quant"] is False
+
+    def merged(name, **told) -> bytes:
+        lora.merge(tiny_gemma2_dir, adapter, tmp_path / name, say=lambda _: None, **told)
+        return (tmp_path / name / "model.safetensors").read_bytes()
+
+    by_default = merged("default")
+    assert by_default == merged("told", quantization_section={"bnb_4bit_use_double_quant": False})
+    assert by_default != merged("double", quantization_section={})
