@@ -84,4 +84,5 @@ def continue_merged(
                     model_dir, adapter_dir, merged, quantization, say=say, quantization_section=bnb_4bit_settings
                 )
             say(f"merged {adapter_dir} into {model_dir} -> {merged}; training a new adapter on it")
-    return train.run(recipe, str(merged), data_path, output_dir, columns=columns, say=say, resume=resume)
+        # in the same claim: no other run can take the directory between the merge and the training
+        return train.run_claimed(recipe, str(merged), data_path, output_dir, columns=columns, say=say, resume=resume)

@@ -187,10 +187,25 @@ def run(
     models.require_model_dir(model_dir)  # first: a wrong model fails before any work
     lora.check_adapter_files(adapter)  # a missing, cut or damaged adapter file, before the output is claimed
     with rundir.claimed(output_dir, resume, overwrite, say):
-        return _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume)
+        return run_claimed(
+            recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume
+        )
 
 
-def _train(recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume):
+def run_claimed(
+    recipe,
+    model_dir,
+    data_path,
+    output_dir,
+    columns=None,
+    say=stderr_line,
+    callbacks=(),
+    before_train=None,
+    adapter=None,
+    resume=False,
+) -> RunManifest:
+    """`run` in a directory the caller already holds (rundir.claimed), for a run made of several steps that no
+    other run may come between (continuation.continue_merged: merge, then train)."""
     directory = models.require_model_dir(model_dir)
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     finished = resume and rundir.is_finished(output_dir)  # said once the command is known to be that run's

@@ -237,3 +237,23 @@ def test_merge_loads_the_base_with_the_bnb_settings_the_adapters_run_recorded(ti
     by_default = merged("default")
     assert by_default == merged("told", quantization_section={"bnb_4bit_use_double_quant": False})
     assert by_default != merged("double", quantization_section={})
+
+
+@pytest.mark.slow
+@pytest.mark.claim("A3", "X5")
+def test_the_merge_route_holds_its_directory_from_the_merge_to_the_end_of_training(
+    saved_adapter, tiny_gemma2_dir, magpie_data, tmp_path
+):
+    """One lock from the merge to the last step: the lock file seen when the merge is said and when training
+    starts is the same file (a lock released and taken again would be a new one), so no other run can take the
+    directory in between."""
+    output, seen = tmp_path / "run", []
+
+    def say(line: str) -> None:
+        if line.startswith(("merged ", "training ")):
+            seen.append((output / rundir.LOCK).stat().st_ctime_ns)
+
+    recipe = apply_overrides(load_recipe("llm2024"), THREE_STEPS)
+    continuation.continue_merged(recipe, tiny_gemma2_dir, saved_adapter, magpie_data, output, say=say)
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert not (output / rundir.LOCK).exists()
