@@ -13,9 +13,10 @@ bitsandbytes (0.50) has two layouts for an NF4 weight on the CPU:
   either, so a merge of such a weight is wrong too. Only saving puts the standard layout back.
 
 So the project keeps the standard layout everywhere: `standard_layout(model)` turns the repacking off on every
-4-bit layer (models.load_causal_lm calls it for each model it loads, and each training method before it trains) and
-puts back, exactly, any weight that was already repacked: the nibbles by the inverse permutation, the scales as
-the fp32 values of their bf16 rounding, not nested (the repacking rounded them; that rounding is not undone).
+4-bit layer (models.load_causal_lm calls it for each model it loads; the SFT Trainer and DPO call it again before
+their first step, for a model repacked after it loaded) and puts back, exactly, any weight already repacked: the
+nibbles by the inverse permutation, the scales as the fp32 values of their bf16 rounding, not nested (the repacking
+rounded them; that rounding is not undone).
 The value of each weight is then `code[nibble] × absmax` as the packed layer computed it. (bitsandbytes' own
 inverse, `_convert_weight_packed_for_cpu_inverse`, leaves a singly quantised weight's scales transposed: 40% of a
 layer's largest weight off, measured on tiny-gemma2's down_proj.)
