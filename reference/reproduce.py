@@ -130,10 +130,9 @@ class Scorer:
 
 
 def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
-    from reference import data, recipes, report, routes, train
+    from reference import data, recipes, report, routes, rundir, train
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = rundir.job_folder(output)  # never a user's folder: the job replaces files of the names it writes
     if pipeline.threads:
         import torch
 

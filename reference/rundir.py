@@ -176,6 +176,28 @@ def claimed(directory: str | Path, resume: bool = False, overwrite: bool = False
         lock.unlink(missing_ok=True)
 
 
+JOB = ".ftref-job"
+"""Marks a folder the main job (`reproduce`) writes its stages, report and runs into."""
+
+
+def job_folder(directory: str | Path) -> Path:
+    """A folder for a job of several runs and files (`reproduce`): new, empty, or one such a job wrote before (its
+    JOB marker, or, from before the marker, its summary.json and report.md). A folder of a user's is refused, naming
+    what is in it: the job would replace files of the names it writes (report.md, summary.json, ...)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    earlier = (directory / JOB).is_file() or all((directory / name).is_file() for name in ("summary.json", "report.md"))
+    found = others(directory)
+    if found and not earlier:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise InputError(
+            f"--output {directory} is not empty and was not written by this job ({shown}); choose a new or empty "
+            "folder (the job writes report.md, summary.json and more there)"
+        )
+    write_text_atomic(directory / JOB, "written by `ftref reproduce`; it may write here again\n")
+    return directory
+
+
 def write_or_check(directory: str | Path, what_runs: dict, resume: bool) -> None:
     """Write run.json (model, data, settings) for a new run; on --resume, refuse a different one."""
     path = Path(directory) / RUN

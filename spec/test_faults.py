@@ -466,3 +466,25 @@ def test_train_with_hf_home_pointing_at_a_file_names_the_cache_and_the_variable(
     code, _, err = run_cli(*command, *TINY, env=env)
     assert code == 2 and "Traceback" not in err and str(DATA) not in err
     assert f"the datasets cache {a_file / 'datasets'} (chosen by HF_HOME): {a_file} is a file, not a folder" in err
+
+
+@pytest.mark.claim("X5", "M3")
+def test_the_main_job_writes_only_into_a_new_or_empty_folder_or_one_it_wrote_before(tmp_path):
+    """reproduce writes report.md, summary.json, output.jsonl and more at the top of --output: a user's folder is
+    refused before any work, naming what is in it, and left as it was; an empty folder gets the job's marker, and
+    a folder the job wrote (its marker, or its summary.json and report.md from before the marker) is written again."""
+    folder = a_users_folder(tmp_path / "mine")
+    (folder / "report.md").write_text("my report", encoding="utf-8")
+    before = tree(folder)
+    code, _, err = run_main("reproduce", "--output", folder)
+    assert code == 2 and "is not empty and was not written by this job (notes.txt, report.md, thesis)" in err
+    assert tree(folder) == before
+
+    assert rundir.job_folder(tmp_path / "new") == tmp_path / "new" and (tmp_path / "new" / rundir.JOB).is_file()
+    (tmp_path / "new" / "report.md").write_text("the job's", encoding="utf-8")
+    rundir.job_folder(tmp_path / "new")
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ("summary.json", "report.md", "train.jsonl"):
+        (older / name).write_text("{}", encoding="utf-8")
+    rundir.job_folder(older)
