@@ -61,13 +61,11 @@ def char_table_tsv(table: list[tuple[str, int]]) -> str:
 
 
 def _outputs(args: argparse.Namespace) -> Path:
-    """Refuse before any work an output that is a folder, one file for two outputs, or a character table
-    over an input (X6; the CLI has checked --output and --rejects); return where the table goes."""
+    """Refuse before any work one file for two outputs, or a character table over an input (X6; the CLI has
+    checked --output and --rejects, their kind included: paths.require_kind); return where the table goes."""
     from reference import paths
 
-    for path, flag in ((args.output, "--output"), (args.rejects, "--rejects")):
-        if Path(path).is_dir():
-            raise InputError(f"{flag} {path}: is a directory")
+    for path in (args.output, args.rejects):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     if Path(args.output).resolve() == Path(args.rejects).resolve():
         raise InputError(f"--output and --rejects are the same file: {args.output}")
