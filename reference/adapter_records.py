@@ -170,14 +170,14 @@ def check_fits(base_dir: str | Path, adapter_dir: str | Path, say=note) -> None:
     check_recorded_base(Path(adapter_dir), config, say)
 
 
-QUANTIZATION_RECORDS = ("manifest.json", "dpo.json")
-"""Run records beside an adapter that name, under model.quantization, how its base was loaded (train and
-continue write manifest.json, dpo writes dpo.json; reference.models.ModelIdentity)."""
+QUANTIZATION_RECORDS = ("manifest.json",)
+"""Run records beside an adapter that name, under model.quantization, how its base was loaded (every
+training run writes manifest.json: train, continue, dpo, preference train; reference.models.ModelIdentity)."""
 
 
 def recorded_quantization(adapter_dir: str | Path) -> tuple[str, str] | None:
     """(quantization, the file that records it) for the base the adapter was trained on, or None when no run
-    record is at hand: the manifest.json or dpo.json beside the adapter, or for a Trainer checkpoint
+    record is at hand: the manifest.json beside the adapter, or for a Trainer checkpoint
     (RUN/checkpoints/checkpoint-N) its run's run.json (written when training starts) or manifest.json."""
     directory = Path(adapter_dir)
     places = [directory / name for name in QUANTIZATION_RECORDS]
@@ -217,7 +217,7 @@ def merge_quantization(adapter_dir: str | Path, choice: str | None = None, overr
     if record is None:
         if choice is None:
             say(
-                f"note: adapter {adapter_dir} has no run record beside it (manifest.json, dpo.json, or a "
+                f"note: adapter {adapter_dir} has no run record beside it (manifest.json, or a "
                 "checkpoint's run.json) saying how its base was loaded while it trained; merging onto the base "
                 "as saved (--quantization none). If it was trained on a 4-bit base, merge with --quantization nf4."
             )

@@ -24,7 +24,6 @@ from transformers import TrainerCallback
 from reference import steps
 from reference.errors import InputError
 from reference.hashing import digests
-from reference.manifest import RunManifest
 from reference.paths import no_space
 
 MARKER = "complete.json"
@@ -143,14 +142,15 @@ def train_keeping_whole_checkpoints(trainer, resume_from: Path | None, checkpoin
         raise
 
 
-def complete_from(trainer, checkpoint: Path, manifest: RunManifest, records: int, say) -> None:
-    """The trained weights and the step records of a run whose last checkpoint holds its last step."""
+def complete_from(trainer, checkpoint: Path, reporter, say) -> None:
+    """The trained weights of a run whose last checkpoint holds its last step, and its step records, into the run's
+    reference.progress.ProgressReporter (as if it had watched those steps)."""
     step, planned = finished_training(checkpoint)
     say(
         f"--resume: {checkpoint.name} holds the run's last step ({step} of {planned}): training had finished "
         "before the run was recorded; its record is completed from that checkpoint, nothing is trained again"
     )
     trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loading of a checkpoint's weights
-    plan = steps.plan(steps.settings_from_training_arguments(trainer.args, records))
-    manifest.step_plan = plan.to_dict()
-    manifest.steps[:] = recorded_steps(checkpoint)
+    plan = steps.plan(steps.settings_from_training_arguments(trainer.args, reporter.records))
+    reporter.step_plan = plan.to_dict()
+    reporter.steps[:] = recorded_steps(checkpoint)

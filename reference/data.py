@@ -238,10 +238,25 @@ def training_set(filtered_path: str | Path, qa_path: str | Path):
     return datasets.concatenate_datasets([magpie.select_columns(["instruction", "response"]), qa])
 
 
-def read_text_rows(path: str | Path, needed: tuple[str, ...], with_lines: bool = False) -> list:
+def parse_columns(text: str | None, names: tuple[str, ...]) -> dict | None:
+    """A `--columns` map, `name=COLUMN,...` naming every one of `names` once: `instruction=input,response=output`
+    -> {"instruction": "input", "response": "output"}; None when not given."""
+    if not text:
+        return None
+    pairs = [item.partition("=") for item in text.split(",")]
+    columns = {k.strip(): v.strip() for k, sep, v in pairs if sep and v.strip()}
+    if set(columns) != set(names) or len(pairs) != len(names):
+        raise InputError(f"--columns {text!r}: expected {','.join(f'{name}=COLUMN' for name in names)}")
+    return columns
+
+
+def read_text_rows(
+    path: str | Path, needed: tuple[str, ...], with_lines: bool = False, columns: dict | None = None
+) -> list:
     """The rows of a small JSONL file, each an object with non-empty text in every `needed` field;
     the first row that is not is an error naming the file, the line and the fields (or the key it gives
-    twice). A byte order mark at the start is skipped. With `with_lines`, (line number, row) pairs, for
+    twice). A byte order mark at the start is skipped. `columns` (parse_columns) names the file's column for each
+    needed field; the row is given under the needed names too. With `with_lines`, (line number, row) pairs, for
     callers that check more and must name the line."""
     try:
         content = Path(path).read_bytes()
@@ -261,9 +276,13 @@ def read_text_rows(path: str | Path, needed: tuple[str, ...], with_lines: bool =
             raise InputError(f"{path}, line {number}: {error}") from None
         except ValueError as error:
             raise InputError(f"{path}, line {number}: not JSON ({error})") from None
-        missing = [k for k in needed if not isinstance(row, dict) or not isinstance(row.get(k), str) or not row[k]]
+        names = {k: (columns or {}).get(k, k) for k in needed}
+        missing = [
+            c for c in names.values() if not isinstance(row, dict) or not isinstance(row.get(c), str) or not row[c]
+        ]
         if missing:
             raise InputError(f"{path}, line {number}: needs non-empty text in {', '.join(missing)}")
+        row = {**row, **{k: row[c] for k, c in names.items()}}
         rows.append((number, row) if with_lines else row)
     if not rows:
         raise InputError(f"{path}: no rows")

@@ -20,8 +20,14 @@ the answer does not end with it) are each tokenized with one BOS; the answer sta
 lists first differ, taken over both answers of the pair, so a token that spans the prompt's end and the
 answer's start is scored as part of the answer. Sequences longer than max_length lose their end; a pair
 whose prompt alone fills max_length is dropped (no answer token would be left to score). Sequences are
-padded as SFT records are (reference.sft.collator). `run` goes from files to the saved policy adapter and
-dpo.json (the `dpo` command calls it).
+padded as SFT records are (reference.sft.collator), a batch's chosen sequences first, then its rejected ones.
+
+A DPO run is a run like any other (reference.runs, claim X12): a recipe (the built-in `dpo`, or a file) resolved
+into the TrainingArguments of a real Trainer (`DPOTrainer` below: this loss in `compute_loss`), so batch size,
+accumulation, schedule, optimizer, a 4-bit base and gradient checkpointing come from the recipe; `[dpo]` holds
+beta and max_length (reference.sections.DPOSection). The run directory, lock, checkpoints, `--resume`,
+`--overwrite`, manifest and `verify` are SFT's. Each step records its mean reward margin r_w - r_l, the rewards
+and the reference log-probabilities besides its loss. The saved adapter is the policy alone.
 
 Not handled here: the IPO/hinge variants, label smoothing, and reference log-probs precomputed once
 (they are recomputed each step, which costs a forward pass but keeps the code short).
@@ -30,23 +36,21 @@ Not handled here: the IPO/hinge variants, label smoothing, and reference log-pro
 from __future__ import annotations
 
 import copy
-import json
-import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import peft
 import torch
 import torch.nn.functional as F
 
-from reference import kernels, lora, models, vocab
+from reference import runs, sections, train
 from reference.data import read_text_rows
 from reference.errors import InputError
 from reference.formats import encode_prompt
-from reference.paths import complete_directory, write_text_atomic
+from reference.hashing import sha256_of
+from reference.manifest import RunManifest
 from reference.sft import IGNORE_INDEX, collator
-from reference.shapes import PROJECTIONS
 
 REFERENCE_ADAPTER = "reference"
 """The name the frozen copy of the starting adapter gets in the PeftModel."""
@@ -94,12 +98,9 @@ def encode_pair(tokenizer, pair: PreferencePair, max_length: int):
     )
 
 
-def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], tokenizer):
-    """Sum over each sequence's scored tokens (label not IGNORE_INDEX) of log p(token | everything before it).
-    The (ids, labels) sequences are padded as SFT batches are (reference.sft.collator: on the right, labels
-    with IGNORE_INDEX), so padding is never scored."""
-    batch = collator(tokenizer)([{"input_ids": ids, "labels": labels} for ids, labels in sequences])
-    batch = batch.to(next(model.parameters()).device)
+def batch_logprobs(model, batch):
+    """Per row of a padded batch (input_ids, attention_mask, labels), the sum over its scored tokens (label not
+    IGNORE_INDEX) of log p(token | everything before it); padding is never scored."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE_INDEX
@@ -107,16 +108,26 @@ def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], token
     return (token_logprobs * scored).sum(-1)
 
 
+def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], tokenizer):
+    """batch_logprobs of (ids, labels) sequences, padded as SFT batches are (reference.sft.collator)."""
+    batch = collator(tokenizer)([{"input_ids": ids, "labels": labels} for ids, labels in sequences])
+    return batch_logprobs(model, batch.to(next(model.parameters()).device))
+
+
 SHOWN = 20
 """Lines named at most in one message; the rest are counted."""
 
 
-def read_pairs(path: str | Path) -> list[PreferencePair]:
+COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def read_pairs(path: str | Path, columns: dict | None = None) -> list[PreferencePair]:
     """JSONL rows with prompt, chosen and rejected text; a bad row is an error naming file and line. So is a
     pair whose chosen answer is the rejected one: it has no preference to learn (r_w = r_l whatever the
     policy, so its loss stays log 2 and its gradient is zero), and a file of them would train to nothing and
-    still save an adapter. Every such line is named, before any model loads."""
-    rows = read_text_rows(path, ("prompt", "chosen", "rejected"), with_lines=True)
+    still save an adapter. Every such line is named, before any model loads. `columns` names the file's columns
+    (reference.data.parse_columns: `prompt=question,chosen=good,rejected=bad`)."""
+    rows = read_text_rows(path, COLUMNS, with_lines=True, columns=columns)
     same = [line for line, r in rows if r["chosen"] == r["rejected"]]
     if same:
         shown = ", ".join(map(str, same[:SHOWN])) + (f" and {len(same) - SHOWN} more" if len(same) > SHOWN else "")
@@ -152,33 +163,6 @@ def reference_of(model):
         model.set_adapter(policy)  # active and trainable again; the reference stays frozen
 
 
-@dataclass
-class DPOSettings:
-    beta: float = 0.1
-    """Strength of the pull towards the reference (the KL penalty's weight)."""
-    learning_rate: float = 5e-4
-    """AdamW step size for the adapter."""
-    steps: int = 10
-    """Optimizer steps; each uses every pair once (the fixture sets are small)."""
-    max_length: int = 256
-    """Prompt + answer tokens kept per sequence."""
-    seed: int = 0
-
-
-@dataclass
-class DPOLog:
-    """What a DPO run did, step by step (written to dpo.json)."""
-
-    settings: dict
-    pairs_dropped: int = 0
-    """Pairs whose prompt alone filled max_length (left out, as trl does)."""
-    losses: list = field(default_factory=list)
-    margins: list = field(default_factory=list)
-    """Mean reward margin r_w - r_l at each step, before that step's update."""
-    reference_logps: list = field(default_factory=list)
-    """[mean log pi_ref(y_w|x), mean log pi_ref(y_l|x)] at each step: the same every step (pi_ref is frozen)."""
-
-
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int):
     """(chosen sequences, rejected sequences, pairs dropped); an error when no pair is left."""
     encoded = [e for e in (encode_pair(tokenizer, p, max_length) for p in pairs) if e is not None]
@@ -187,87 +171,110 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int):
     return [c for c, _ in encoded], [r for _, r in encoded], len(pairs) - len(encoded)
 
 
-def train(model, tokenizer, pairs: list[PreferencePair], settings: DPOSettings, say=print) -> DPOLog:
-    """DPO on a peft model: the policy is its adapter, trained; the reference a frozen copy of that adapter
-    as DPO starts (keep_reference), left in the model under REFERENCE_ADAPTER. The tokenizer needs a pad
-    token (`run` sets its EOS when it has none, as SFT does)."""
-    torch.manual_seed(settings.seed)
-    chosen, rejected, dropped = encode_pairs(tokenizer, pairs, settings.max_length)
-    if not hasattr(model, "peft_config"):
-        raise InputError("dpo: the policy must be a peft model with a LoRA adapter (attach or load one)")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise InputError("dpo: the policy has no trainable weight (attach or load an adapter trainable)")
-    kernels.standard_layout(model)  # a 4-bit base repacked for CPU inference has no backward pass
-    keep_reference(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
-    log = DPOLog(settings=asdict(settings), pairs_dropped=dropped)
-    if dropped:
-        say(f"dpo: {dropped} pair(s) left out: the prompt alone fills max_length {settings.max_length}")
-    alike = sum(c[0] == r[0] for c, r in zip(chosen, rejected, strict=True))
-    if alike:  # different texts, the same tokens once cut (or an EOS written out): no signal from these
-        say(
-            f"dpo: {alike} pair(s) encode chosen and rejected to the same tokens (cut at max_length "
-            f"{settings.max_length}, or differing only by a final EOS); they add nothing to learn from"
-        )
-    model.train()
-    for step in range(1, settings.steps + 1):
-        with torch.no_grad(), reference_of(model):
-            reference_chosen = sequence_logprobs(model, chosen, tokenizer)
-            reference_rejected = sequence_logprobs(model, rejected, tokenizer)
-        loss, r_w, r_l = dpo_loss(
-            sequence_logprobs(model, chosen, tokenizer),
-            sequence_logprobs(model, rejected, tokenizer),
-            reference_chosen,
-            reference_rejected,
-            settings.beta,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        margin = float((r_w - r_l).detach().mean())
-        log.losses.append(float(loss.detach()))
-        log.margins.append(margin)
-        log.reference_logps.append([float(reference_chosen.mean()), float(reference_rejected.mean())])
-        say(
-            f"dpo step {step}/{settings.steps} loss {log.losses[-1]:.4f} reward margin {margin:+.4f} "
-            f"(log 2 = {math.log(2):.4f} at the start)"
-        )
-    return log
+def pair_collator(tokenizer):
+    """Pads a batch of encoded pairs as one batch: the chosen sequences first, then the rejected ones."""
+    pad = collator(tokenizer)
+
+    def collate(rows: list[dict]):
+        sides = ("chosen", "rejected")
+        return pad([{"input_ids": row[side][0], "labels": row[side][1]} for side in sides for row in rows])
+
+    return collate
 
 
-def run(
-    model_dir: str | Path,
-    data_path: str | Path,
-    output_dir: str | Path,
-    settings: DPOSettings,
-    adapter: str | Path | None = None,
-    r: int = 8,
-    say=print,
-) -> dict:
-    """DPO from files to files: the model from `model_dir`, the policy the saved `adapter` (loaded trainable)
-    or a fresh one of rank r (alpha 2r) on every projection; the tokenizer the adapter's own when it saved one
-    (lora.load_tokenizer), its pad token EOS when it has none. Saves the trained policy adapter alone (not the
-    reference) with the tokenizer in `output_dir`, and the run's log, the model and where the reference came
-    from in output_dir/dpo.json, which it returns."""
-    pairs = read_pairs(data_path)
-    model, identity = models.load_causal_lm(model_dir)
-    if adapter:
-        policy = lora.load_adapter(model, adapter, trainable=True)
-    else:
-        policy = lora.attach(model, {"r": r, "lora_alpha": 2 * r, "target_modules": list(PROJECTIONS)})
-    tokenizer = vocab.pad_with_eos(lora.load_tokenizer(model_dir, adapter))
-    log = train(policy, tokenizer, pairs, settings, say=say)
-    out = Path(output_dir)
-    with complete_directory(out) as partial:
-        policy.save_pretrained(partial, safe_serialization=True, selected_adapters=[policy.active_adapter])
-        tokenizer.save_pretrained(partial)
-    result = {
-        **asdict(log),
-        "model": asdict(identity),
-        "pairs": len(pairs),
-        "adapter": None if adapter is None else str(adapter),
-        "reference": f"the starting adapter ({adapter or 'fresh, B = 0: the base'}), frozen",
-    }
-    write_text_atomic(out / "dpo.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
-    return result
+class DPOTrainer(runs.StepTrainer):
+    """The run's Trainer with the DPO loss: per batch, pi_ref's log-probabilities (the frozen reference adapter,
+    no grad), then the policy's, then -log sigmoid(r_w - r_l) averaged over the batch's pairs."""
+
+    def __init__(self, *args, beta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta = beta
+        # The loss is a mean over pairs: the Trainer divides it by the accumulation window (it would not if it
+        # thought the model scaled its own loss by the batch's token count).
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pairs = inputs["input_ids"].shape[0] // 2
+        with torch.no_grad(), reference_of(self.accelerator.unwrap_model(model)):
+            reference = batch_logprobs(model, inputs)
+        policy = batch_logprobs(model, inputs)
+        loss, r_w, r_l = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
+        self.add_metrics(
+            reward_margin=(r_w - r_l).mean(),
+            chosen_reward=r_w.mean(),
+            rejected_reward=r_l.mean(),
+            reference_chosen_logp=reference[:pairs].mean(),
+            reference_rejected_logp=reference[pairs:].mean(),
+        )
+        return (loss, {"chosen_rewards": r_w, "rejected_rewards": r_l}) if return_outputs else loss
+
+
+class DirectPreference(runs.Method):
+    """DPO as a run: the pairs encoded as trl does, the policy the recipe's fresh adapter or a saved one loaded
+    trainable, its frozen copy the reference."""
+
+    name = "dpo"
+    trainer_class = DPOTrainer
+
+    def check(self, recipe, adapter, data_path, columns) -> None:
+        self.pairs = read_pairs(data_path, columns)  # a bad file, before any model loads or the output is claimed
+        if adapter is None and not recipe.lora:
+            raise InputError(
+                f"dpo: recipe {recipe.name!r} has no [lora] and no --adapter was given: the policy is a "
+                "LoRA adapter (a fresh one from [lora], or a saved one)"
+            )
+
+    def resolved_section(self, recipe) -> dict:
+        return {"dpo": asdict(sections.resolve("dpo", recipe.dpo))}
+
+    def trainer_settings(self, recipe) -> dict:
+        return {"beta": sections.resolve("dpo", recipe.dpo).beta}
+
+    def prepare(self, recipe, directory, tokenizer, args, data_path, columns, adapter, say) -> runs.Prepared:
+        settings = sections.resolve("dpo", recipe.dpo)
+        pairs = self.pairs
+        chosen, rejected, dropped = encode_pairs(tokenizer, pairs, settings.max_length)
+        if dropped:
+            say(f"dpo: {dropped} pair(s) left out: the prompt alone fills max_length {settings.max_length}")
+        alike = sum(c[0] == r[0] for c, r in zip(chosen, rejected, strict=True))
+        if alike:  # different texts, the same tokens once cut (or an EOS written out): no signal from these
+            say(
+                f"dpo: {alike} pair(s) encode chosen and rejected to the same tokens (cut at max_length "
+                f"{settings.max_length}, or differing only by a final EOS); they add nothing to learn from"
+            )
+        dtype = "bfloat16" if args.bf16 else "float32"
+        model, identity, weight_bytes, adapter_info = train.prepare_model(
+            recipe, directory, str(args.device), args.activation_checkpointing, dtype, adapter, say
+        )
+        keep_reference(model)
+        say(f"dpo: the reference is the starting adapter ({adapter or 'fresh, B = 0: the base'}), frozen")
+        return runs.Prepared(
+            dataset=[{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)],
+            data={
+                "path": str(Path(data_path).resolve()),
+                "sha256": sha256_of(data_path),
+                "records": len(chosen),
+                "pairs": len(pairs),
+                "pairs_dropped": dropped,
+                "tokens": sum(len(c[0]) + len(r[0]) for c, r in zip(chosen, rejected, strict=True)),
+                "max_length": settings.max_length,
+            },
+            model=model,
+            identity=identity,
+            weight_bytes=weight_bytes,
+            adapter=adapter_info,
+            collator=pair_collator(tokenizer),
+            loss=f"DPO, -log sigmoid(beta (r_w - r_l)), beta {settings.beta}, reference: the starting adapter",
+        )
+
+    def save_model(self, model, directory, weights) -> None:
+        """The policy adapter alone (not the frozen reference)."""
+        selected = [model.active_adapter]
+        model.save_pretrained(directory, safe_serialization=True, state_dict=weights, selected_adapters=selected)
+
+
+def run(recipe, model_dir, data_path, output_dir, adapter=None, **options) -> RunManifest:
+    """A DPO run (reference.runs.run): options say, callbacks, resume, overwrite, before_train."""
+    return runs.run(
+        DirectPreference(), recipe, str(model_dir), str(data_path), str(output_dir), adapter=adapter, **options
+    )

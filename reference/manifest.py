@@ -56,6 +56,8 @@ class StepLog:
     """Real tokens the step was fed: its micro-batches' attention_mask sums (padding left out)."""
     seconds: float
     tokens_per_second: float
+    metrics: dict = field(default_factory=dict)
+    """The method's own measures, averaged over the step's micro-batches (DPO: reward margin, rewards)."""
 
 
 @dataclass
@@ -89,6 +91,10 @@ class RunManifest:
     output: str = ""
     files: list = field(default_factory=list)
     """The files and folders the run's save put in its output directory (what `--overwrite` may remove)."""
+    method: str = "sft"
+    """The training method (reference.runs.Method.name): sft, dpo or classifier."""
+    results: dict = field(default_factory=dict)
+    """What the method measured besides the per-step losses (the classifier's held-out log-loss before and after)."""
 
     @classmethod
     def read(cls, directory: str | Path) -> RunManifest:
@@ -150,7 +156,8 @@ def load(path: str | Path) -> dict:
 def _settings(manifest: dict) -> dict:
     settings = manifest["settings"]
     arguments = {k: v for k, v in settings.get("training_arguments", {}).items() if k not in PATH_ARGUMENTS}
-    return {"training_arguments": arguments, **{k: settings.get(k) for k in ("lora", "quantization", "sft")}}
+    parts = {k: settings.get(k) for k in ("lora", "quantization", "sft", "dpo", "classifier")}
+    return {"method": settings.get("method", "sft"), "training_arguments": arguments, **parts}
 
 
 def _dict_differences(name: str, ours: dict, theirs: dict) -> list[str]:

@@ -16,6 +16,13 @@ column is p(the row's b wins) and the second p(the row's a wins), so those two a
 the two scorings are averaged. Batches are padded on the right by transformers' DataCollatorWithPadding.
 
 Competition rows hold prompt and responses as JSON lists of turns; they are joined with newlines.
+
+Training is a run like SFT's (reference.runs, claim X12): the recipe `lmsys-classifier` (the thread's Config as
+its `[classifier]` section, reference.sections.PreferenceConfig) resolved into a real Trainer's arguments, the
+same run directory, lock, checkpoints, `--resume`, manifest and `verify`. The rows are shuffled with the run's
+seed and the last `eval_fraction` held out; the manifest's results give the held-out log-loss before training,
+after it, and the uniform guess's ln 3 beside them. A saved classifier adapter can be trained on (`--adapter`,
+loaded trainable: the thread's question of continuing from a checkpoint, seed 000).
 """
 
 from __future__ import annotations
@@ -23,44 +30,24 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import peft
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    DataCollatorWithPadding,
-    PrinterCallback,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from reference import lora, models, vocab
+from reference import lora, models, runs, sections, train, vocab
 from reference.data import read_text_rows
 from reference.errors import InputError
-from reference.paths import complete_directory, write_text_atomic
-from reference.shapes import PROJECTIONS
+from reference.hashing import sha256_of
+from reference.manifest import RunManifest
+from reference.paths import write_text_atomic
+from reference.sections import PreferenceConfig
 
 LABELS = ("winner_model_a", "winner_model_b", "winner_tie")
 COLUMNS = ("prompt", "response_a", "response_b", *LABELS)
 A_AND_B_SWAPPED_BACK = [1, 0, 2]
 """Column order that turns a prediction for (b, a) into one for (a, b): p(a wins), p(b wins), p(tie)."""
-
-
-@dataclass
-class PreferenceConfig:
-    """The thread's Config (seed 000), the fields that shape inputs and predictions."""
-
-    max_length: int = 2048
-    """Tokens per input at most."""
-    batch_size: int = 4
-    """Rows per forward pass."""
-    spread_max_length: bool = False
-    """False: cut the joined input to max_length; True: cut each part to max_length // 3."""
-    tta: bool = False
-    """Also score with a and b swapped and average (test-time augmentation)."""
 
 
 def as_text(value) -> str:
@@ -76,10 +63,11 @@ def as_text(value) -> str:
     raise TypeError(f"expected text, got {type(value).__name__}")
 
 
-def read_rows(path: str | Path, need_labels: bool = True) -> list[dict]:
-    """Competition-format JSONL rows; a missing column or a label row that is not one-hot is named."""
+def read_rows(path: str | Path, need_labels: bool = True, columns: dict | None = None) -> list[dict]:
+    """Competition-format JSONL rows; a missing column or a label row that is not one-hot is named. `columns`
+    names the file's prompt, response_a and response_b columns (reference.data.parse_columns)."""
     rows = []
-    for number, row in read_text_rows(path, COLUMNS[:3], with_lines=True):
+    for number, row in read_text_rows(path, COLUMNS[:3], with_lines=True, columns=columns):
         parts = {c: as_text(row[c]) for c in COLUMNS[:3]}
         if need_labels:
             onehot = [row.get(c) for c in LABELS]
@@ -147,11 +135,12 @@ def predict_file(
     output: str | Path,
     config: PreferenceConfig,
     adapter: str | Path | None = None,
+    columns: dict | None = None,
 ) -> dict:
     """Probabilities for every row of a competition-format file (labels not needed), written as JSONL, one
     {winner_model_a, winner_model_b, winner_tie} object per row; returns what was written."""
     model, tokenizer = load_classifier(model_dir, adapter)
-    rows = read_rows(data_path, need_labels=False)
+    rows = read_rows(data_path, need_labels=False, columns=columns)
     probabilities = predict(model, tokenizer, rows, config).tolist()
     lines = [json.dumps(dict(zip(LABELS, row, strict=True))) + "\n" for row in probabilities]
     write_text_atomic(output, "".join(lines))
@@ -166,73 +155,106 @@ def log_loss(probabilities, labels: list[int]) -> float:
     return total / len(labels)
 
 
-def train(
-    model_dir: str,
-    data_path: str,
-    output_dir: str,
-    config: PreferenceConfig,
-    epochs: float = 3.0,
-    learning_rate: float = 1e-3,
-    eval_fraction: float = 0.25,
-    r: int = 8,
-    seed: int = 0,
-    say=print,
-) -> dict:
-    """LoRA on the projections plus a fully trained head, with a real Trainer; log-loss before and after
-    on a held-out split (the last `eval_fraction` of the rows after a seeded shuffle). The seed also
-    draws the new head's first weights, so repeated runs start from the same head."""
-    rows = read_rows(data_path)
+UNIFORM_LOG_LOSS = math.log(3)
+"""The log-loss of the uniform guess (1/3 each): what a classifier that learned nothing scores."""
+
+
+def held_out_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training rows, held-out rows): shuffled with random.Random(seed), the last max(1, int(n x fraction)) held
+    out; an error when that leaves nothing to train on."""
+    rows = list(rows)
     random.Random(seed).shuffle(rows)
-    held = max(1, int(len(rows) * eval_fraction))
-    train_rows, eval_rows = rows[:-held], rows[-held:]
-    if not train_rows:
-        raise InputError(f"{data_path}: {len(rows)} rows leave nothing to train on after holding out {held}")
-    set_seed(seed)
-    model, tokenizer = load_classifier(model_dir)
-    labels = [r["label"] for r in eval_rows]
-    before = log_loss(predict(model, tokenizer, eval_rows, config), labels)
-    lora_config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=list(PROJECTIONS))
-    model = peft.get_peft_model(model, lora_config)
-    features = [
-        {"input_ids": encode(tokenizer, x["prompt"], x["response_a"], x["response_b"], config), "labels": x["label"]}
-        for x in train_rows
-    ]
-    args = TrainingArguments(
-        output_dir=str(Path(output_dir) / "checkpoints"),
-        per_device_train_batch_size=config.batch_size,
-        num_train_epochs=epochs,
-        learning_rate=learning_rate,
-        bf16=True,
-        use_cpu=not torch.cuda.is_available(),
-        save_strategy="no",
-        report_to="none",
-        logging_steps=1,
-        seed=seed,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
-    # DataCollatorWithPadding pads input_ids and attention_mask; each row's label is one class, not padded.
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=DataCollatorWithPadding(tokenizer))
-    trainer.remove_callback(PrinterCallback)  # stdout carries the JSON result only
-    trainer.train()
-    after = log_loss(predict(model, tokenizer, eval_rows, config), labels)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    out = Path(output_dir)
-    with complete_directory(out) as partial:
-        model.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-    result = {
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "log_loss_before": before,
-        "log_loss_after": after,
-        "uniform_log_loss": math.log(3),
-        "train_loss_first": losses[0],
-        "train_loss_last": losses[-1],
-        "config": asdict(config),
-        "epochs": epochs,
-        "learning_rate": learning_rate,
-    }
-    write_text_atomic(out / "preference.json", json.dumps(result, indent=2) + "\n")
-    say(f"held-out log-loss {before:.4f} -> {after:.4f} (uniform guess: {math.log(3):.4f})")
-    return result
+    held = max(1, int(len(rows) * fraction))
+    if held >= len(rows):
+        raise InputError(f"{len(rows)} row(s) leave nothing to train on after holding out {held}")
+    return rows[:-held], rows[-held:]
+
+
+class ClassifierTrainer(runs.StepTrainer):
+    """The run's Trainer for the 3-way head: the model's own cross-entropy, a mean over the batch's rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # a mean over rows: the Trainer divides it by the accumulation window
+
+
+class Classifier(runs.Method):
+    """The LMSYS classifier as a run: LoRA on the projections and the new head trained fully (peft's SEQ_CLS
+    adapter saves the head as a module to save), held-out log-loss measured before and after."""
+
+    name = "classifier"
+    trainer_class = ClassifierTrainer
+
+    def check(self, recipe, adapter, data_path, columns) -> None:
+        self.rows = read_rows(data_path, columns=columns)  # a bad file, before any model loads
+
+    def resolved_section(self, recipe) -> dict:
+        return {"classifier": asdict(sections.resolve("classifier", recipe.classifier))}
+
+    def tokenizer(self, directory, adapter):
+        tokenizer = super().tokenizer(directory, adapter)
+        tokenizer.padding_side = "right"
+        return tokenizer
+
+    def prepare(self, recipe, directory, tokenizer, args, data_path, columns, adapter, say) -> runs.Prepared:
+        config = sections.resolve("classifier", recipe.classifier)
+        try:
+            train_rows, eval_rows = held_out_split(self.rows, config.eval_fraction, args.seed)
+        except InputError as error:
+            raise InputError(f"{data_path}: {error}") from None
+        dtype = "bfloat16" if args.bf16 else "float32"
+        model, identity, weight_bytes = train.load_base(
+            recipe, directory, str(args.device), dtype, model_class=AutoModelForSequenceClassification, num_labels=3
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        before = log_loss(predict(model, tokenizer, eval_rows, config), [r["label"] for r in eval_rows])
+        lora_section = {**recipe.lora, "task_type": "SEQ_CLS"} if recipe.lora else {}
+        model, adapter_info = train.with_adapter(model, lora_section, args.activation_checkpointing, adapter, say)
+        features = [
+            {
+                "input_ids": encode(tokenizer, x["prompt"], x["response_a"], x["response_b"], config),
+                "labels": x["label"],
+            }
+            for x in train_rows
+        ]
+        self.eval_rows, self.config = eval_rows, config
+        return runs.Prepared(
+            dataset=features,
+            data={
+                "path": str(Path(data_path).resolve()),
+                "sha256": sha256_of(data_path),
+                "records": len(features),
+                "held_out": len(eval_rows),
+                "tokens": sum(len(f["input_ids"]) for f in features),
+                "max_length": config.max_length,
+                "spread_max_length": config.spread_max_length,
+            },
+            model=model,
+            identity=identity,
+            weight_bytes=weight_bytes,
+            adapter=adapter_info,
+            # pads input_ids and attention_mask on the right; each row's label is one class, not padded
+            collator=DataCollatorWithPadding(tokenizer),
+            loss="cross-entropy of the 3-way head on the last non-pad token",
+            results={
+                "train_rows": len(train_rows),
+                "eval_rows": len(eval_rows),
+                "log_loss_before": before,
+                "uniform_log_loss": UNIFORM_LOG_LOSS,
+            },
+        )
+
+    def evaluate(self, model, tokenizer, prepared, say) -> dict:
+        after = log_loss(predict(model, tokenizer, self.eval_rows, self.config), [r["label"] for r in self.eval_rows])
+        before = prepared.results["log_loss_before"]
+        say(
+            f"held-out log-loss on {len(self.eval_rows)} rows: {before:.4f} before, {after:.4f} after; the uniform "
+            f"guess scores ln 3 = {UNIFORM_LOG_LOSS:.4f}"
+            + ("" if after < UNIFORM_LOG_LOSS else " - the classifier did no better than a guess")
+        )
+        return {"log_loss_after": after}
+
+
+def run(recipe, model_dir, data_path, output_dir, adapter=None, **options) -> RunManifest:
+    """A classifier run (reference.runs.run): options columns, say, callbacks, resume, overwrite, before_train."""
+    return runs.run(Classifier(), recipe, str(model_dir), str(data_path), str(output_dir), adapter=adapter, **options)

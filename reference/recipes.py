@@ -34,7 +34,7 @@ from pathlib import Path
 from reference import settings_types
 from reference.errors import InputError
 
-SECTIONS = ("training_arguments", "lora", "quantization", "sft")
+SECTIONS = ("training_arguments", "lora", "quantization", "sft", "dpo", "classifier")
 
 
 @dataclass
@@ -54,6 +54,10 @@ class Recipe:
     lora: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
     sft: dict = field(default_factory=dict)
+    dpo: dict = field(default_factory=dict)
+    """reference.sections.DPOSection: beta and max_length of a `dpo` run."""
+    classifier: dict = field(default_factory=dict)
+    """reference.sections.PreferenceConfig: the LMSYS classifier's inputs and held-out split."""
     filter: dict = field(default_factory=dict)
     """The LLM2024 data filter's constants (see reference/filters.py)."""
     trials: list = field(default_factory=list)
@@ -186,7 +190,7 @@ def describe(recipe: Recipe) -> str:
     """A readable summary: the arguments, the departures and (when present) the trial table."""
     lines = [f"recipe {recipe.name}: {recipe.description}", f"source: {recipe.source}", f"format: {recipe.format}", ""]
     lines += ["[training_arguments]"] + [f"  {k} = {v!r}" for k, v in redacted(recipe.training_arguments).items()]
-    for section in ("quantization", "lora", "sft", "targets"):
+    for section in ("quantization", "lora", "sft", "dpo", "classifier", "targets"):
         if getattr(recipe, section):
             lines += ["", f"[{section}]"] + [f"  {k} = {v!r}" for k, v in redacted(getattr(recipe, section)).items()]
     if recipe.departures:

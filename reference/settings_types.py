@@ -177,7 +177,7 @@ LORA = {
     "use_rslora": FLAG,
     "use_dora": FLAG,
     "random_state": SEED,
-    "task_type": one_of("CAUSAL_LM"),  # every adapter here is on a causal LM (reference/lora.py)
+    "task_type": one_of("CAUSAL_LM", "SEQ_CLS"),  # a causal LM, or its classifier (reference/preference.py)
     "modules_to_save": Rule(("list[str]",)),
 }
 QUANTIZATION = {
@@ -263,7 +263,15 @@ def training_rules() -> dict[str, Rule]:
 
 
 def rules_of(section: str) -> dict[str, Rule]:
-    return training_rules() if section == "training_arguments" else PROJECT_SECTIONS[section]
+    """The rules of a section: the installed TrainingArguments', the tables above, or a section dataclass's
+    fields (reference.sections)."""
+    if section == "training_arguments":
+        return training_rules()
+    if section in PROJECT_SECTIONS:
+        return PROJECT_SECTIONS[section]
+    from reference import sections
+
+    return sections.rules(section)
 
 
 def label(section: str, key: str) -> str:

@@ -1,5 +1,5 @@
-"""One supervised fine-tuning run: a recipe, a local model and a data file in; adapter, tokenizer and the
-run's manifest out. The pieces are the real ones: a `transformers.Trainer`, peft LoRA on a bf16, 8-bit or
+"""Supervised fine-tuning as a run (reference.runs): a recipe, a local model and a data file in; adapter, tokenizer
+and the run's manifest out. The pieces are the real ones: a `transformers.Trainer`, peft LoRA on a bf16, 8-bit or
 NF4 base (bitsandbytes), the recipe's optimizer (`adamw_8bit` runs on the CPU too) and schedule.
 
 What a run does, in order (seed 001 §2.2.2 for the llm2024 recipe):
@@ -24,84 +24,20 @@ accelerate of the seed's day halved it); the run logs each retry and recomputes 
 
 from __future__ import annotations
 
-import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-from accelerate.utils import gather_object
-from transformers import PrinterCallback, Trainer
-
-from reference import (
-    checkpoints,
-    chunked_loss,
-    data,
-    distributed,
-    kernels,
-    lora,
-    models,
-    padding_free,
-    progress,
-    rundir,
-    sft,
-    training_arguments,
-    vocab,
-)
+from reference import chunked_loss, data, lora, models, runs, sft
 from reference.errors import InputError
-from reference.hashing import sha256_of, trainable_weights_sha256
-from reference.manifest import AdapterMode, RunManifest
-from reference.paths import complete_directory
+from reference.hashing import sha256_of
+from reference.manifest import AdapterMode
 
-CHECKPOINTS = rundir.CHECKPOINTS
+CHECKPOINTS = runs.CHECKPOINTS
+stderr_line = runs.stderr_line  # noqa: F401 - continuation and routes say through it
 
 
 def parse_columns(text: str | None) -> dict | None:
     """`instruction=input,response=output` -> {"instruction": "input", "response": "output"}."""
-    if not text:
-        return None
-    pairs = [item.partition("=") for item in text.split(",")]
-    columns = {k.strip(): v.strip() for k, sep, v in pairs if sep}
-    if set(columns) != {"instruction", "response"} or len(pairs) != 2:
-        raise InputError(f"--columns {text!r}: expected instruction=COLUMN,response=COLUMN")
-    return columns
-
-
-class StepTrainer(Trainer):
-    """A Trainer that sums each optimizer step's loss and counts its real tokens, for ProgressReporter, and runs a
-    flattened (padding-free) batch's step through reference.padding_free."""
-
-    window_loss = 0.0
-    window_tokens = 0
-
-    def train(self, *args, **kwargs):
-        # Whatever ran before (an eval-mode forward without grad repacks 4-bit weights on CPUs with avx512_bf16,
-        # and that layout has no backward pass), the steps run bitsandbytes' differentiable kernel.
-        kernels.standard_layout(self.model)
-        return super().train(*args, **kwargs)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if "attention_mask" in inputs:  # padded
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        else:  # flattened (padding-free)
-            with padding_free.flattened_step(self, self.accelerator.unwrap_model(model), inputs["position_ids"]):
-                loss = super().training_step(model, inputs, num_items_in_batch)
-        self.window_loss += float(loss)  # already scaled by the accumulation window: the sum is the step's loss
-        self.window_tokens += sft.real_tokens(inputs)
-        return loss
-
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        distributed.shard_on_the_cpu(self)  # accelerate turns FSDP on for accelerators only (reference.distributed)
-
-    def take_window(self) -> tuple[float, int]:
-        """The finished step's loss and tokens, over every process; the next step counts from zero."""
-        window = distributed.step_totals(self.accelerator, self.window_loss, self.window_tokens)
-        self.window_loss, self.window_tokens = 0.0, 0
-        return window
-
-
-def stderr_line(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    return data.parse_columns(text, ("instruction", "response"))
 
 
 def encode_data(recipe, tokenizer, data_path: str, columns: dict | None) -> tuple[list[dict], dict]:
@@ -126,26 +62,33 @@ def encode_data(recipe, tokenizer, data_path: str, columns: dict | None) -> tupl
     }
 
 
-def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dtype: str, adapter: str | None, say):
-    """The base as the recipe quantises it, with a fresh adapter, a saved one to continue (trainable),
-    or none (full fine-tuning). Returns (model, identity, weight bytes, what the adapter is)."""
+def load_base(recipe, directory: Path, device: str, dtype: str, **model_kwargs):
+    """The base as the recipe quantises it, packed where it trains (a 4-bit model cannot move); returns (model,
+    identity, weight bytes). `model_kwargs`: a model class and its arguments (the classifier's 3-way head)."""
     quantization, bnb_4bit_settings = models.recipe_quantization(recipe.quantization)
     model, identity = models.load_causal_lm(
         directory,
         dtype=dtype,
         quantization=quantization,
         quantization_section=bnb_4bit_settings,
-        device=device,  # packed where it trains (a 4-bit model cannot move)
+        device=device,
+        **model_kwargs,
     )
-    weight_bytes = models.weight_bytes(model)
+    return model, identity, models.weight_bytes(model)
+
+
+def with_adapter(model, lora_section: dict, checkpointing: bool, adapter: str | None, say):
+    """The model with a saved adapter loaded to continue (trainable), a fresh one from `lora_section`, or none
+    (full fine-tuning), said and recorded; a model with nothing to train is refused (A2). Returns (model, what the
+    adapter is)."""
     if adapter is not None:
         model = lora.load_adapter(lora.prepare_base(model, checkpointing), adapter, trainable=True)
         path, digest = str(Path(adapter).resolve()), sha256_of(adapter)
         adapter_info = {"mode": AdapterMode.LOADED, "path": path, "sha256": digest}
         what = f"adapter loaded from {adapter}, not created"
-    elif recipe.lora:
-        model = lora.attach(model, recipe.lora, gradient_checkpointing=checkpointing)
-        r, alpha = recipe.lora.get("r"), recipe.lora.get("lora_alpha")
+    elif lora_section:
+        model = lora.attach(model, lora_section, gradient_checkpointing=checkpointing)
+        r, alpha = lora_section.get("r"), lora_section.get("lora_alpha")
         adapter_info = {"mode": AdapterMode.CREATED, "r": r, "lora_alpha": alpha}
         what = f"adapter created fresh (r={r}, lora_alpha={alpha}), not loaded"
     else:
@@ -158,157 +101,52 @@ def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dty
     except InputError as error:  # seed 000's trap: say which adapter it was before refusing
         raise InputError(f"{what}: {error}") from None
     say(f"{what}; {trainable:,} weights trainable")
+    return model, adapter_info
+
+
+def prepare_model(recipe, directory: Path, device: str, checkpointing: bool, dtype: str, adapter: str | None, say):
+    """The base as the recipe quantises it, with a fresh adapter, a saved one to continue (trainable),
+    or none (full fine-tuning). Returns (model, identity, weight bytes, what the adapter is)."""
+    model, identity, weight_bytes = load_base(recipe, directory, device, dtype)
+    model, adapter_info = with_adapter(model, recipe.lora, checkpointing, adapter, say)
     return model, identity, weight_bytes, adapter_info
 
 
-def run(
-    recipe,
-    model_dir: str,
-    data_path: str,
-    output_dir: str,
-    columns: dict | None = None,
-    say=stderr_line,
-    callbacks=(),
-    before_train=None,
-    adapter: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> RunManifest:
-    """Train as the recipe says and save; returns the run's manifest, also written to output/manifest.json.
+class SupervisedFineTuning(runs.Method):
+    """SFT: the records rendered in the recipe's format, the loss on the tokens `[sft] loss_on` says, padded or
+    padding-free batches (`[sft] padding_free`), the loss over the full logits or a chunk at a time."""
 
-    `adapter`: continue training that saved adapter (a new schedule from step 0). `resume`: carry on
-    from the newest complete checkpoint in output/checkpoints (optimizer, scheduler, RNG state and
-    step restored), refused when the model, data or settings differ from the run's. `overwrite`: start
-    again in a directory that holds a run. The directory is held by this run alone (reference.rundir).
-    `before_train(trainer)` is called once the Trainer is built (tests observe the run).
+    name = "sft"
 
-    A finished run (its manifest written) is complete: --resume says so and changes nothing. A run that ended
-    after its last checkpoint but before its manifest is completed from that checkpoint, nothing trained again."""
-    models.require_model_dir(model_dir)  # first: a wrong model fails before any work
-    lora.check_adapter_files(adapter)  # a missing, cut or damaged adapter file, before the output is claimed
-    with rundir.claimed(output_dir, resume, overwrite, say):
-        return run_claimed(
-            recipe, model_dir, data_path, output_dir, columns, say, callbacks, before_train, adapter, resume
+    def prepare(self, recipe, directory, tokenizer, args, data_path, columns, adapter, say) -> runs.Prepared:
+        encoded, data_info = encode_data(recipe, tokenizer, data_path, columns)
+        dtype = "bfloat16" if args.bf16 else "float32"
+        model, identity, weight_bytes, adapter_info = prepare_model(
+            recipe, directory, str(args.device), args.activation_checkpointing, dtype, adapter, say
+        )
+        flattened = bool(recipe.sft.get("padding_free", False))  # X11: records end to end, no padding
+        say(f"{'padding-free' if flattened else 'padded'} batches")
+        return runs.Prepared(
+            dataset=encoded,
+            data=data_info,
+            model=model,
+            identity=identity,
+            weight_bytes=weight_bytes,
+            adapter=adapter_info,
+            collator=sft.collator(tokenizer, padding_free=flattened),
+            loss=chunked_loss.train_with(model, bool(recipe.sft.get("chunked_loss", False)), args.device),
         )
 
 
-def run_claimed(
-    recipe,
-    model_dir,
-    data_path,
-    output_dir,
-    columns=None,
-    say=stderr_line,
-    callbacks=(),
-    before_train=None,
-    adapter=None,
-    resume=False,
-) -> RunManifest:
-    """`run` in a directory the caller already holds (rundir.claimed), for a run made of several steps that no
-    other run may come between (continuation.continue_merged: merge, then train)."""
-    directory = models.require_model_dir(model_dir)
-    checkpoint_dir = Path(output_dir) / CHECKPOINTS
-    finished = resume and rundir.is_finished(output_dir)  # said once the command is known to be that run's
-    resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume and not finished else None
-    args = training_arguments.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
-    distributed.check_arguments(args, adapter=adapter is not None or bool(recipe.lora))
-    settings = training_arguments.resolved_settings(recipe, str(checkpoint_dir), args=args)
-    tokenizer = vocab.pad_with_eos(lora.load_tokenizer(directory, adapter))  # a continued adapter's own, if saved
-    encoded, data_info = encode_data(recipe, tokenizer, data_path, columns)
-
-    checkpointing = args.activation_checkpointing
-    if args.process_index != 0:  # under torchrun the main process reports for all
-        say = lambda text: None  # noqa: E731
-    dtype = "bfloat16" if args.bf16 else "float32"
-    model, identity, weight_bytes, adapter_info = prepare_model(
-        recipe, directory, str(args.device), checkpointing, dtype, adapter, say
-    )
-    trainable, total = lora.count_trainable(model)
-    loss = chunked_loss.train_with(model, bool(recipe.sft.get("chunked_loss", False)), args.device)
-
-    manifest = RunManifest(
-        settings=settings,
-        model=asdict(identity),
-        trainable_parameters=trainable,
-        all_parameters=total,
-        weight_bytes=weight_bytes,
-        step_plan={},
-        data=data_info,
-        adapter=adapter_info,
-        resumed_from=str(resume_from) if resume_from else None,
-        output=str(Path(output_dir).resolve()),
-        loss=loss,
-    )
-    if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
-        what_runs = {"model": manifest.model, "data": data_info, "settings": settings}
-        rundir.write_or_check(output_dir, what_runs, resume)
-    if finished:  # the same run, and it has ended: nothing to carry on
-        record = RunManifest.read(output_dir)
-        say(
-            f"--resume: the run in {output_dir} is complete ({len(record.steps)} steps, "
-            f"{rundir.FINISHED} written); nothing to do (--overwrite trains it again)"
-        )
-        return record
-    reporter = progress.ProgressReporter(manifest, len(encoded), say)
-    flattened = bool(recipe.sft.get("padding_free", False))  # X11: records end to end, no padding
-    trainer = StepTrainer(
-        model=model,
-        args=args,
-        train_dataset=encoded,
-        data_collator=sft.collator(tokenizer, padding_free=flattened),
-        callbacks=[reporter, checkpoints.CompletionMarker(manifest.steps), *callbacks],
-    )
-    reporter.trainer = trainer
-    trainer.remove_callback(PrinterCallback)  # our per-step lines replace its dict dumps
-    if before_train is not None:
-        before_train(trainer)
-    resuming = f", resuming from {resume_from.name}" if resume_from else ""
-    say(
-        f"training {recipe.name}: {len(encoded)} records, {trainable:,} of {total:,} parameters trainable, "
-        f"weights {weight_bytes:,} bytes, base {identity.quantization} ({identity.path}), "
-        f"{'padding-free' if flattened else 'padded'} batches, loss {loss}{resuming}"
-    )
-    started = time.perf_counter()
-    if resume_from and checkpoints.finished_training(resume_from):  # ended after its last checkpoint: complete it
-        checkpoints.complete_from(trainer, resume_from, manifest, len(encoded), say)
-    else:
-        checkpoints.train_keeping_whole_checkpoints(trainer, resume_from, checkpoint_dir)
-    manifest.train_seconds = time.perf_counter() - started
-    if checkpointing:
-        model.activation_checkpointing_disable()  # generation cannot use a cache while checkpointing
-    model.eval()
-    model.config.use_cache = True  # C15: on again for generation
-    manifest.use_cache["after_training"] = model.config.use_cache
-    manifest.trainable_sha256_per_process = gather_object([trainable_weights_sha256(model)])  # in rank order
-    save(trainer, tokenizer, manifest, say)
-    return manifest
+SFT = SupervisedFineTuning()
 
 
-def summary(manifest: RunManifest) -> dict:
-    """A run in a few numbers: where it is, its steps and first/last loss, speed, the adapter, a resume."""
-    return {
-        "output": manifest.output,
-        "manifest": str(manifest.path),
-        "steps": len(manifest.steps),
-        "first_loss": manifest.steps[0]["loss"] if manifest.steps else None,
-        "last_loss": manifest.steps[-1]["loss"] if manifest.steps else None,
-        "steady_tokens_per_second": manifest.steady_tokens_per_second,
-        "trainable_parameters": manifest.trainable_parameters,
-        "step_plan": manifest.step_plan,
-        "adapter": manifest.adapter,
-        "resumed_from": manifest.resumed_from,
-    }
+def run(recipe, model_dir: str, data_path: str, output_dir: str, columns=None, say=runs.stderr_line, **options):
+    """An SFT run (reference.runs.run), returning its RunManifest: options callbacks, adapter, resume, overwrite,
+    before_train."""
+    return runs.run(SFT, recipe, model_dir, data_path, output_dir, columns, say, **options)
 
 
-def save(trainer, tokenizer, manifest: RunManifest, say) -> None:
-    """Adapter (or model) and tokenizer, reloadable (C16), and the manifest; on the main process only."""
-    weights = distributed.full_state_dict(trainer)  # under FSDP every process gives its shards (a collective)
-    if not trainer.args.should_save:
-        return
-    with complete_directory(manifest.output) as partial:
-        trainer.model.save_pretrained(partial, safe_serialization=True, state_dict=weights)
-        tokenizer.save_pretrained(partial)
-        manifest.files = sorted(entry.name for entry in partial.iterdir())
-    manifest.write()
-    saved = "model" if manifest.adapter["mode"] is AdapterMode.NONE else "adapter"
-    say(f"saved {saved}, tokenizer and {manifest.path.name} to {manifest.output}")
+def run_claimed(recipe, model_dir, data_path, output_dir, columns=None, say=runs.stderr_line, **options):
+    """An SFT run in a directory the caller holds (reference.runs.run_claimed)."""
+    return runs.run_claimed(SFT, recipe, model_dir, data_path, output_dir, columns, say, **options)

@@ -80,3 +80,22 @@ def run_main(*args) -> Ran:
         except SystemExit as stop:
             code = stop.code
     return Ran(code, out.getvalue(), err.getvalue())
+
+
+def killed_after_step(argv: list, step: int, total: int, timeout: float = 120) -> list[str]:
+    """Run a training command and send it SIGKILL once it reports optimizer step `step` of `total` (its progress
+    line `epoch ... step STEP/TOTAL ...`), as a power cut or the OOM killer would end it; the lines it wrote to
+    stderr until then are returned. Fails when the process was not killed."""
+    import signal
+
+    process = subprocess.Popen(cli_command(*argv), stderr=subprocess.PIPE, text=True, env=offline_env())
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.startswith("epoch ") and f" step {step}/{total} " in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.stderr.close()
+    process.wait(timeout=timeout)
+    assert process.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    return seen

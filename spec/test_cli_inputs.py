@@ -122,49 +122,33 @@ def preference_argv(action, nowhere, output):
     return ["preference", action, "--model", nowhere / "model", "--data", nowhere / "data.jsonl", "--output", output]
 
 
-@pytest.mark.parametrize(
-    "action, flag, value",
-    [
-        ("train", "--epochs", "0"),
-        ("train", "--epochs", "-1"),
-        ("train", "--epochs", "inf"),
-        ("train", "--lr", "0"),
-        ("train", "--lr", "nan"),
-        ("train", "--batch-size", "0"),
-        ("train", "--max-length", "2"),
-        ("predict", "--max-length", "0"),
-        ("predict", "--batch-size", "0"),
-    ],
-)
-def test_preference_refuses_empty_training_and_a_max_length_that_spread_cannot_cut_in_three(
-    action, flag, value, nowhere, tmp_path
+@pytest.mark.parametrize("flag, value", [("--max-length", "2"), ("--max-length", "0"), ("--batch-size", "0")])
+def test_preference_predict_refuses_an_empty_batch_and_a_max_length_that_spread_cannot_cut_in_three(
+    flag, value, nowhere, tmp_path
 ):
     output = tmp_path / "out"
-    assert_refused([*preference_argv(action, nowhere, output), f"{flag}={value}"], f"argument {flag}:", output)
-
-
-def dpo_argv(nowhere, output):
-    return ["dpo", "--model", nowhere / "model", "--data", nowhere / "pairs.jsonl", "--output", output]
+    assert_refused([*preference_argv("predict", nowhere, output), f"{flag}={value}"], f"argument {flag}:", output)
 
 
 @pytest.mark.parametrize(
-    "flag, value",
+    "command, override",
     [
-        ("--r", "0"),
-        ("--beta", "0"),
-        ("--beta", "-0.1"),
-        ("--beta", "nan"),
-        ("--steps", "0"),
-        ("--steps", "-3"),
-        ("--lr", "0"),
-        ("--lr", "-1e-4"),
-        ("--lr", "inf"),
+        ("dpo", "dpo.beta=0"),
+        ("dpo", "dpo.beta=-0.1"),
+        ("dpo", "dpo.beta=nan"),
+        ("dpo", "dpo.max_length=1"),
+        ("preference train", "classifier.max_length=2"),
+        ("preference train", "classifier.eval_fraction=1"),
+        ("preference train", "classifier.eval_fraction=0"),
+        ("preference train", "classifier.batch_size=0"),
     ],
 )
-def test_dpo_refuses_a_zero_rank_beta_step_count_or_learning_rate(flag, value, nowhere, tmp_path):
-    """--steps 0 would save the fresh adapter untrained; --beta 0 divides the margin's scale away."""
-    output = tmp_path / "adapter"
-    assert_refused([*dpo_argv(nowhere, output), f"{flag}={value}"], f"argument {flag}:", output)
+def test_dpo_and_the_classifier_name_their_own_setting_that_is_out_of_range(command, override, nowhere, tmp_path):
+    """beta 0 divides the margin's scale away; a DPO sequence needs a prompt token and an answer token; spread cuts
+    max_length in three; a held-out split of none or all of the rows measures nothing or trains on nothing."""
+    output = tmp_path / "run"
+    argv = [*command.split(), "--model", nowhere / "model", "--data", nowhere / "d.jsonl", "--output", output, override]
+    assert_refused(argv, f"{override}: must be", output)
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])
@@ -203,7 +187,7 @@ def test_verify_refuses_a_negative_or_undefined_tolerance(value, nowhere):
         ],
         [
             "preference",
-            "train",
+            "predict",
             "--model",
             "m",
             "--data",
@@ -214,28 +198,8 @@ def test_verify_refuses_a_negative_or_undefined_tolerance(value, nowhere):
             "3",
             "--batch-size",
             "1",
-            "--epochs",
-            "1e-9",
-            "--lr",
-            "1e-9",
         ],
-        [
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--output",
-            "o",
-            "--r",
-            "1",
-            "--steps",
-            "1",
-            "--beta",
-            "1e-9",
-            "--lr",
-            "1e-9",
-        ],
+        ["dpo", "--model", "m", "--data", "d", "--output", "o", "dpo.beta=1e-9", "lora.r=1", "learning_rate=1e-9"],
         ["filter", "--input", "i", "--output", "o", "--rejects", "r", "--workers", "1"],
         ["verify", "a", "b", "--rtol", "0"],
         ["steps", "--records", "1", "--batch-size", "1", "--epochs", "0.5"],
@@ -249,27 +213,10 @@ def test_the_smallest_allowed_values_are_accepted(argv):
 
 
 def test_the_parsed_numbers_keep_their_type_and_value():
-    args = cli.build_parser().parse_args(
-        [
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--output",
-            "o",
-            "--r",
-            "4",
-            "--steps",
-            "7",
-            "--beta",
-            "0.25",
-            "--lr",
-            "1e-3",
-        ]
-    )
-    assert (args.r, args.steps, args.beta, args.lr) == (4, 7, 0.25, 1e-3)
-    assert type(args.r) is int and type(args.steps) is int and type(args.beta) is float
+    argv = ["preference", "predict", "--model", "m", "--data", "d", "--output", "o", "--max-length", "4"]
+    args = cli.build_parser().parse_args([*argv, "--batch-size", "7"])
+    assert (args.max_length, args.batch_size) == (4, 7)
+    assert type(args.max_length) is int and type(args.batch_size) is int
 
 
 @pytest.mark.parametrize(
@@ -289,13 +236,14 @@ def test_the_parsed_numbers_keep_their_type_and_value():
         ("sft.max_seq_length=0", "sft.max_seq_length=0"),
     ],
 )
-@pytest.mark.parametrize("command", ["train", "continue"])
-def test_train_and_continue_name_the_override_that_is_out_of_range(command, override, named, nowhere, tmp_path):
+@pytest.mark.parametrize("command", ["train", "continue", "dpo", "preference train"])
+def test_every_training_command_names_the_override_that_is_out_of_range(command, override, named, nowhere, tmp_path):
     output = tmp_path / "run"
+    recipe = {"dpo": "dpo", "preference train": "lmsys-classifier"}.get(command, "llm2024")
     argv = [
-        command,
+        *command.split(),
         "--recipe",
-        "llm2024",
+        recipe,
         "--model",
         nowhere / "model",
         "--data",

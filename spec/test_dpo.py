@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
-from reference import dpo, lora, models
+from reference import dpo, models
 from reference.errors import InputError
+from reference.recipes import apply_overrides, load_recipe
 from spec.cli_runner import run_cli, run_main
 
 
@@ -47,29 +48,66 @@ def test_sequence_log_probability_scores_the_answer_tokens_only(gemma_tokenizer,
     assert ours.item() == pytest.approx(sum(log_probs[t - 1, ids[t]].item() for t in scored), rel=1e-5)
 
 
+ALL_PAIRS_AT_ONCE = ["per_device_train_batch_size=12", "learning_rate=5e-3", "save_strategy=no"]
+"""The dpo recipe with the 12 fixture pairs in one batch: every step sees every pair."""
+
+
+def dpo_run(model_dir, data, output, *overrides, adapter=None, before_train=None):
+    recipe = apply_overrides(load_recipe("dpo"), [*ALL_PAIRS_AT_ONCE, *overrides])
+    return dpo.run(recipe, model_dir, data, output, adapter=adapter, say=lambda _: None, before_train=before_train)
+
+
 @pytest.mark.slow
 @pytest.mark.claim("D3")
-def test_a_few_dpo_steps_on_a_lora_policy_raise_the_reward_margin(fixtures_dir, gemma_tokenizer):
-    """The policy is the tiny Gemma-2 with a fresh LoRA adapter; the reference its frozen copy, which adds
-    exactly nothing (B = 0), so pi_ref is the base: its log-probs are the bare model's, every step. At step
+def test_a_few_dpo_steps_on_a_lora_policy_raise_the_reward_margin(fixtures_dir, tiny_gemma2_dir, tmp_path):
+    """The policy is the tiny Gemma-2 with the recipe's fresh LoRA adapter; the reference its frozen copy, which
+    adds exactly nothing (B = 0), so pi_ref is the base: its log-probs are the bare model's, every step. At step
     1 the policy is the reference too, so the loss is exactly log 2 and the margin 0; ten steps raise the
-    margin; the base weights do not move, the adapter does."""
-    model, _ = models.load_causal_lm(fixtures_dir / "models" / "tiny-gemma2")
-    pairs = dpo.read_pairs(fixtures_dir / "data" / "preference_pairs.jsonl")
-    chosen, rejected, _ = dpo.encode_pairs(gemma_tokenizer, pairs, dpo.DPOSettings().max_length)
+    margin; the base weights and the reference adapter do not move, the policy adapter does."""
+    from transformers import AutoTokenizer
+
+    data = fixtures_dir / "data" / "preference_pairs.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gemma2_dir))
+    model, _ = models.load_causal_lm(tiny_gemma2_dir)
+    chosen, rejected, _ = dpo.encode_pairs(tokenizer, dpo.read_pairs(data), 256)
     with torch.no_grad():
-        base = [dpo.sequence_logprobs(model, s, gemma_tokenizer).mean().item() for s in (chosen, rejected)]
-    policy = lora.attach(
-        model, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+        base = [dpo.sequence_logprobs(model, s, tokenizer).mean().item() for s in (chosen, rejected)]
+    seen = {}
+
+    def watch(trainer):
+        seen["model"] = trainer.model
+        seen["before"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    record = dpo_run(tiny_gemma2_dir, data, tmp_path, "max_steps=10", before_train=watch)
+    losses, margins = [s["loss"] for s in record.steps], [s["metrics"]["reward_margin"] for s in record.steps]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and margins[0] == pytest.approx(0, abs=1e-6)
+    assert margins[-1] > margins[0] + 0.05 and losses[-1] < losses[0]
+    for step in record.steps:
+        logps = [step["metrics"]["reference_chosen_logp"], step["metrics"]["reference_rejected_logp"]]
+        assert logps == pytest.approx(base, rel=1e-5)
+    for name, param in seen["model"].named_parameters():
+        assert torch.equal(param, seen["before"][name]) != param.requires_grad, name
+        assert param.requires_grad == (".default." in name and "lora_" in name), name
+
+
+@pytest.mark.slow
+@pytest.mark.claim("D3", "X12")
+def test_accumulating_two_micro_batches_takes_the_steps_of_one_batch_of_both(fixtures_dir, tiny_gemma2_dir, tmp_path):
+    """The DPO loss is a mean over pairs, so the Trainer divides each micro-batch's by the accumulation window:
+    2 micro-batches of 6 pairs make the step one batch of 12 makes. The first loss is log 2, not 2 log 2, and
+    the next steps agree (to float rounding: the sums run in another order)."""
+    data = fixtures_dir / "data" / "preference_pairs.jsonl"
+    whole = dpo_run(tiny_gemma2_dir, data, tmp_path / "whole", "max_steps=3")
+    halves = dpo_run(
+        tiny_gemma2_dir,
+        data,
+        tmp_path / "halves",
+        "max_steps=3",
+        "per_device_train_batch_size=6",
+        "gradient_accumulation_steps=2",
     )
-    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    log = dpo.train(policy, gemma_tokenizer, pairs, dpo.DPOSettings(steps=10, learning_rate=5e-3), say=lambda _: None)
-    assert log.losses[0] == pytest.approx(math.log(2), abs=1e-6) and log.margins[0] == pytest.approx(0, abs=1e-6)
-    assert log.margins[-1] > log.margins[0] + 0.05 and log.losses[-1] < log.losses[0]
-    assert all(step == pytest.approx(base, rel=1e-6) for step in log.reference_logps)
-    for name, param in policy.named_parameters():
-        if name in before:
-            assert torch.equal(param, before[name]) != param.requires_grad, name
+    assert halves.steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert [s["loss"] for s in halves.steps] == pytest.approx([s["loss"] for s in whole.steps], abs=1e-5)
 
 
 def test_preference_pairs_with_a_missing_field_are_named(tmp_path):
@@ -128,13 +166,16 @@ def test_the_dpo_command_refuses_pairs_with_nothing_to_prefer_before_any_model_l
 
 
 @pytest.mark.slow
-def test_dpo_command_trains_and_saves_an_adapter(tmp_path, tiny_gemma2_dir, fixtures_dir):
+def test_dpo_command_trains_and_saves_the_policy_adapter_with_the_runs_manifest(
+    tmp_path, tiny_gemma2_dir, fixtures_dir
+):
     on = ["--model", tiny_gemma2_dir, "--data", fixtures_dir / "data" / "preference_pairs.jsonl"]
-    result = run_cli("dpo", *on, "--output", tmp_path, "--steps", 3)
+    result = run_cli("dpo", *on, "--output", tmp_path, "max_steps=3")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-6) and len(summary["margins"]) == 3
-    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "dpo.json").is_file()
+    assert summary["method"] == "dpo" and summary["steps"] == 3
+    assert summary["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "manifest.json").is_file()
     assert not (tmp_path / dpo.REFERENCE_ADAPTER).exists()  # the policy alone is saved
 
 
@@ -143,14 +184,14 @@ def test_dpo_command_trains_and_saves_an_adapter(tmp_path, tiny_gemma2_dir, fixt
 def test_dpo_runs_from_python_on_a_model_whose_tokenizer_has_no_pad_token(tmp_path, tiny_llama_dir, fixtures_dir):
     """dpo.run, the function the command calls, on the tiny Llama: its tokenizer has no pad token (checked
     first), so the pairs are padded with its EOS, <|eot_id|>, as SFT pads; one step from a fresh adapter gives
-    exactly log 2. The adapter, the tokenizer (padding with EOS) and dpo.json, the returned log, are saved."""
+    exactly log 2. The adapter, the tokenizer (padding with EOS) and the manifest, the returned record, are saved."""
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(tiny_llama_dir)).pad_token is None
-    pairs = fixtures_dir / "data" / "preference_pairs.jsonl"
-    result = dpo.run(tiny_llama_dir, pairs, tmp_path, dpo.DPOSettings(steps=1), say=lambda _: None)
-    assert result["losses"] == [pytest.approx(math.log(2), abs=1e-6)] and result["adapter"] is None
-    assert result == json.loads((tmp_path / "dpo.json").read_text(encoding="utf-8"))
+    record = dpo_run(tiny_llama_dir, fixtures_dir / "data" / "preference_pairs.jsonl", tmp_path, "max_steps=1")
+    assert [s["loss"] for s in record.steps] == [pytest.approx(math.log(2), abs=1e-6)]
+    assert record.adapter["mode"] == "created"
+    assert json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8"))["steps"] == record.steps
     assert (tmp_path / "adapter_model.safetensors").is_file()
     assert AutoTokenizer.from_pretrained(str(tmp_path)).pad_token == "<|eot_id|>"
 
@@ -190,13 +231,14 @@ def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_p
     digest = sha256_of(start)
     out = tmp_path / "dpo"
     on = ["--model", tiny_gemma2_dir, "--data", fixtures_dir / "data" / "preference_pairs.jsonl"]
-    result = run_cli("dpo", *on, "--output", out, "--adapter", start, "--steps", 3, "--lr", "5e-3")
+    result = run_cli("dpo", *on, "--output", out, "--adapter", start, "max_steps=3", *ALL_PAIRS_AT_ONCE)
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
-    assert summary["margins"][0] == pytest.approx(0, abs=1e-6) and summary["losses"][-1] < summary["losses"][0]
-    log = json.loads((out / "dpo.json").read_text(encoding="utf-8"))
-    assert log["reference_logps"] == [log["reference_logps"][0]] * 3
+    steps = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["steps"]
+    losses, metrics = [s["loss"] for s in steps], [s["metrics"] for s in steps]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics[0]["reward_margin"] == pytest.approx(0, abs=1e-6) and losses[-1] < losses[0]
+    reference = [[m["reference_chosen_logp"], m["reference_rejected_logp"]] for m in metrics]
+    assert reference == [pytest.approx(reference[0], rel=1e-6)] * 3  # each step sums the pairs in its own order
     assert sha256_of(start) == digest
     saved = load_file(str(start / "adapter_model.safetensors"))
     trained = load_file(str(out / "adapter_model.safetensors"))

@@ -127,7 +127,7 @@ def test_a_merge_quantisation_that_contradicts_the_record_is_refused_naming_both
 def test_an_adapter_without_a_run_record_merges_onto_the_base_as_saved_and_says_it_could_not_tell(
     saved_adapter, tiny_gemma2_dir, tmp_path
 ):
-    """The `saved_adapter` fixture was saved by peft alone: no manifest.json, dpo.json or run.json beside it.
+    """The `saved_adapter` fixture was saved by peft alone: no manifest.json or run.json beside it.
     The default then is what it always was, the base as saved (none), with a note naming the flag to use for
     an adapter trained on a 4-bit base; an explicit choice is taken as given."""
     code, out, err = run_main(

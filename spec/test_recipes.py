@@ -342,7 +342,7 @@ RULES = [
     ("lora.use_rslora=sometimes", "lora.use_rslora=true"),
     ("lora.use_dora=sometimes", "lora.use_dora=false"),
     ("lora.random_state=-1", "lora.random_state=0"),
-    ("lora.task_type=SEQ_CLS", "lora.task_type=CAUSAL_LM"),
+    ("lora.task_type=TOKEN_CLS", "lora.task_type=CAUSAL_LM"),
     ("lora.modules_to_save=lm_head", 'lora.modules_to_save=["lm_head"]'),
     ("quantization.load_in_4bit=nf4", "quantization.load_in_4bit=False"),
     ("quantization.load_in_8bit=8", "quantization.load_in_8bit=0"),

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from reference import checkpoints, manifest
 from spec.adapters import SCHEDULE, SIX_STEPS, adapter_tensors, assert_same_tensors, trained_b
-from spec.cli_runner import QA, cli_command, offline_env, run_cli
+from spec.cli_runner import QA, killed_after_step, run_cli
 from spec.trainer_probe import OneWeight, one_weight_dataset
 
 # --- A4: the library call, on a one-weight model ---
@@ -104,16 +102,7 @@ def killed_and_resumed(tiny_gemma2_dir, qa_data, tmp_path_factory):
     output = tmp_path_factory.mktemp("killed")
     command = train_command(tiny_gemma2_dir, qa_data, output)
     kill_after = random.Random(1234).randint(4, 5)
-    process = subprocess.Popen(cli_command(*command), stderr=subprocess.PIPE, text=True, env=offline_env())
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if line.startswith("epoch ") and f" step {kill_after}/6 " in line:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.stderr.close()
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    killed_after_step(command, kill_after, 6)
     saved = output / "checkpoints"
     half = saved / "checkpoint-99"
     half.mkdir()

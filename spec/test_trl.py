@@ -23,7 +23,7 @@ import pytest
 import torch
 import trl  # a test dependency (trl==1.16.0): without it these tests fail rather than skip
 
-from reference import dpo, lora, sft, train
+from reference import dpo, sft, train
 from reference.recipes import apply_overrides, load_recipe
 from spec.conftest import FIXTURES
 from spec.observe import QA_COLUMNS, Observed, assert_trained
@@ -454,8 +454,9 @@ def test_dpo_from_a_saved_adapter_takes_trls_steps_with_that_adapter_frozen_as_t
     tmp_path, saved_sft_adapter
 ):
     """Both start from the saved adapter, loaded trainable. trl copies it to a frozen "ref" adapter; so must
-    we: the first loss is exactly log 2 (r_w = r_l = 0), the next ones equal trl's (AdamW, lr 5e-3,
-    weight decay 0.01, constant rate, no clipping, all pairs in one batch), and after training the
+    we: the first loss is exactly log 2 (r_w = r_l = 0), the next ones equal trl's when the `dpo` run is given
+    trl's settings (AdamW, lr 5e-3, weight decay 0.01, constant rate, no clipping, all pairs in one batch), and
+    after training the
     reference still holds the saved weights while the policy moved."""
     import datasets
     import peft
@@ -483,17 +484,34 @@ def test_dpo_from_a_saved_adapter_takes_trls_steps_with_that_adapter_frozen_as_t
     trainer.train()
     trl_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
-    ours = lora.load_adapter(base_model(), saved_sft_adapter, trainable=True)
-    log = dpo.train(
-        ours,
-        tokenizer(),
-        dpo.read_pairs(PAIRS),
-        dpo.DPOSettings(steps=steps, learning_rate=learning_rate, beta=BETA),
+    same_settings = [
+        f"per_device_train_batch_size={len(rows)}",
+        f"learning_rate={learning_rate}",
+        f"max_steps={steps}",
+        "lr_scheduler_type=constant",
+        "weight_decay=0.01",
+        "optim=adamw_torch",
+        "max_grad_norm=0.0",
+        "save_strategy=no",
+        "bf16=false",
+        f"dpo.beta={BETA}",
+        "dpo.max_length=256",
+    ]
+    seen = {}
+    record = dpo.run(
+        apply_overrides(load_recipe("dpo"), same_settings),
+        MODEL,
+        PAIRS,
+        tmp_path / "ours",
+        adapter=saved_sft_adapter,
         say=lambda _: None,
+        before_train=lambda trainer: seen.update(model=trainer.model),
     )
-    assert log.losses[0] == pytest.approx(math.log(2), abs=1e-6) == trl_losses[0]
-    assert log.losses == pytest.approx(trl_losses, abs=1e-5)
-    assert log.reference_logps == [log.reference_logps[0]] * steps
+    ours, losses = seen["model"], [s["loss"] for s in record.steps]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) == trl_losses[0]
+    assert losses == pytest.approx(trl_losses, abs=1e-5)
+    reference = [[s["metrics"]["reference_chosen_logp"], s["metrics"]["reference_rejected_logp"]] for s in record.steps]
+    assert reference == [pytest.approx(reference[0], rel=1e-6)] * steps  # the pairs summed in each step's order
 
     saved = load_file(str(saved_sft_adapter / "adapter_model.safetensors"))
     weights = peft.get_peft_model_state_dict(ours, adapter_name=dpo.REFERENCE_ADAPTER)

@@ -69,18 +69,20 @@ def say(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """What every training command takes besides its model: data, output, columns, resume, overrides."""
-    p.add_argument("--data", required=True, help="records: JSONL/JSON/CSV/Parquet or a saved dataset folder")
+def add_run_options(
+    p: argparse.ArgumentParser,
+    data: str = "records: JSONL/JSON/CSV/Parquet or a saved dataset folder",
+    columns: str = "column map, e.g. instruction=input,response=output (default: magpie conversations or "
+    "instruction/response)",
+    sections: str = "lora.r=16, sft.max_seq_length=512",
+) -> None:
+    """What every training command takes besides its recipe and model: data, output, columns, resume or overwrite,
+    and key=value overrides of the recipe (reference.runs)."""
+    p.add_argument("--data", required=True, help=data)
     p.add_argument(
         "--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json"
     )
-    p.add_argument(
-        "--columns",
-        default=None,
-        help="column map, e.g. instruction=input,response=output (default: "
-        "magpie conversations or instruction/response)",
-    )
+    p.add_argument("--columns", default=None, help=columns)
     again = p.add_mutually_exclusive_group()
     again.add_argument(
         "--resume",
@@ -97,14 +99,23 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="recipe overrides: a TrainingArguments name, or section.key (lora.r=16, sft.max_seq_length=512)",
+        help=f"recipe overrides: a TrainingArguments name, or section.key ({sections})",
     )
+
+
+def recipe_of(args: argparse.Namespace):
+    """The command's --recipe with its key=value overrides applied, every setting checked (reference.recipes)."""
+    from reference import recipes
+
+    recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
+    recipes.check_numbers(recipe)
+    return recipe
 
 
 def print_run(record) -> None:
     """A training run's summary as JSON on stdout, from the main process only under torchrun."""
-    from reference import train
+    from reference import runs
 
     if os.environ.get("RANK", "0") != "0":
         return
-    print(json.dumps(train.summary(record), indent=2))
+    print(json.dumps(runs.summary(record), indent=2))

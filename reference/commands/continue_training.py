@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from reference.commands.arguments import add_run_options, print_run
+from reference.commands.arguments import add_run_options, print_run, recipe_of
 
 NAME = "continue"
 HELP = "train further from a saved LoRA adapter (claims A1-A3)"
@@ -28,10 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import continuation, recipes, train
+    from reference import continuation, train
 
-    recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
-    recipes.check_numbers(recipe)
+    recipe = recipe_of(args)
     manifest = continuation.continue_training(
         recipe,
         args.model,

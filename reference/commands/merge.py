@@ -1,7 +1,7 @@
 """`merge`: fold a LoRA adapter into its base and save the merged model (claim A3).
 
 The base is loaded as the adapter was trained on it, which the run that saved the adapter records (the
-manifest.json or dpo.json beside it, a checkpoint's run.json: model.quantization); an NF4 or 8-bit base is
+manifest.json beside it, a checkpoint's run.json: model.quantization); an NF4 or 8-bit base is
 dequantised before the merge. `--quantization` that contradicts the record is refused unless `--override-record` says it
 is meant; an adapter made for another kind of model than `--model` is refused before anything loads."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from reference.commands.arguments import add_run_options, print_run
+from reference.commands.arguments import add_run_options, print_run, recipe_of
 
 NAME = "train"
 HELP = "LoRA/QLoRA supervised fine-tuning with a recipe (claims P1, P3, C11-C16, L2)"
@@ -17,10 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import recipes, train
+    from reference import train
 
-    recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
-    recipes.check_numbers(recipe)
+    recipe = recipe_of(args)
     columns = train.parse_columns(args.columns)
     record = train.run(
         recipe, args.model, args.data, args.output, columns=columns, resume=args.resume, overwrite=args.overwrite
