@@ -274,7 +274,7 @@ class DirectPreference(runs.Method):
 
 
 def run(recipe, model_dir, data_path, output_dir, adapter=None, **options) -> RunManifest:
-    """A DPO run (reference.runs.run): options say, callbacks, resume, overwrite, before_train."""
+    """A DPO run (reference.runs.run): options say, callbacks, resume, overwrite."""
     return runs.run(
         DirectPreference(), recipe, str(model_dir), str(data_path), str(output_dir), adapter=adapter, **options
     )

@@ -256,5 +256,5 @@ class Classifier(runs.Method):
 
 
 def run(recipe, model_dir, data_path, output_dir, adapter=None, **options) -> RunManifest:
-    """A classifier run (reference.runs.run): options columns, say, callbacks, resume, overwrite, before_train."""
+    """A classifier run (reference.runs.run): options columns, say, callbacks, resume, overwrite."""
     return runs.run(Classifier(), recipe, str(model_dir), str(data_path), str(output_dir), adapter=adapter, **options)

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from reference import sections
 from reference.paths import write_text_atomic
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -108,7 +109,7 @@ class Scorer:
         from reference import lora, scoring, vocab
 
         tokenizer = self.tokenizer = vocab.pad_with_eos(lora.load_tokenizer(pipeline.model))
-        length = int(recipe.sft.get("max_seq_length", 2048))
+        length = sections.resolve("sft", recipe.sft).max_seq_length
         self.sets = {
             "old": scoring.encode_answers(tokenizer, recipe.format, old_rows, length),
             "new": scoring.encode_answers(tokenizer, recipe.format, new_rows, length),

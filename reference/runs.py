@@ -163,7 +163,6 @@ def run(
     adapter: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    before_train=None,
 ) -> RunManifest:
     """Train with `method` as the recipe says and save; returns the run's manifest, also written to
     output/manifest.json.
@@ -171,17 +170,15 @@ def run(
     `adapter`: start from that saved adapter, loaded trainable (a new schedule from step 0). `resume`: carry on
     from the newest complete checkpoint in output/checkpoints (optimizer, scheduler, RNG state and step restored),
     refused when the model, data or settings differ from the run's. `overwrite`: start again in a directory that
-    holds a run. `callbacks`: more TrainerCallbacks; `before_train(trainer)` is called once the Trainer is built
-    (a test observes the run through it). A finished run (its manifest written) is complete: --resume says so and
-    changes nothing. A run that ended after its last checkpoint but before its manifest is completed from that
-    checkpoint."""
+    holds a run. `callbacks`: more TrainerCallbacks (a test watching the run: on_init_end
+    sees the model and the arguments the Trainer was handed). A finished run (its manifest written) is complete:
+    --resume says so and changes nothing. A run that ended after its last checkpoint but before its manifest is
+    completed from that checkpoint."""
     models.require_model_dir(model_dir)  # first: a wrong model fails before any work
     lora.check_adapter_files(adapter)  # a missing, cut or damaged adapter file, before the output is claimed
     method.check(recipe, adapter, data_path, columns)
     with rundir.claimed(output_dir, resume, overwrite, say):
-        return run_claimed(
-            method, recipe, model_dir, data_path, output_dir, columns, say, callbacks, adapter, resume, before_train
-        )
+        return run_claimed(method, recipe, model_dir, data_path, output_dir, columns, say, callbacks, adapter, resume)
 
 
 def run_claimed(
@@ -195,7 +192,6 @@ def run_claimed(
     callbacks=(),
     adapter=None,
     resume=False,
-    before_train=None,
 ) -> RunManifest:
     """`run` in a directory the caller already holds (rundir.claimed), for a run made of several steps that no
     other run may come between (continuation.continue_merged: merge, then train)."""
@@ -235,8 +231,6 @@ def run_claimed(
     )
     reporter.read_windows_of(trainer)
     trainer.remove_callback(PrinterCallback)  # our per-step lines replace its dict dumps
-    if before_train is not None:
-        before_train(trainer)
     resuming = f", resuming from {resume_from.name}" if resume_from else ""
     say(
         f"training {recipe.name} ({method.name}): {records} records, {trainable:,} of {total:,} parameters trainable, "

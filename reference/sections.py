@@ -1,6 +1,8 @@
 """Recipe sections written as dataclasses: each field's type, range, default and meaning in one place (claim X12).
 
-`[dpo]` (reference.dpo) and `[classifier]` (reference.preference) are read into these classes; a field's rule
+`[sft]` (reference.train), `[dpo]` (reference.dpo) and `[classifier]` (reference.preference) are read into these
+classes; `[lora]` and `[quantization]` are the libraries' own (peft's LoraConfig, transformers' BitsAndBytesConfig),
+checked by the tables of reference.settings_types. a field's rule
 (reference.settings_types.Rule) travels in its metadata, so a recipe file and a `key=value` override are checked
 against the same class the run reads, and a key the class does not have is refused with the nearest one it has.
 `resolve` fills in the defaults: the manifest records every field, given or not.
@@ -13,12 +15,47 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from reference.settings_types import FLAG, Rule, number, whole
+from reference.settings_types import FLAG, SEED, Rule, number, one_of, whole
 
 
 def setting(default, rule: Rule):
     """A field with its default and the rule a recipe's value must meet."""
     return field(default=default, metadata={"rule": rule})
+
+
+@dataclass(frozen=True)
+class SFTSection:
+    """[sft]: how records become batches and what the loss counts (for llm2024: the seed's SFTTrainer, seed 001)."""
+
+    max_seq_length: int = setting(2048, whole(1))
+    """Tokens kept per record, its end cut (trl's max_seq_length)."""
+    loss_on: str = setting("response", one_of("all", "response"))
+    """The tokens the loss counts: response (the prompt's labels -100, instruction tuning) or all (every token, as
+    trl's SFTTrainer trains on a dataset_text_field without a completion-only collator)."""
+    padding_free: bool = setting(False, FLAG)
+    """True: a batch's records laid end to end, position ids restarting at each, no padding computed (X11,
+    reference/padding_free.py); False: each record padded to the batch's longest, as the seed's SFTTrainer does."""
+    chunked_loss: bool = setting(False, FLAG)
+    """True: the loss scored a chunk of tokens at a time, never the full logits (reference/chunked_loss.py); False:
+    the model's own loss on the full logits."""
+    gradient_checkpointing: bool = setting(False, FLAG)
+    """Recompute activations in the backward pass (the seed's use_gradient_checkpointing); also turned on by
+    [training_arguments] activation_checkpointing."""
+    packing: bool = setting(False, Rule(("bool",), choices=("false",), note="records are never packed here"))
+    """The seed's SFTTrainer argument, recorded; only false is taken: padding_free lays records end to end without
+    attention across them, which packing would add."""
+    dataset_text_field: str = setting("text", Rule(("str",)))
+    """The seed's SFTTrainer argument, recorded: the records are rendered by the recipe's format here."""
+    dataset_num_proc: int | None = setting(None, whole(1))
+    """The seed's SFTTrainer argument, recorded: encoding runs in this process."""
+    shuffle_seed: int | None = setting(None, SEED)
+    """The seed's dataset shuffle, recorded: the Trainer's sampler shuffles with [training_arguments] seed."""
+    use_cache_during_training: bool = setting(False, FLAG)
+    """The seed's setting, recorded: every run trains with use_cache off and turns it on for generation (C15)."""
+    token: str | None = setting(None, Rule(("str",)))
+    """A hub access token (trl's), never used (no hub here) and written <redacted> wherever recorded (X7)."""
+    use_auth_token: bool | str | None = setting(None, Rule(("bool", "str")))
+    """The older name of token, treated as it is."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +86,7 @@ class PreferenceConfig:
     with the run's seed."""
 
 
-SECTIONS = {"dpo": DPOSection, "classifier": PreferenceConfig}
+SECTIONS = {"sft": SFTSection, "dpo": DPOSection, "classifier": PreferenceConfig}
 """The recipe sections read into a dataclass, by name."""
 
 

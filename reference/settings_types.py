@@ -3,7 +3,8 @@
 Settings enter from a recipe file (``recipes.load_recipe``) and as ``key=value`` overrides
 (``recipes.apply_overrides``); the whole recipe is checked again once its overrides are in (``recipes.check_numbers``)
 and when it is mapped onto the Trainer's arguments (``training_arguments.map_training_arguments``). Each rule is
-written once, here: the project's own sections (``[sft]``, ``[lora]``, ``[quantization]``) below;
+written once: ``[lora]`` and ``[quantization]`` below, ``[sft]``, ``[dpo]`` and ``[classifier]`` as the fields of their
+dataclasses (``reference/sections.py``);
 ``[training_arguments]`` takes each type from the installed ``transformers.TrainingArguments`` (its dataclass
 fields; an enum's values are the only strings it takes), with the ranges of ``TRAINING_RANGES``, and knows the
 names ``training_arguments.py`` migrates (``RENAMES``, ``warmup_ratio``).
@@ -50,7 +51,7 @@ REMOVED_HINTS = {
 class Rule:
     """A setting's type (a value of any of `kinds` passes) and range. Kinds: bool, int, float (an int passes
     too), str, dict, list, list[str]. `low`/`high` bound numbers (`*_open`: the bound is excluded);
-    `choices` are the only strings taken; `note` is added to the message."""
+    `choices` are the only strings taken (for a boolean, "true" or "false" alone); `note` is added to the message."""
 
     kinds: tuple[str, ...]
     low: float | None = None
@@ -77,6 +78,8 @@ class Rule:
             low, high = "(["[not self.low_open], ")]"[not self.high_open]
             interval = f"in {low}{_number(self.low)}, {_number(self.high)}{high}"
             return interval if kind == "float" else f"{noun} {interval}"
+        if kind == "bool" and self.choices:
+            return " or ".join(self.choices)
         return f"one of: {', '.join(self.choices)}" if kind == "str" and self.choices else NOUNS[kind]
 
     def accepts(self, value) -> bool:
@@ -85,7 +88,9 @@ class Rule:
     def _in_range(self, value) -> bool:
         if isinstance(value, str):
             return not self.choices or value in self.choices
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool):  # `choices` ("false",) takes one of the two
+            return not self.choices or str(value).lower() in self.choices
+        if not isinstance(value, int | float):
             return True
         if not math.isfinite(value):
             return False
@@ -154,20 +159,6 @@ def one_of(*choices: str) -> Rule:
 SEED = whole(0, 2**32 - 1)  # numpy's seeds, which transformers.set_seed seeds too
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
-SFT = {
-    "max_seq_length": whole(1),
-    "packing": FLAG,
-    "dataset_text_field": Rule(("str",)),
-    "dataset_num_proc": whole(1),
-    "shuffle_seed": SEED,
-    "gradient_checkpointing": FLAG,
-    "use_cache_during_training": FLAG,
-    "loss_on": one_of("all", "response"),
-    "padding_free": FLAG,
-    "chunked_loss": FLAG,
-    "token": Rule(("str",)),  # trl's hub access (an access token, redacted wherever recorded: X7)
-    "use_auth_token": Rule(("bool", "str")),
-}
 LORA = {
     "r": whole(1),
     "lora_alpha": number(0, low_open=True),
@@ -188,7 +179,8 @@ QUANTIZATION = {
     "bnb_4bit_compute_dtype": one_of(*FLOAT_DTYPES),
     "bnb_4bit_quant_storage": one_of(*FLOAT_DTYPES, "float64", "int8", "uint8"),  # BitsAndBytesConfig's list
 }
-PROJECT_SECTIONS = {"sft": SFT, "lora": LORA, "quantization": QUANTIZATION}
+PROJECT_SECTIONS = {"lora": LORA, "quantization": QUANTIZATION}
+"""The library sections' rules; [sft], [dpo] and [classifier] are dataclasses (reference.sections)."""
 
 TRAINING_RANGES = {
     "per_device_train_batch_size": whole(1),
@@ -306,7 +298,7 @@ def check_setting(section: str, key: str, value, where: str = "", text: str | No
     if stored is None:
         from reference.recipes import redacted
 
-        shown = redacted(value, key)
+        shown = text if isinstance(value, bool) and text is not None else redacted(value, key)  # as typed
         nearest = _nearest(value, rule.choices) if isinstance(value, str) and rule.choices else ""
         raise InputError(f"{where}{label(section, key)}={shown!r}: must be {rule.allowed()}{nearest}")
     return stored

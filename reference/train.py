@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reference import chunked_loss, data, lora, models, runs, sft
+from reference import chunked_loss, data, lora, models, runs, sections, sft
 from reference.errors import InputError
 from reference.hashing import sha256_of
 from reference.manifest import AdapterMode
@@ -42,8 +42,8 @@ def parse_columns(text: str | None) -> dict | None:
 
 def encode_data(recipe, tokenizer, data_path: str, columns: dict | None) -> tuple[list[dict], dict]:
     """The records encoded as the recipe says, and what the manifest says about them."""
-    loss_on = recipe.sft.get("loss_on", "response")
-    max_seq_length = int(recipe.sft.get("max_seq_length", 2048))
+    settings = sections.resolve("sft", recipe.sft)
+    loss_on, max_seq_length = settings.loss_on, settings.max_seq_length
     table = data.load_records(data_path, columns)
     if len(table) == 0:
         raise InputError(f"{data_path}: no records to train on")
@@ -124,7 +124,8 @@ class SupervisedFineTuning(runs.Method):
         model, identity, weight_bytes, adapter_info = prepare_model(
             recipe, directory, str(args.device), args.activation_checkpointing, dtype, adapter, say
         )
-        flattened = bool(recipe.sft.get("padding_free", False))  # X11: records end to end, no padding
+        settings = sections.resolve("sft", recipe.sft)
+        flattened = settings.padding_free  # X11: records end to end, no padding
         say(f"{'padding-free' if flattened else 'padded'} batches")
         return runs.Prepared(
             dataset=encoded,
@@ -134,7 +135,7 @@ class SupervisedFineTuning(runs.Method):
             weight_bytes=weight_bytes,
             adapter=adapter_info,
             collator=sft.collator(tokenizer, padding_free=flattened),
-            loss=chunked_loss.train_with(model, bool(recipe.sft.get("chunked_loss", False)), args.device),
+            loss=chunked_loss.train_with(model, settings.chunked_loss, args.device),
         )
 
 
@@ -142,8 +143,7 @@ SFT = SupervisedFineTuning()
 
 
 def run(recipe, model_dir: str, data_path: str, output_dir: str, columns=None, say=runs.stderr_line, **options):
-    """An SFT run (reference.runs.run), returning its RunManifest: options callbacks, adapter, resume, overwrite,
-    before_train."""
+    """An SFT run (reference.runs.run), returning its RunManifest: options callbacks, adapter, resume, overwrite."""
     return runs.run(SFT, recipe, model_dir, data_path, output_dir, columns, say, **options)
 
 

@@ -30,6 +30,7 @@ import peft
 import torch
 import transformers
 
+from reference import sections
 from reference.errors import InputError
 from reference.recipes import REDACTED, Recipe, is_secret, redacted
 from reference.settings_types import RENAMES, check_section
@@ -128,7 +129,7 @@ RUN_SETTINGS = {
 
 def gradient_checkpointing(recipe: Recipe, kwargs: dict) -> bool:
     """On when the recipe's [sft] asks for it (seed 001) or its TrainingArguments do (the primer's)."""
-    return bool(recipe.sft.get("gradient_checkpointing") or kwargs.get("activation_checkpointing"))
+    return sections.resolve("sft", recipe.sft).gradient_checkpointing or bool(kwargs.get("activation_checkpointing"))
 
 
 def run_arguments(recipe: Recipe, output_dir: str | None = None):
@@ -187,7 +188,7 @@ def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe", args=None
             "departures": recipe.departures,
             "lora": _lora_resolved(recipe.lora) if recipe.lora else {},
             "quantization": recipe.quantization,
-            "sft": recipe.sft,
+            "sft": dataclasses.asdict(sections.resolve("sft", recipe.sft)),  # every field, defaults written out
         }
     )
     recipe_identity = given.pop("recipe")

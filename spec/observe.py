@@ -8,6 +8,7 @@ hooks on the model, a callback of our own. Nothing is read back from reference.t
 from __future__ import annotations
 
 import torch
+from transformers import TrainerCallback
 
 from reference import kernels, train
 
@@ -41,9 +42,10 @@ def unwrapped(model):
     return model.base_model.model if hasattr(model, "peft_config") else model
 
 
-class Observed:
-    """What a test sees of a run: the trainer, its arguments, the weights before training, and per step
-    use_cache, activation checkpointing and the micro-batches' real-token counts."""
+class Observed(TrainerCallback):
+    """What a test sees of a run, as one of the run's TrainerCallbacks (`callbacks=[observed]`): the model, the
+    arguments and the optimizer the Trainer was handed, the weights before training, and per step use_cache,
+    activation checkpointing and the micro-batches' real-token counts."""
 
     def __init__(self):
         self.lines, self.use_cache, self.checkpointing, self.before = [], [], [], {}
@@ -51,47 +53,55 @@ class Observed:
         """trainer.args.to_dict() as the Trainer was handed them."""
         self.step_tokens: list[list[int]] = []
         """Per optimizer step, the real tokens of each micro-batch the model was fed in that step: attention_mask.sum()
-        of a padded one, every position of a flattened (padding-free) one."""
+        of a padded one, every position of a flattened one (padding-free)."""
         self.padded_micro_batches = 0
         """Micro-batches with at least one padding position (attention_mask 0)."""
+        self.model = self.args = self.state = self.optimizer = None
+        self.counting, self.window = False, []
 
-    def before_train(self, trainer):
-        from transformers import TrainerCallback
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        """The Trainer is built: its arguments and model, the weights before any step, a hook counting tokens."""
+        self.model, self.args = model, args
+        self.arguments = args.to_dict()
+        self.before = {n: weight_values(p) for n, p in model.named_parameters()}
+        model.register_forward_pre_hook(self.count, with_kwargs=True)
 
-        self.trainer = trainer
-        self.arguments = trainer.args.to_dict()
-        self.before = {n: weight_values(p) for n, p in trainer.model.named_parameters()}
-        observed, window = self, []
+    def count(self, module, args, kwargs):
+        if not (module.training and self.counting):
+            return
+        mask = kwargs.get("attention_mask")  # None: a flattened (padding-free) row, every position real
+        self.window.append(int(mask.sum()) if mask is not None else kwargs["input_ids"].numel())
+        if mask is not None:
+            self.padded_micro_batches += int(bool((mask == 0).any()))
 
-        def count(module, args, kwargs):
-            if not (module.training and observed.counting):
-                return
-            mask = kwargs.get("attention_mask")  # None: a flattened (padding-free) row, every position real
-            window.append(int(mask.sum()) if mask is not None else kwargs["input_ids"].numel())
-            if mask is not None:
-                observed.padded_micro_batches += int(bool((mask == 0).any()))
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.counting = True  # a retry (auto_find_batch_size) starts the count again
+        self.step_tokens.clear()
+        self.window.clear()
 
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.use_cache.append(model.config.use_cache)
+        self.checkpointing.append(unwrapped(model).is_activation_checkpointing)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.step_tokens.append(list(self.window))
+        self.window.clear()
+        self.optimizer = optimizer
+
+    def on_train_end(self, args, state, control, **kwargs):
         self.counting = False
-        trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+        self.state = state
 
-        class Watch(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                observed.counting = True  # a retry (auto_find_batch_size) starts the count again
-                observed.step_tokens.clear()
-                window.clear()
 
-            def on_step_begin(self, args, state, control, model=None, **kwargs):
-                observed.use_cache.append(model.config.use_cache)
-                observed.checkpointing.append(unwrapped(model).is_activation_checkpointing)
+class WhenBuilt(TrainerCallback):
+    """A test's look at a run once its Trainer is built and before its first step: `look(model)` (a hook to
+    register, logits to take, a layout to change)."""
 
-            def on_step_end(self, args, state, control, **kwargs):
-                observed.step_tokens.append(list(window))
-                window.clear()
+    def __init__(self, look):
+        self.look = look
 
-            def on_train_end(self, args, state, control, **kwargs):
-                observed.counting = False
-
-        trainer.add_callback(Watch())
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self.look(model)
 
 
 def run_recipe(recipe, model_dir, data, output, observed: Observed, **options):
@@ -103,7 +113,7 @@ def run_recipe(recipe, model_dir, data, output, observed: Observed, **options):
         str(output),
         columns=QA_COLUMNS,
         say=observed.lines.append,
-        before_train=observed.before_train,
+        callbacks=[observed],
         **options,
     )
 
@@ -113,7 +123,7 @@ def assert_trained(record, observed) -> None:
     every 4-bit layer is still in bitsandbytes' standard, differentiable layout."""
     losses = [s["loss"] for s in record.steps]
     assert losses[-1] < losses[0]
-    assert kernels.repacked_layers(observed.trainer.model) == []
-    for name, param in observed.trainer.model.named_parameters():
+    assert kernels.repacked_layers(observed.model) == []
+    for name, param in observed.model.named_parameters():
         changed = not torch.equal(weight_values(param), observed.before[name])
         assert changed == param.requires_grad, f"{name}: requires_grad={param.requires_grad} but changed={changed}"

@@ -19,7 +19,7 @@ from reference import train
 from reference.manifest import RunManifest
 from reference.recipes import apply_overrides, load_recipe
 from spec.conftest import FIXTURES
-from spec.observe import QA_COLUMNS, Observed
+from spec.observe import QA_COLUMNS, Observed, WhenBuilt
 
 TINY_GEMMA2 = FIXTURES / "models" / "tiny-gemma2"
 RUN = [
@@ -80,19 +80,18 @@ def autocast(device: str):
     return torch.autocast(device, dtype=torch.bfloat16)  # bf16=True: how the Trainer runs the forward pass
 
 
-def watch_logits(observed: Observed, device: str, seen: dict):
-    """before_train: also the logits before the first update, with the adapter and (LoRA) without it."""
+def watch_logits(device: str, seen: dict) -> WhenBuilt:
+    """The logits before the first update, with the adapter and (LoRA) without it."""
 
-    def before_train(trainer):
-        observed.before_train(trainer)
-        model, ids = trainer.model, IDS.to(device)
+    def look(model):
+        ids = IDS.to(device)
         with torch.no_grad(), autocast(device):
             seen["model"] = model(input_ids=ids).logits.float()
             if hasattr(model, "disable_adapter"):
                 with model.disable_adapter():
                     seen["base"] = model(input_ids=ids).logits.float()
 
-    return before_train
+    return WhenBuilt(look)
 
 
 def train_on(base: str, device: str, data: Path, output: Path) -> Run:
@@ -104,7 +103,7 @@ def train_on(base: str, device: str, data: Path, output: Path) -> Run:
         str(output),
         columns=QA_COLUMNS,
         say=observed.lines.append,
-        before_train=watch_logits(observed, device, seen),
+        callbacks=[observed, watch_logits(device, seen)],
     )
     return Run(manifest, observed, output, device, data, logits_before=seen)
 

@@ -284,21 +284,19 @@ def recipe_run(directory, data, output, chunked: bool):
     as the recipe says or with `sft.chunked_loss=false`; (manifest, whether each training forward gave logits)."""
     from reference import train
     from reference.recipes import apply_overrides, load_recipe
-    from spec.observe import QA_COLUMNS, SHORT
+    from spec.observe import QA_COLUMNS, SHORT, WhenBuilt
 
     fp32 = ["bf16=false", "quantization.bnb_4bit_compute_dtype=float32"]
     recipe = apply_overrides(load_recipe("llm2024"), [*SHORT, *fp32, f"sft.chunked_loss={str(chunked).lower()}"])
     gave_logits = []
 
-    def watch(trainer):
-        def hook(module, args, kwargs, output):
-            if module.training:
-                gave_logits.append(output.logits is not None)
+    def hook(module, args, kwargs, output):
+        if module.training:
+            gave_logits.append(output.logits is not None)
 
-        trainer.model.register_forward_hook(hook, with_kwargs=True)
-
+    watch = WhenBuilt(lambda model: model.register_forward_hook(hook, with_kwargs=True))
     manifest = train.run(
-        recipe, str(directory), str(data), str(output), QA_COLUMNS, lambda line: None, before_train=watch
+        recipe, str(directory), str(data), str(output), QA_COLUMNS, lambda line: None, callbacks=[watch]
     )
     return manifest, gave_logits
 

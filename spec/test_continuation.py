@@ -40,7 +40,7 @@ from spec.adapters import (
     max_difference,
     trainable_weights,
 )
-from spec.observe import Observed, assert_trained
+from spec.observe import Observed, WhenBuilt, assert_trained
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -181,9 +181,8 @@ def continued(request, uninterrupted, tiny_gemma2_dir, magpie_data, tmp_path_fac
     device = request.param
     output, observed, seen = tmp_path_factory.mktemp(f"continued-{device}"), Observed(), {}
 
-    def before_train(trainer):
-        observed.before_train(trainer)
-        seen["before"] = logits_of(trainer.model, device)
+    def before(model):
+        seen["before"] = logits_of(model, device)
 
     overrides = [*SIX_STEPS, f"use_cpu={str(device == 'cpu').lower()}"]  # the later setting wins
     record = train.run(
@@ -192,7 +191,7 @@ def continued(request, uninterrupted, tiny_gemma2_dir, magpie_data, tmp_path_fac
         str(magpie_data),
         str(output),
         say=observed.lines.append,
-        before_train=before_train,
+        callbacks=[observed, WhenBuilt(before)],
         adapter=str(uninterrupted.checkpoint),
     )
     return SimpleNamespace(
@@ -201,7 +200,7 @@ def continued(request, uninterrupted, tiny_gemma2_dir, magpie_data, tmp_path_fac
         observed=observed,
         output=output,
         before=seen["before"],
-        after=logits_of(observed.trainer.model, device),
+        after=logits_of(observed.model, device),
     )
 
 
@@ -224,11 +223,11 @@ def test_before_the_first_update_the_model_is_base_plus_the_saved_adapter_not_th
 def test_continuing_trains_the_loaded_adapter_and_leaves_the_4bit_base_frozen(continued):
     """The loss falls, every adapter weight changes, no base weight does; the base stays packed 4-bit
     (uint8 storage) on the device it trains on."""
-    layer = continued.observed.trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    layer = continued.observed.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert continued.record.model["quantization"] == "nf4"
     assert layer.weight.dtype == torch.uint8 and layer.weight.device.type == continued.device
     assert_trained(continued.record, continued.observed)
-    assert all(("lora_" in name) == p.requires_grad for name, p in continued.observed.trainer.model.named_parameters())
+    assert all(("lora_" in name) == p.requires_grad for name, p in continued.observed.model.named_parameters())
 
 
 @pytest.mark.slow
@@ -243,7 +242,7 @@ def test_the_continued_adapter_reloads_to_the_logits_it_trained_to(continued, ti
 @pytest.mark.claim("C15", "A6")
 def test_use_cache_is_off_at_every_training_step_and_on_again_after(continued):
     assert continued.observed.use_cache == [False] * 6
-    assert continued.observed.trainer.model.config.use_cache is True
+    assert continued.observed.model.config.use_cache is True
     assert continued.record.use_cache == {"during_training": False, "after_training": True}
 
 

@@ -15,6 +15,7 @@ from reference import dpo, models
 from reference.errors import InputError
 from reference.recipes import apply_overrides, load_recipe
 from spec.cli_runner import run_cli, run_main
+from spec.observe import Observed
 
 
 @pytest.mark.claim("D3")
@@ -52,9 +53,9 @@ ALL_PAIRS_AT_ONCE = ["per_device_train_batch_size=12", "learning_rate=5e-3", "sa
 """The dpo recipe with the 12 fixture pairs in one batch: every step sees every pair."""
 
 
-def dpo_run(model_dir, data, output, *overrides, adapter=None, before_train=None):
+def dpo_run(model_dir, data, output, *overrides, adapter=None, callbacks=()):
     recipe = apply_overrides(load_recipe("dpo"), [*ALL_PAIRS_AT_ONCE, *overrides])
-    return dpo.run(recipe, model_dir, data, output, adapter=adapter, say=lambda _: None, before_train=before_train)
+    return dpo.run(recipe, model_dir, data, output, adapter=adapter, say=lambda _: None, callbacks=callbacks)
 
 
 @pytest.mark.slow
@@ -72,21 +73,16 @@ def test_a_few_dpo_steps_on_a_lora_policy_raise_the_reward_margin(fixtures_dir, 
     chosen, rejected, _ = dpo.encode_pairs(tokenizer, dpo.read_pairs(data), 256)
     with torch.no_grad():
         base = [dpo.sequence_logprobs(model, s, tokenizer).mean().item() for s in (chosen, rejected)]
-    seen = {}
-
-    def watch(trainer):
-        seen["model"] = trainer.model
-        seen["before"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-
-    record = dpo_run(tiny_gemma2_dir, data, tmp_path, "max_steps=10", before_train=watch)
+    observed = Observed()
+    record = dpo_run(tiny_gemma2_dir, data, tmp_path, "max_steps=10", callbacks=[observed])
     losses, margins = [s["loss"] for s in record.steps], [s["metrics"]["reward_margin"] for s in record.steps]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and margins[0] == pytest.approx(0, abs=1e-6)
     assert margins[-1] > margins[0] + 0.05 and losses[-1] < losses[0]
     for step in record.steps:
         logps = [step["metrics"]["reference_chosen_logp"], step["metrics"]["reference_rejected_logp"]]
         assert logps == pytest.approx(base, rel=1e-5)
-    for name, param in seen["model"].named_parameters():
-        assert torch.equal(param, seen["before"][name]) != param.requires_grad, name
+    for name, param in observed.model.named_parameters():
+        assert torch.equal(param, observed.before[name]) != param.requires_grad, name
         assert param.requires_grad == (".default." in name and "lora_" in name), name
 
 

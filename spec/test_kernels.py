@@ -16,7 +16,7 @@ from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4
 from reference import kernels, lora, models, train
 from reference.recipes import apply_overrides, load_recipe
 from reference.shapes import PROJECTIONS
-from spec.observe import QA_COLUMNS, SHORT, Observed, assert_trained
+from spec.observe import QA_COLUMNS, SHORT, Observed, WhenBuilt, assert_trained
 
 
 def nf4_model(model_dir, double_quant: bool = True):
@@ -143,10 +143,6 @@ def test_a_run_whose_base_was_repacked_before_it_trains_trains_on_the_standard_k
     observed = Observed()
     recipe = apply_overrides(load_recipe("llm2024"), [*SHORT, "quantization.bnb_4bit_use_double_quant=false"])
 
-    def watch_then_repack(trainer):
-        observed.before_train(trainer)
-        repack_all(trainer.model)
-
     record = train.run(
         recipe,
         str(tiny_gemma2_dir),
@@ -154,7 +150,7 @@ def test_a_run_whose_base_was_repacked_before_it_trains_trains_on_the_standard_k
         str(tmp_path / "run"),
         columns=QA_COLUMNS,
         say=observed.lines.append,
-        before_train=watch_then_repack,
+        callbacks=[observed, WhenBuilt(repack_all)],
     )
 
     assert_trained(record, observed)

@@ -66,7 +66,7 @@ def test_the_manifests_settings_are_exactly_the_arguments_the_trainer_ran_with(s
     settings a second, recipe-only TrainingArguments would get wrong are checked by name."""
     run = sft_runs("nf4")
     recorded = json.loads((run.output / "manifest.json").read_text())["settings"]["training_arguments"]
-    for ran in (run.observed.arguments, run.observed.trainer.args.to_dict()):
+    for ran in (run.observed.arguments, run.observed.args.to_dict()):
         ran = json.loads(json.dumps(ran, default=str))  # as a JSON file holds it
         assert sorted(recorded) == sorted(ran)
         differing = {k: (recorded[k], ran[k]) for k in ran if recorded[k] != ran[k]}
@@ -107,7 +107,7 @@ def test_the_manifest_holds_versions_hashes_seeds_the_step_plan_and_per_step_los
     assert (plan["micro_batches"], plan["effective_batch_size"], plan["warmup_steps"]) == (8, 4, 0)
     assert (plan["checkpoint_steps_kept"], plan["log_lines"], plan["custom_loop_steps_per_epoch"]) == ([2, 4], 4, 12)
     assert [s["step"] for s in manifest["steps"]] == [1, 2, 3, 4]
-    logged = [h["loss"] for h in run.observed.trainer.state.log_history if "loss" in h]
+    logged = [h["loss"] for h in run.observed.state.log_history if "loss" in h]
     assert [round(s["loss"], 4) for s in manifest["steps"]] == [round(x, 4) for x in logged]
     assert sorted(p.name for p in (run.output / train.CHECKPOINTS).iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert (run.output / train.CHECKPOINTS / "checkpoint-2" / "adapter_model.safetensors").is_file()

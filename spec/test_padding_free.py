@@ -18,11 +18,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from reference import padding_free, sft, train
 from reference.recipes import apply_overrides, load_recipe
 from spec.conftest import FIXTURES
-from spec.observe import QA_COLUMNS, Observed, assert_trained
+from spec.observe import QA_COLUMNS, Observed, WhenBuilt, assert_trained
 
 IGNORED = -100
 QA111 = FIXTURES / "data" / "qa111_sample.jsonl"
@@ -184,37 +185,31 @@ RUNS = {
 }
 
 
-class SeenRecords:
-    """A forward pre-hook of our own: per optimizer step, the records the model was fed (token ids), read from
-    the padded rows (up to their mask's last one) or cut from the flattened row at its position-id restarts, and
-    the positions it computed."""
+class SeenRecords(TrainerCallback):
+    """A forward pre-hook of our own, registered once the Trainer is built: per optimizer step, the records the
+    model was fed (token ids), read from the padded rows (up to their mask's last one) or cut from the flattened
+    row at its position-id restarts, and the positions it computed."""
 
     def __init__(self):
         self.steps, self.positions = [[]], [0]
 
-    def attach(self, trainer):
-        from transformers import TrainerCallback
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        model.register_forward_pre_hook(self.look, with_kwargs=True)
 
-        seen = self
+    def look(self, module, args, kwargs):
+        if not module.training:
+            return
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        if mask is not None:
+            self.steps[-1] += [tuple(row[: int(m.sum())].tolist()) for row, m in zip(ids, mask, strict=True)]
+        else:
+            bounds = padding_free.record_bounds(kwargs["position_ids"])
+            self.steps[-1] += [tuple(ids[0, s:e].tolist()) for s, e in bounds]
+        self.positions[-1] += ids.numel()
 
-        def look(module, args, kwargs):
-            if not module.training:
-                return
-            ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
-            if mask is not None:
-                seen.steps[-1] += [tuple(row[: int(m.sum())].tolist()) for row, m in zip(ids, mask, strict=True)]
-            else:
-                bounds = padding_free.record_bounds(kwargs["position_ids"])
-                seen.steps[-1] += [tuple(ids[0, s:e].tolist()) for s, e in bounds]
-            seen.positions[-1] += ids.numel()
-
-        class NextStep(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                seen.steps.append([])
-                seen.positions.append(0)
-
-        trainer.model.register_forward_pre_hook(look, with_kwargs=True)
-        trainer.add_callback(NextStep())
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append([])
+        self.positions.append(0)
 
 
 def train_run(model_dir, output, precision: list[str], padding_free_batches: bool):
@@ -223,10 +218,6 @@ def train_run(model_dir, output, precision: list[str], padding_free_batches: boo
     )
     observed, seen = Observed(), SeenRecords()
 
-    def before_train(trainer):
-        observed.before_train(trainer)
-        seen.attach(trainer)
-
     record = train.run(
         recipe,
         str(model_dir),
@@ -234,7 +225,7 @@ def train_run(model_dir, output, precision: list[str], padding_free_batches: boo
         str(output),
         QA_COLUMNS,
         say=observed.lines.append,
-        before_train=before_train,
+        callbacks=[observed, seen],
     )
     return record, observed, seen
 
@@ -263,7 +254,7 @@ def test_padding_free_steps_train_on_the_same_records_to_the_padded_steps_losses
     tolerance = BF16_STEP_TOLERANCE if bf16 else STEP_TOLERANCE
     assert [s["loss"] for s in free.steps] == pytest.approx([s["loss"] for s in padded.steps], abs=tolerance)
     assert_trained(free, free_seen_by)
-    start, theirs = padded_seen_by.before, dict(padded_seen_by.trainer.model.named_parameters())
+    start, theirs = padded_seen_by.before, dict(padded_seen_by.model.named_parameters())
     assert all(torch.equal(free_seen_by.before[name], start[name]) for name in start)  # one LoRA start
     if bf16:
         # No bound on the weights follows from bf16's rounding here: adamw_8bit's first update is lr x sign(g) per
@@ -271,7 +262,7 @@ def test_padding_free_steps_train_on_the_same_records_to_the_padded_steps_losses
         # the other way (then its 8-bit moments may round to neighbouring codes). The losses above carry the
         # comparison; the fp32 runs compare the weights.
         return
-    for name, weight in free_seen_by.trainer.model.named_parameters():
+    for name, weight in free_seen_by.model.named_parameters():
         if weight.requires_grad:  # ||padding-free - padded|| <= WEIGHT_TOLERANCE x ||padded - start||
             gap, moved = (weight - theirs[name]).norm().item(), (theirs[name] - start[name]).norm().item()
             assert gap <= WEIGHT_TOLERANCE * moved, f"{name}: {gap:.3g} apart, moved {moved:.3g}"
@@ -307,18 +298,13 @@ def test_auto_find_batch_size_retries_a_padding_free_run_with_fewer_records_per_
         + ["save_steps=100", "sft.max_seq_length=24", "quantization.load_in_4bit=false", "sft.padding_free=true"],
     )
 
-    def limit_records(trainer):
-        observed.before_train(trainer)
+    def hook(module, args, kwargs):
+        if module.training and len(padding_free.record_bounds(kwargs["position_ids"])) > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.")
+        if module.training:
+            fed.append(kwargs["input_ids"].numel())
 
-        def hook(module, args, kwargs):
-            if module.training and len(padding_free.record_bounds(kwargs["position_ids"])) > 2:
-                raise RuntimeError(
-                    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes."
-                )
-            if module.training:
-                fed.append(kwargs["input_ids"].numel())
-
-        trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+    limit_records = WhenBuilt(lambda model: model.register_forward_pre_hook(hook, with_kwargs=True))
 
     manifest = train.run(
         recipe,
@@ -327,7 +313,7 @@ def test_auto_find_batch_size_retries_a_padding_free_run_with_fewer_records_per_
         str(tmp_path),
         QA_COLUMNS,
         observed.lines.append,
-        before_train=limit_records,
+        callbacks=[observed, limit_records],
     )
     assert manifest.batch_size_attempts == [4, 3, 2]
     assert any("out of memory at batch size 4" in line and "retries with 3" in line for line in observed.lines)
@@ -335,7 +321,7 @@ def test_auto_find_batch_size_retries_a_padding_free_run_with_fewer_records_per_
     assert len(manifest.steps) == 6 and [s["tokens"] for s in manifest.steps] == [24 * 4] * 6 == [
         a + b for a, b in zip(fed[::2], fed[1::2], strict=True)
     ]
-    model = observed.trainer.model.get_base_model()
+    model = observed.model.get_base_model()
     assert model.config._attn_implementation == "eager"
     embeddings, ids = model.get_input_embeddings().train(), torch.tensor([[2, 100, 200]])
     with torch.no_grad():

@@ -332,6 +332,15 @@ RULES = [
     ("sft.loss_on=both", "sft.loss_on=response"),
     ("sft.padding_free=maybe", "sft.padding_free=yes"),
     ("sft.chunked_loss=none", "sft.chunked_loss=1"),
+    ("sft.packing=true", "sft.packing=false"),  # records are never packed here: only false is taken
+    ("dpo.beta=0", "dpo.beta=1e-9"),
+    ("dpo.max_length=1", "dpo.max_length=2"),
+    ("classifier.max_length=2", "classifier.max_length=3"),
+    ("classifier.batch_size=0", "classifier.batch_size=1"),
+    ("classifier.spread_max_length=spread", "classifier.spread_max_length=yes"),
+    ("classifier.tta=both", "classifier.tta=no"),
+    ("classifier.eval_fraction=1", "classifier.eval_fraction=0.999"),
+    ("classifier.eval_fraction=0", "classifier.eval_fraction=0.001"),
     ("lora.r=0", "lora.r=1"),
     ("lora.r=2.5", "lora.r=2"),
     ("lora.lora_alpha=0", "lora.lora_alpha=0.5"),
@@ -539,7 +548,32 @@ def test_a_recipe_file_stores_a_boolean_word_as_a_bool(tmp_path):
 
 
 @pytest.mark.claim("X12")
-@pytest.mark.parametrize("name", ["primer", "llm2024", "llm2024-fsdp"])
+def test_a_method_section_left_out_is_recorded_with_its_defaults_written_out():
+    """The primer recipe has no [lora] and an [sft] of two keys: the run records every [sft] field, the defaults
+    being those of the section's dataclass (reference/sections.py): 2,048 tokens, the loss on the response, padded
+    batches, the full logits, no checkpointing, never packed, and no token."""
+    from reference.training_arguments import resolved_settings
+
+    recipe = load_recipe("primer")
+    recipe.sft = {}
+    assert resolved_settings(recipe)["sft"] == {
+        "max_seq_length": 2048,
+        "loss_on": "response",
+        "padding_free": False,
+        "chunked_loss": False,
+        "gradient_checkpointing": False,
+        "packing": False,
+        "dataset_text_field": "text",
+        "dataset_num_proc": None,
+        "shuffle_seed": None,
+        "use_cache_during_training": False,
+        "token": None,
+        "use_auth_token": None,
+    }
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize("name", ["primer", "llm2024", "llm2024-fsdp", "dpo", "lmsys-classifier"])
 def test_the_shipped_recipes_keep_every_rule(name):
     """Their [training_arguments] are checked when used, not when loaded (`filter` imports no transformers)."""
     recipe = load_recipe(name)

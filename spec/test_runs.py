@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from reference import dpo, preference, recipes
 from spec.cli_runner import killed_after_step, run_cli
+from spec.observe import Observed
 
 SIX = ["max_steps=6", "save_steps=3", "logging_steps=1", "per_device_train_batch_size=4"]
 METHODS = {
@@ -113,23 +114,18 @@ def test_a_run_killed_past_a_checkpoint_resumes_to_the_uninterrupted_runs_losses
 @pytest.mark.claim("X12", "X8")
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_the_manifest_records_the_arguments_the_trainer_ran_with(method, tiny_gemma2_dir, fixtures_dir, tmp_path):
-    """What the Trainer was handed (trainer.args.to_dict(), seen once it is built) is what the manifest says it
-    ran with, field for field; and the method's own section is recorded with every default written out."""
+    """What the Trainer was handed (its arguments' to_dict(), seen by a callback once it is built) is what the
+    manifest says it ran with, field for field; and the method's own section is recorded with every default
+    written out."""
     words, data, overrides = METHODS[method]
     recipe = recipes.apply_overrides(recipes.load_recipe("dpo" if method == "dpo" else "lmsys-classifier"), overrides)
-    seen = {}
-
-    def watch(trainer):
-        seen["args"] = json.loads(json.dumps(trainer.args.to_dict(), default=str))
-        seen["trainer"] = type(trainer).__name__
-
+    observed = Observed()
     module = dpo if method == "dpo" else preference
     record = module.run(
-        recipe, tiny_gemma2_dir, fixtures_dir / "data" / data, tmp_path, say=lambda _: None, before_train=watch
+        recipe, tiny_gemma2_dir, fixtures_dir / "data" / data, tmp_path, say=lambda _: None, callbacks=[observed]
     )
     written = json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8"))
-    assert written["settings"]["training_arguments"] == seen["args"]
-    assert seen["trainer"] == ("DPOTrainer" if method == "dpo" else "ClassifierTrainer")
+    assert written["settings"]["training_arguments"] == json.loads(json.dumps(observed.arguments, default=str))
     section = "dpo" if method == "dpo" else "classifier"
     defaults = {
         "dpo": {"beta": 0.1, "max_length": 256},

@@ -37,7 +37,7 @@ import torch
 from reference import models, train
 from reference.manifest import AdapterMode
 from reference.recipes import apply_overrides, load_recipe
-from spec.observe import QA_COLUMNS, Observed, assert_trained, unwrapped
+from spec.observe import QA_COLUMNS, Observed, WhenBuilt, assert_trained, unwrapped
 from spec.sft_runs import IDS, autocast
 
 TIED_TOLERANCE = 2**-7  # bf16 resolution near 1: training keeps norms in fp32 (peft), a plain reload in bf16
@@ -57,7 +57,7 @@ def test_lora_on_each_base_lowers_the_loss_and_trains_exactly_the_adapter(sft_ru
     run = sft_runs(base)
     manifest, observed = run.manifest, run.observed
     assert_trained(manifest, observed)
-    trainable = {n for n, p in observed.trainer.model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in observed.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     assert manifest.adapter["mode"] is AdapterMode.CREATED
     assert manifest.trainable_parameters == LORA_TRAINABLE and manifest.weight_bytes == WEIGHT_BYTES[base]
@@ -77,11 +77,11 @@ def test_full_fine_tuning_without_a_lora_section_trains_every_weight(sft_runs):
     assert json.loads((run.output / "manifest.json").read_text())["adapter"] == {"mode": "none (full fine-tuning)"}
     assert manifest.trainable_parameters == manifest.all_parameters == FULL_PARAMETERS
     assert manifest.weight_bytes == WEIGHT_BYTES["full"]
-    assert all(p.requires_grad for p in observed.trainer.model.parameters())
+    assert all(p.requires_grad for p in observed.model.parameters())
     assert_trained(manifest, observed)
     assert any("full fine-tuning" in line for line in observed.lines)
     reloaded, _ = models.load_causal_lm(run.output, dtype="bfloat16")
-    trained = dict(observed.trainer.model.named_parameters())
+    trained = dict(observed.model.named_parameters())
     assert all(torch.equal(p.cpu(), trained[n].detach().cpu()) for n, p in reloaded.named_parameters())
 
 
@@ -93,7 +93,7 @@ def test_the_qlora_base_is_nf4_with_double_quantisation_and_bf16_compute_packed_
     import bitsandbytes as bnb
 
     run = sft_runs("nf4")
-    layer = unwrapped(run.observed.trainer.model).model.layers[0].self_attn.q_proj.base_layer
+    layer = unwrapped(run.observed.model).model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(layer, bnb.nn.Linear4bit) and layer.compute_dtype == torch.bfloat16
     state = layer.weight.quant_state
     assert layer.weight.dtype == torch.uint8 and layer.weight.device.type == run.device
@@ -130,7 +130,7 @@ def test_before_the_first_update_the_model_gives_the_bases_logits(sft_runs):
     run = sft_runs("nf4")
     seen = run.logits_before
     assert torch.equal(seen["model"], seen["base"])
-    model = run.observed.trainer.model
+    model = run.observed.model
     with torch.no_grad(), autocast(run.device):
         after = model(input_ids=IDS.to(run.device)).logits.float()
     assert not torch.allclose(after, seen["base"], atol=TIED_TOLERANCE)
@@ -148,7 +148,7 @@ def test_the_run_trains_with_the_recipes_optimizer_schedule_and_settings(sft_run
     import bitsandbytes as bnb
 
     run = sft_runs("nf4")
-    trainer = run.observed.trainer
+    trainer = run.observed
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert isinstance(inner, bnb.optim.AdamW) and inner.args.optim_bits == 8
     state = next(iter(inner.state.values()))
@@ -167,7 +167,7 @@ def test_use_cache_is_off_and_checkpointing_on_during_training_and_the_reverse_f
     observed = run.observed
     assert observed.use_cache == [False] * 4 and observed.checkpointing == [True] * 4
     assert run.manifest.use_cache == {"during_training": False, "after_training": True}
-    model = observed.trainer.model
+    model = observed.model
     assert not model.training and not unwrapped(model).is_activation_checkpointing
     with torch.no_grad():
         out = model.generate(
@@ -188,7 +188,7 @@ def test_the_saved_adapter_and_tokenizer_reload_and_give_the_trained_models_logi
     from transformers import AutoTokenizer
 
     run = sft_runs("nf4")
-    output, trained = run.output, run.observed.trainer.model
+    output, trained = run.output, run.observed.model
     assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(output))
     base, _ = models.load_causal_lm(
@@ -234,16 +234,11 @@ def test_auto_find_batch_size_shrinks_the_batch_on_out_of_memory_and_recomputes_
         ],
     )
 
-    def limit_batch(trainer):
-        observed.before_train(trainer)
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.")
 
-        def hook(module, args, kwargs):
-            if kwargs["input_ids"].shape[0] > 2:
-                raise RuntimeError(
-                    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes."
-                )
-
-        trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+    limit_batch = WhenBuilt(lambda model: model.register_forward_pre_hook(hook, with_kwargs=True))
 
     manifest = train.run(
         recipe,
@@ -252,13 +247,13 @@ def test_auto_find_batch_size_shrinks_the_batch_on_out_of_memory_and_recomputes_
         str(tmp_path),
         columns=QA_COLUMNS,
         say=observed.lines.append,
-        before_train=limit_batch,
+        callbacks=[observed, limit_batch],
     )
     assert manifest.batch_size_attempts == [4, 3, 2]
     assert any("out of memory at batch size 4" in line and "retries with 3" in line for line in observed.lines)
     assert any("out of memory at batch size 3" in line and "retries with 2" in line for line in observed.lines)
     assert manifest.step_plan["micro_batches_per_epoch"] == 12 and manifest.step_plan["total_optimizer_steps"] == 6
-    assert len(manifest.steps) == 6 and observed.trainer.state.global_step == 6
+    assert len(manifest.steps) == 6 and observed.state.global_step == 6
 
 
 @pytest.mark.claim("C13", "P3")

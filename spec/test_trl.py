@@ -26,7 +26,7 @@ import trl  # a test dependency (trl==1.16.0): without it these tests fail rathe
 from reference import dpo, sft, train
 from reference.recipes import apply_overrides, load_recipe
 from spec.conftest import FIXTURES
-from spec.observe import QA_COLUMNS, Observed, assert_trained
+from spec.observe import QA_COLUMNS, Observed, WhenBuilt, assert_trained
 
 MODEL = FIXTURES / "models" / "tiny-gemma2"
 QA111 = FIXTURES / "data" / "qa111_sample.jsonl"
@@ -202,7 +202,7 @@ def project_run(tmp_path):
         str(tmp_path / "project"),
         columns=QA_COLUMNS,
         say=observed.lines.append,
-        before_train=observed.before_train,
+        callbacks=[observed],
     )
     return record, observed
 
@@ -270,7 +270,7 @@ def test_four_steps_of_the_llm2024_recipe_give_trls_per_step_losses_from_the_sam
     NEFTune alpha 5 on both (the Trainer's hook, drawing the same noise), dropout 0: per-step losses within
     LOSS_TOLERANCE, and the trained adapters moved alike (assert_moved_alike)."""
     (record, observed), (trl_losses, trl_start, trl_trainer) = two_runs
-    trainable = [n for n, p in observed.trainer.model.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in observed.model.named_parameters() if p.requires_grad]
     assert sorted(trainable) == sorted(trl_start)
     assert all(torch.equal(observed.before[n], trl_start[n]) for n in trainable)
     ours = [step["loss"] for step in record.steps]
@@ -278,11 +278,11 @@ def test_four_steps_of_the_llm2024_recipe_give_trls_per_step_losses_from_the_sam
     assert ours == pytest.approx(trl_losses, abs=LOSS_TOLERANCE)
     assert any(step["tokens"] < BATCH * ACCUMULATION * MAX_LENGTH for step in record.steps)  # padding was there
     assert_trained(record, observed)
-    ours_args, trl_args = observed.trainer.args, trl_trainer.args
+    ours_args, trl_args = observed.args, trl_trainer.args
     assert (ours_args.neftune_noise_alpha, ours_args.optim, ours_args.seed) == (5, "adamw_8bit", 3407)
     assert (trl_args.neftune_noise_alpha, trl_args.optim, trl_args.seed) == (5, "adamw_8bit", 3407)
-    assert optimizer_settings(observed.trainer) == optimizer_settings(trl_trainer)
-    trained = {n: p.detach() for n, p in observed.trainer.model.named_parameters()}
+    assert optimizer_settings(observed) == optimizer_settings(trl_trainer)
+    trained = {n: p.detach() for n, p in observed.model.named_parameters()}
     theirs = {n: p.detach() for n, p in trl_trainer.model.named_parameters() if p.requires_grad}
     assert_moved_alike(trained, theirs, trl_start)
 
@@ -505,7 +505,7 @@ def test_dpo_from_a_saved_adapter_takes_trls_steps_with_that_adapter_frozen_as_t
         tmp_path / "ours",
         adapter=saved_sft_adapter,
         say=lambda _: None,
-        before_train=lambda trainer: seen.update(model=trainer.model),
+        callbacks=[WhenBuilt(lambda model: seen.update(model=model))],
     )
     ours, losses = seen["model"], [s["loss"] for s in record.steps]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) == trl_losses[0]
