@@ -13,9 +13,17 @@ A dataset is structured data: one row is one record, a record has columns. Three
 All three read JSON Lines by the rules of reference/file_faults.py: a row whose object gives a key twice is
 refused (unreadable, for the filter), naming the key; a UTF-8 byte order mark at the start of a file is skipped.
 
-Magpie records (llm-jp/magpie-sft-v1.0) hold a `conversations` list; the instruction is the content of
-the first `user` turn and the response that of the first `assistant` turn, "" when there is none (C3).
-The QA111 set maps input -> instruction and output -> response (C10).
+Four record shapes are read, the first whose columns a row has (`--columns` names others):
+
+* magpie (llm-jp/magpie-sft-v1.0): a `conversations` list; the instruction is the content of the first `user`
+  turn and the response that of the first `assistant` turn, "" when there is none (C3);
+* trl's conversational format: `messages`, a list of {role, content}, exactly one `user` turn then one
+  `assistant` turn (a system turn or more turns are refused, by row: the recipe's formats render one exchange);
+* trl's prompt-completion format: `prompt` and `completion`, both text, or both lists of one {role, content} turn
+  (a `user` prompt, an `assistant` completion);
+* `instruction` and `response`. The QA111 set maps input -> instruction and output -> response (C10).
+
+Each becomes instruction/response and is rendered with the recipe's format (reference/formats.py).
 """
 
 from __future__ import annotations
@@ -58,19 +66,52 @@ def magpie_pair(conversations: list) -> tuple[str, str]:
     return user, assistant
 
 
-def pair_from_row(row: object, line: int) -> Pair:
-    """A Pair from a magpie row (`conversations`) or an instruction/response row; ValueError if neither."""
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    if "conversations" in row:
+SHAPES = (("conversations",), ("messages",), ("prompt", "completion"), ("instruction", "response"))
+"""The record shapes, in the order a row's columns are matched (see the module docstring)."""
+
+
+def shape_of(columns) -> tuple[str, ...] | None:
+    """The first record shape whose columns are all among `columns`; None when none is."""
+    return next((shape for shape in SHAPES if set(shape) <= set(columns)), None)
+
+
+def _turns(value, roles: tuple[str, ...], column: str) -> list[str]:
+    """The contents of a list of {role, content} turns whose roles are exactly `roles`, in order."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) and "role" in t and "content" in t for t in value):
+        raise ValueError(f"{column!r} must be a list of {{role, content}} objects")
+    found = [t["role"] for t in value]
+    if tuple(found) != roles:
+        raise ValueError(
+            f"{column!r} has the turns {found}; one exchange ({', '.join(roles)}) is read: the recipe's formats render "
+            "a user turn and an assistant turn, no system turn (multi-turn records are not handled)"
+        )
+    return [t["content"] for t in value]
+
+
+def exchange(row: dict, shape: tuple[str, ...]) -> tuple[str, str]:
+    """(instruction, response) of a row of that shape; ValueError naming the column when it is not one."""
+    if shape == ("conversations",):
         try:
-            instruction, response = magpie_pair(row["conversations"])
+            return magpie_pair(row["conversations"])
         except (TypeError, KeyError):
             raise ValueError("'conversations' must be a list of {role, content} objects") from None
-    elif "instruction" in row and "response" in row:
-        instruction, response = row["instruction"], row["response"]
-    else:
-        raise ValueError("needs 'conversations' (magpie) or 'instruction' and 'response'")
+    if shape == ("messages",):
+        return tuple(_turns(row["messages"], ("user", "assistant"), "messages"))
+    if shape == ("prompt", "completion") and isinstance(row["prompt"], list):
+        return _turns(row["prompt"], ("user",), "prompt")[0], _turns(row["completion"], ("assistant",), "completion")[0]
+    return row[shape[0]], row[shape[1]]
+
+
+def pair_from_row(row: object, line: int) -> Pair:
+    """A Pair from a row of any record shape (see the module docstring); ValueError if it has none."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    shape = shape_of(row)
+    if shape is None:
+        raise ValueError(
+            "needs 'conversations' (magpie), 'messages', 'prompt' and 'completion', or 'instruction' and 'response'"
+        )
+    instruction, response = exchange(row, shape)
     if type(instruction) is not str or type(response) is not str:
         raise ValueError("the instruction and the response must be text")
     return Pair(line, instruction, response, row.get("id"))
@@ -191,16 +232,26 @@ def load_records(path: str | Path, columns: dict[str, str] | None = None):
     """A Dataset with `instruction` and `response` columns.
 
     `columns` maps instruction/response to the file's column names, e.g. {"instruction": "input",
-    "response": "output"}; without it, magpie `conversations` or instruction/response columns are used.
+    "response": "output"}; without it, the first record shape the file's columns hold (see the module docstring).
     Every value must be a string: the first one that is not is an error naming file, row and column.
     """
     table = load_table(path)
-    if columns is None and "conversations" in table.column_names:
+    shape = shape_of(table.column_names) if columns is None else None
+    if shape == ("conversations",):
         require_magpie_rows(table["conversations"], path)
-        return table.map(
-            lambda row: dict(zip(("instruction", "response"), magpie_pair(row["conversations"]), strict=True)),
-            remove_columns=table.column_names,
-        )
+    if shape in (("conversations",), ("messages",), ("prompt", "completion")):
+        pairs = []
+        for number, row in enumerate(table.select_columns(list(shape)), start=1):
+            try:
+                pairs.append(exchange(row, shape))
+            except ValueError as error:
+                raise InputError(f"{path}, row {number}: {error}") from None
+            if not all(isinstance(text, str) for text in pairs[-1]):
+                raise InputError(f"{path}, row {number}: {' and '.join(shape)} must give text, got {pairs[-1]!r}"[:500])
+        instructions, responses = zip(*pairs, strict=True) if pairs else ((), ())
+        import datasets
+
+        return datasets.Dataset.from_dict({"instruction": list(instructions), "response": list(responses)})
     columns = columns or {"instruction": "instruction", "response": "response"}
     if columns["instruction"] == columns["response"]:
         raise InputError(f"{path}: instruction and response are both column {columns['instruction']!r}")
@@ -238,15 +289,17 @@ def training_set(filtered_path: str | Path, qa_path: str | Path):
     return datasets.concatenate_datasets([magpie.select_columns(["instruction", "response"]), qa])
 
 
-def parse_columns(text: str | None, names: tuple[str, ...]) -> dict | None:
-    """A `--columns` map, `name=COLUMN,...` naming every one of `names` once: `instruction=input,response=output`
-    -> {"instruction": "input", "response": "output"}; None when not given."""
+def parse_columns(text: str | None, names: tuple[str, ...], some: bool = False) -> dict | None:
+    """A `--columns` map, `name=COLUMN,...` naming every one of `names` once (with `some`, any of them):
+    `instruction=input,response=output` -> {"instruction": "input", "response": "output"}; None when not given."""
     if not text:
         return None
     pairs = [item.partition("=") for item in text.split(",")]
     columns = {k.strip(): v.strip() for k, sep, v in pairs if sep and v.strip()}
-    if set(columns) != set(names) or len(pairs) != len(names):
-        raise InputError(f"--columns {text!r}: expected {','.join(f'{name}=COLUMN' for name in names)}")
+    complete = set(columns) <= set(names) if some else set(columns) == set(names)
+    if not complete or len(columns) != len(pairs) or not columns:
+        wanted = ",".join(f"{name}=COLUMN" for name in names)
+        raise InputError(f"--columns {text!r}: expected {'any of ' if some else ''}{wanted}")
     return columns
 
 

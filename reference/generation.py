@@ -135,12 +135,20 @@ def generate(model, tokenizer, prompts: list[str], config=None, batch_size: int 
     return outputs
 
 
-def read_tasks(path: str | Path, with_lines: bool = False) -> list:
+def read_tasks(path: str | Path, with_lines: bool = False, columns: dict | None = None) -> list:
     """Tasks: JSONL rows with a non-empty 'input' and, optionally, a 'task_id'; with `with_lines`, (line
-    number, row) pairs, so that a message can name the line of a task (`task_names`)."""
+    number, row) pairs, so that a message can name the line of a task (`task_names`). `columns` names the file's
+    columns for input and task_id (reference.data.parse_columns)."""
     from reference.data import read_text_rows
 
-    return read_text_rows(path, ("input",), with_lines=with_lines)
+    columns = columns or {}
+    rows = read_text_rows(path, ("input",), with_lines=True, columns={"input": columns.get("input", "input")})
+    id_column = columns.get("task_id")
+    for _, row in rows if id_column else ():  # the named column is the task's id, and no other is
+        row.pop("task_id", None)
+        if id_column in row:
+            row["task_id"] = row[id_column]
+    return rows if with_lines else [row for _, row in rows]
 
 
 def task_names(tasks: list[dict], path: str | Path | None = None, lines: list[int] | None = None) -> list[str]:
@@ -202,7 +210,8 @@ def answer_tasks(
     names: list[str] | None = None,
 ) -> Answers:
     """Seed 001 §2.3 over `tasks` (rows with 'input', optionally 'task_id'; `read_tasks`): each task's k
-    examples of `shots` ((input, output) pairs; `retrieval.read_shots`) whose inputs are the most similar,
+    examples of `shots` ((input, output) pairs; `retrieval.read_shots`; none: zero-shot, the seed's prompt with no
+    examples and no embedder) whose inputs are the most similar,
     embedded with the local sentence-transformers model `embedder`, make its prompt, fitted to `window`
     tokens and to what the model's context leaves beside the answer (`prompt_room`) when that is shorter (a
     task that lost shots is reported through `say`); then `generate` with `config` (default: the seed's
@@ -212,9 +221,14 @@ def answer_tasks(
     names = names if names is not None else task_names(tasks)
     config = config or seed_generation_config(tokenizer)
     room = prompt_room(model, config)
-    pool = retrieval.ShotPool(shots, retrieval.load_embedder(embedder))
     inputs = [t["input"] for t in tasks]
-    fitted = retrieval.fitted_prompts(inputs, pool, tokenizer, k, window, say, names, room)
+    if shots:
+        pool = retrieval.ShotPool(shots, retrieval.load_embedder(embedder))
+        fitted = retrieval.fitted_prompts(inputs, pool, tokenizer, k, window, say, names, room)
+    else:  # zero-shot: the seed's prompt with no examples
+        fitted = [
+            retrieval.fit([], task, tokenizer, window, name, room) for task, name in zip(inputs, names, strict=True)
+        ]
     outputs = generate(model, tokenizer, [f.prompt for f in fitted], config, batch_size, progress)
     task_ids = [task.get("task_id", number) for number, task in enumerate(tasks)]
     return Answers(task_ids, outputs, [f.tokens for f in fitted])

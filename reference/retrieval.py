@@ -67,11 +67,13 @@ class Shot:
     """Cosine similarity to the task's input."""
 
 
-def read_shots(path: str | Path) -> list[tuple[str, str]]:
-    """The shot pool: (input, output) from JSONL rows with non-empty 'input' and 'output' (Japanese-QA111's)."""
+def read_shots(path: str | Path, columns: dict | None = None) -> list[tuple[str, str]]:
+    """The shot pool: (input, output) from JSONL rows with non-empty 'input' and 'output' (Japanese-QA111's);
+    `columns` names the file's columns for them (reference.data.parse_columns)."""
     from reference.data import read_text_rows
 
-    return [(row["input"], row["output"]) for row in read_text_rows(path, ("input", "output"))]
+    columns = {name: (columns or {}).get(name, name) for name in ("input", "output")}
+    return [(row["input"], row["output"]) for row in read_text_rows(path, ("input", "output"), columns=columns)]
 
 
 def load_embedder(path: str | Path):

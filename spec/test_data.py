@@ -300,3 +300,64 @@ def test_a_byte_order_mark_inside_a_file_is_no_mark_but_a_character_the_row_cann
         load_records(path, QA111_COLUMNS)
     pairs = qa_lines('{"instruction": "a", "response": "b"}')
     assert isinstance(parse_jsonl(pairs + BOM + pairs)[1], Unreadable)
+
+
+# --- trl's dataset formats: conversational (`messages`) and prompt-completion ---------------------------------------
+
+AS_INSTRUCTIONS = [{"instruction": r["input"], "response": r["output"]} for r in ROWS]
+
+
+def jsonl(tmp_path, name: str, rows: list[dict]):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def turns(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+@pytest.mark.claim("P2")
+def test_conversational_messages_load_as_their_user_and_assistant_turns(tmp_path):
+    """trl's conversational format: a `messages` list of one user turn then one assistant turn is the record's
+    instruction and response, as its instruction/response twin is; training renders both the same."""
+    rows = [{"messages": turns(("user", r["input"]), ("assistant", r["output"]))} for r in ROWS]
+    assert list(load_records(jsonl(tmp_path, "chat.jsonl", rows))) == AS_INSTRUCTIONS
+    assert [(p.instruction, p.response) for p in read_pairs(jsonl(tmp_path, "chat2.jsonl", rows))] == [
+        (r["input"], r["output"]) for r in ROWS
+    ]
+
+
+@pytest.mark.claim("P2")
+def test_prompt_completion_records_load_as_text_or_as_one_turn_each(tmp_path):
+    """trl's prompt-completion format: `prompt` and `completion` as text, or as a user turn and an assistant
+    turn; a file may hold both kinds of row."""
+    first, second = ROWS
+    rows = [
+        {"prompt": first["input"], "completion": first["output"]},
+        {"prompt": turns(("user", second["input"])), "completion": turns(("assistant", second["output"]))},
+    ]
+    assert list(load_records(jsonl(tmp_path, "pc.jsonl", rows))) == AS_INSTRUCTIONS
+
+
+@pytest.mark.claim("P2")
+@pytest.mark.parametrize(
+    "messages, found",
+    [
+        (turns(("system", "丁寧に。"), ("user", "質問"), ("assistant", "答え")), "['system', 'user', 'assistant']"),
+        (turns(("user", "質問"), ("assistant", "答え"), ("user", "次"), ("assistant", "答え2")), "'user', 'assistant'"),
+        (turns(("assistant", "答え"), ("user", "質問")), "['assistant', 'user']"),
+    ],
+    ids=["a system turn", "two exchanges", "the answer first"],
+)
+def test_a_conversation_that_is_not_one_exchange_is_refused_naming_the_row_not_cut(tmp_path, messages, found):
+    """The recipe's formats render one user turn and one assistant turn: a system turn, a second exchange or
+    turns out of order would be lost or misread, so the row is named (row 2 here) and nothing trains. The filter's
+    reader reports the same row as unreadable, by line."""
+    rows = [{"messages": turns(("user", "質問"), ("assistant", "答え"))}, {"messages": messages}]
+    path = jsonl(tmp_path, "chat.jsonl", rows)
+    with pytest.raises(InputError, match=r"chat\.jsonl, row 2: 'messages' has the turns") as error:
+        load_records(path)
+    assert found in str(error.value)
+    items = read_pairs(path)
+    assert isinstance(items[0], Pair) and isinstance(items[1], Unreadable) and items[1].line == 2

@@ -240,3 +240,25 @@ def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_p
     trained = load_file(str(out / "adapter_model.safetensors"))
     assert trained.keys() == saved.keys() and all(not torch.equal(trained[k], saved[k]) for k in saved)
     assert not (out / dpo.REFERENCE_ADAPTER).exists()
+
+
+@pytest.mark.claim("D3", "P2")
+def test_pairs_under_other_column_names_are_read_through_columns(tmp_path, fixtures_dir):
+    """`dpo --columns prompt=question,chosen=good,rejected=bad`: the same pairs as the fixture's own columns; a
+    map that leaves one out is refused, naming what it expects."""
+    from reference import data
+
+    source = fixtures_dir / "data" / "preference_pairs.jsonl"
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
+    renamed = tmp_path / "pairs.jsonl"
+    renamed.write_text(
+        "".join(
+            json.dumps({"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}, ensure_ascii=False) + "\n"
+            for r in rows
+        ),
+        encoding="utf-8",
+    )
+    columns = data.parse_columns("prompt=question,chosen=good,rejected=bad", dpo.COLUMNS)
+    assert dpo.read_pairs(renamed, columns) == dpo.read_pairs(source)
+    with pytest.raises(InputError, match="expected prompt=COLUMN,chosen=COLUMN,rejected=COLUMN"):
+        data.parse_columns("prompt=question,chosen=good", dpo.COLUMNS)

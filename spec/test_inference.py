@@ -244,3 +244,55 @@ def test_the_generate_command_names_the_task_that_does_not_fit_the_window_by_its
         f"more than the {window}-token window (--window); it is never cut"
     ) in err
     assert not (tmp_path / "output.jsonl").exists()
+
+
+SEEDS_ZERO_SHOT = (
+    "質問・文章をよく読んで、正確で親切な回答を書きなさい。\n"
+    "あなたは日本語が堪能な優秀な人間です。\n"
+    "**文脈**を踏まえて、改行と箇条書きを駆使して、日本語で**詳細に**書きなさい。\n"
+    "優秀な人間になりきって、推測をいれずに根拠をもってわかりやすく答えてください。"
+    "### 質問:\n{task}\n\n### 回答:\n"
+)
+"""Seed 001 §2.3's prompt with no example between its header and its instructions, written out here."""
+
+
+@pytest.mark.claim("C18")
+def test_generate_answers_one_prompt_zero_shot_with_the_seeds_prompt_and_no_examples(
+    tiny_gemma2_dir, gemma_tokenizer, capsys
+):
+    """`generate --prompt TEXT` without --shots: the prompt is the seed's with no examples (so no embedder loads),
+    its tokens those of that text with BOS; the answer is printed, no file written."""
+    task = "日本の首都について説明してください。"
+    argv = ["generate", "--model", str(tiny_gemma2_dir), "--prompt", task, "--max-new-tokens", "3"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompt_tokens"] == len(gemma_tokenizer(SEEDS_ZERO_SHOT.format(task=task))["input_ids"])
+    assert isinstance(report["answer"], str) and report["output"] is None and report["shots"] == 0
+
+
+@pytest.mark.claim("C18")
+def test_generate_with_shots_named_by_columns_retrieves_from_them(tiny_gemma2_dir, fixtures_dir, tmp_path, capsys):
+    """A shot pool whose columns are question/answer, named by --columns, gives the prompt the QA111 file gives
+    (the same examples retrieved); --prompt with --shots is few-shot."""
+    rows = [json.loads(line) for line in (fixtures_dir / "data" / "qa111_sample.jsonl").read_text().splitlines()]
+    renamed = tmp_path / "shots.jsonl"
+    renamed.write_text(
+        "".join(json.dumps({"question": r["input"], "answer": r["output"]}, ensure_ascii=False) + "\n" for r in rows),
+        encoding="utf-8",
+    )
+    base = ["generate", "--model", str(tiny_gemma2_dir), "--prompt", "富士山", "--max-new-tokens", "1", "--k", "2"]
+    tokens = []
+    for shots in (["--shots", str(fixtures_dir / "data" / "qa111_sample.jsonl")], ["--shots", str(renamed)]):
+        extra = ["--columns", "input=question,output=answer"] if shots[1] == str(renamed) else []
+        assert cli.main([*base, *shots, *extra]) == 0, capsys.readouterr().err
+        tokens.append(json.loads(capsys.readouterr().out)["prompt_tokens"])
+    zero = cli.main(["generate", "--model", str(tiny_gemma2_dir), "--prompt", "富士山", "--max-new-tokens", "1"])
+    assert zero == 0
+    assert tokens[0] == tokens[1] > json.loads(capsys.readouterr().out)["prompt_tokens"]
+
+
+@pytest.mark.claim("C18")
+def test_generate_with_tasks_needs_shots_and_an_output(tiny_gemma2_dir, fixtures_dir, tmp_path):
+    tasks = fixtures_dir / "data" / "tasks_sample.jsonl"
+    code, out, err = run_main("generate", "--model", tiny_gemma2_dir, "--tasks", tasks, "--output", tmp_path / "o")
+    assert code == 2 and "--tasks needs --shots" in err and out == ""

@@ -281,3 +281,20 @@ def test_the_classifier_learns_which_response_wins_below_the_uniform_guess_on_he
     by_hand = -sum(math.log(p) for p in p_true) / len(p_true)
     assert results["log_loss_after"] == pytest.approx(by_hand, abs=5e-3)
     assert by_hand < math.log(3) - 0.1
+
+
+@pytest.mark.claim("L1", "P2")
+def test_rows_under_other_column_names_are_read_through_columns(fixtures_dir, tmp_path):
+    """`preference ... --columns prompt=q,response_a=a,response_b=b`: the same rows and labels."""
+    from reference import data
+
+    source = fixtures_dir / "data" / "lmsys_sample.jsonl"
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
+    renamed = tmp_path / "rows.jsonl"
+    names = {"prompt": "q", "response_a": "a", "response_b": "b"}
+    renamed.write_text(
+        "".join(json.dumps({names.get(k, k): v for k, v in r.items()}, ensure_ascii=False) + "\n" for r in rows),
+        encoding="utf-8",
+    )
+    columns = data.parse_columns("prompt=q,response_a=a,response_b=b", preference.COLUMNS[:3])
+    assert preference.read_rows(renamed, columns=columns) == preference.read_rows(source)
