@@ -7,17 +7,10 @@ these checks.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from reference import models
+from reference import messages, models
 from reference.errors import InputError
-
-
-def note(text: str) -> None:
-    """A note for the person running the command: on stderr, where the commands' progress goes."""
-    print(text, file=sys.stderr, flush=True)
-
 
 SHAPE_KEYS = (
     "model_type",
@@ -123,7 +116,7 @@ def _kind(config: dict) -> str:
     return ", ".join([repr(config.get("model_type")), *architectures])
 
 
-def check_recorded_base(adapter_dir: Path, config: dict, say=note) -> None:
+def check_recorded_base(adapter_dir: Path, config: dict, say=messages.say) -> None:
     """The adapter's base must be the same kind of model (model_type and shapes, SHAPE_KEYS) as the one it is
     loaded onto (`config`, a model config as a dict): peft can only see shapes. The adapter's own record
     (RECORD) is read first, so the check holds when the base folder it names is gone. An adapter without a
@@ -155,7 +148,7 @@ def check_recorded_base(adapter_dir: Path, config: dict, say=note) -> None:
         )
 
 
-def check_fits(base_dir: str | Path, adapter_dir: str | Path, say=note) -> None:
+def check_fits(base_dir: str | Path, adapter_dir: str | Path, say=messages.say) -> None:
     """The adapter's files (check_adapter_files), then check_recorded_base from the base's config alone, before
     its weights load."""
     from transformers import AutoConfig
@@ -208,7 +201,9 @@ def recorded_bnb_4bit(adapter_dir: str | Path) -> dict:
     return {}
 
 
-def merge_quantization(adapter_dir: str | Path, choice: str | None = None, override_record: bool = False, say=note):
+def merge_quantization(
+    adapter_dir: str | Path, choice: str | None = None, override_record: bool = False, say=messages.say
+):
     """How `merge` loads the base: as the adapter's run records it was loaded while the adapter trained
     (`choice` None, the command's default), else as chosen. A choice that contradicts the record is refused,
     naming both, unless `override_record` (to fold a QLoRA adapter into the full-precision base on purpose:

@@ -20,25 +20,6 @@ from reference import quiet
 from reference.commands import COMMANDS
 from reference.errors import InputError
 
-INPUT_ARGUMENTS = (
-    "input",
-    "model",
-    "adapter",
-    "data",
-    "tasks",
-    "shots",
-    "embedder",
-    "magpie",
-    "qa",
-    "new_data",
-    "recipe",
-    "messages",
-    "tokenizer",
-)
-OUTPUT_ARGUMENTS = ("output", "rejects")
-FILE_OUTPUTS = {"filter", "generate", "preference predict"}
-"""Commands whose --output (and --rejects) is a file; every other command's --output is a directory."""
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftref", description=__doc__.splitlines()[0])
@@ -107,7 +88,7 @@ def write_failure(error: OSError) -> str | None:
 def no_space_for(args: argparse.Namespace, error: BaseException) -> str | None:
     from reference import paths
 
-    outputs = [Path(getattr(args, name)) for name in OUTPUT_ARGUMENTS if getattr(args, name, None)]
+    outputs = [Path(getattr(args, name)) for name in getattr(args, "writes", ()) if getattr(args, name, None)]
     return paths.no_space(error, outputs)
 
 
@@ -158,7 +139,8 @@ def run_command(argv: list[str] | None) -> int:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Before any work: no output over an input, every output writable (X6; reference/paths.py)."""
+    """Before any work: no output over an input, every output writable and of its kind (X6; reference/paths.py), the
+    paths being those each command declares (reference.commands.arguments.declare_paths)."""
     from reference import paths
 
     def given(names, existing):
@@ -166,11 +148,10 @@ def check_paths(args: argparse.Namespace) -> None:
         return {flag: v for flag, v in values.items() if v is not None and (not existing or Path(v).exists())}
 
     # A recipe or messages argument may be a name or "-", not a path: only paths that exist are inputs.
-    outputs = given(OUTPUT_ARGUMENTS, existing=False)
-    paths.check_outputs(outputs, given(INPUT_ARGUMENTS, existing=True))
-    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    outputs = given(getattr(args, "writes", ()), existing=False)
+    paths.check_outputs(outputs, given(getattr(args, "reads", ()), existing=True))
     for flag, value in outputs.items():
-        paths.require_kind(flag, Path(value), directory=command not in FILE_OUTPUTS)
+        paths.require_kind(flag, Path(value), directory=not args.writes_files)
 
 
 def end_process_group() -> None:

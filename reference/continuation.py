@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reference import adapter_records, lora, models, rundir, train
+from reference import adapter_records, lora, messages, models, rundir, train
 from reference.errors import InputError
 from reference.manifest import RunManifest
 
@@ -39,7 +39,7 @@ def continue_training(
     columns: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    say=train.stderr_line,
+    say=messages.say,
 ) -> RunManifest:
     """Train further from the adapter at `adapter_dir`, made on `model_dir`, by the route `mode` names (MODES)."""
     if mode == "adapter":
@@ -68,7 +68,7 @@ def continue_merged(
     columns: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    say=train.stderr_line,
+    say=messages.say,
 ) -> RunManifest:
     """Merge the adapter into its base as OUTPUT/merged-base, then train a fresh adapter on that base. The base is
     loaded for the merge as the adapter's run recorded it (the weights the adapter was trained on); an adapter

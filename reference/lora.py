@@ -17,14 +17,13 @@ from pathlib import Path
 import peft
 import torch
 
-from reference import models, vocab
+from reference import messages, models, vocab
 from reference.adapter_records import (
     base_record,
     check_adapter_files,
     check_fits,
     check_recorded_base,
     merge_quantization,
-    note,
     recorded_bnb_4bit,
     recorded_quantization,
 )
@@ -111,7 +110,7 @@ def count_trainable(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def load_adapter(model, adapter_dir: str | Path, trainable: bool = True, say=note, checked: bool = False):
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = True, say=messages.say, checked: bool = False):
     """A saved adapter on `model`, its weights trainable (peft's default, is_trainable=False, freezes them:
     the mistake behind "it only learned the new data", seed 000). Its files are checked first
     (check_adapter_files: a missing, cut or damaged one is named). A mismatch is an error naming both: first
@@ -165,7 +164,7 @@ def merge(
     output_dir: str | Path,
     quantization: str | None = None,
     override_record: bool = True,
-    say=note,
+    say=messages.say,
     quantization_section: dict | None = None,
 ) -> dict:
     """Fold a trained adapter into its base and save the result: W = W0 + s B A, in bf16.

@@ -5,8 +5,8 @@ Each route the thread touches, run with the project's own functions on the same 
 
 * trainable: the saved adapter loaded with is_trainable=True and trained further (train.run(adapter=...),
   what `continue --mode adapter` does);
-* merge: the adapter folded into the base (lora.merge; an NF4 base is dequantised first), then a fresh
-  adapter trained on that merged base (what `continue --mode merge` does, and the thread's answer);
+* merge: `continue --mode merge` itself (continuation.continue_merged: the adapter folded into the base, an NF4
+  base dequantised first, then a fresh adapter trained on that merged base; the thread's answer);
 * frozen: peft's default, PeftModel.from_pretrained(is_trainable=False) (lora.load_adapter(trainable=False)):
   no weight is trainable, so "training" would change nothing; the project refuses it (lora.require_trainable)
   and the reason is kept for the report;
@@ -59,7 +59,7 @@ def kept_share(route: Route, base_old: float, sft_old: float) -> float | None:
 def run_routes(recipe, base: str, sft_adapter: str, new_data: str, columns: dict, out: Path, score, say) -> list:
     """The four routes from `sft_adapter` (trained on `base`), each training on `new_data` as `recipe` says
     into out/<route>; returns them in ROUTES order."""
-    from reference import lora, models, train
+    from reference import continuation, lora, train
 
     def trained(name: str, model_dir: str, adapter: str | None) -> Route:
         say(f"route {name}: {ROUTES[name]}")
@@ -73,15 +73,19 @@ def run_routes(recipe, base: str, sft_adapter: str, new_data: str, columns: dict
 
     routes = [trained("trainable", base, sft_adapter)]
 
-    merged = out / "merged-base"
-    say(f"route merge: folding {sft_adapter} into {base} -> {merged}")
-    lora.merge(base, sft_adapter, merged, say=say)  # onto the base as the SFT run recorded loading it
-    routes.append(trained("merge", str(merged), None))
-    routes[-1].notes.append(f"merged base: {merged.name}/ (bf16, quantised again to train on)")
+    say(f"route merge: folding {sft_adapter} into {base}, then a fresh adapter on the merged base")
+    record = continuation.continue_merged(
+        recipe, base, sft_adapter, new_data, str(out / "merge"), columns, say=say, overwrite=True
+    )
+    merged = out / "merge" / continuation.MERGED_BASE  # unchanged by the training: the route's starting point
+    after = score(str(merged), out / "merge")
+    routes.append(
+        Route("merge", ROUTES["merge"], score(str(merged), None), after, record, None, record.trainable_parameters)
+    )
+    routes[-1].notes.append(f"merged base: merge/{merged.name}/ (bf16, quantised again to train on)")
 
     say("route frozen: peft's default load, is_trainable=False")
-    quantization, bnb_4bit_settings = models.recipe_quantization(recipe.quantization)
-    model, _ = models.load_causal_lm(base, quantization=quantization, quantization_section=bnb_4bit_settings)
+    model, _, _ = train.load_base(recipe, Path(base), None, "float32")  # as the other routes' training loads it
     frozen = lora.load_adapter(model, sft_adapter, trainable=False)
     refused = None
     try:

@@ -17,7 +17,6 @@ A run, whatever its method:
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from reference import (
     distributed,
     kernels,
     lora,
+    messages,
     models,
     padding_free,
     progress,
@@ -43,11 +43,6 @@ from reference.manifest import AdapterMode, RunManifest
 from reference.paths import complete_directory
 
 CHECKPOINTS = rundir.CHECKPOINTS
-
-
-def stderr_line(text: str) -> None:
-    """Progress and notes go to stderr, a line at a time; stdout holds a command's result."""
-    print(text, file=sys.stderr, flush=True)
 
 
 class StepTrainer(Trainer):
@@ -158,7 +153,7 @@ def run(
     data_path: str,
     output_dir: str,
     columns: dict | None = None,
-    say=stderr_line,
+    say=messages.say,
     callbacks=(),
     adapter: str | None = None,
     resume: bool = False,
@@ -188,7 +183,7 @@ def run_claimed(
     data_path,
     output_dir,
     columns=None,
-    say=stderr_line,
+    say=messages.say,
     callbacks=(),
     adapter=None,
     resume=False,
@@ -199,10 +194,11 @@ def run_claimed(
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     finished = resume and rundir.is_finished(output_dir)  # said once the command is known to be that run's
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume and not finished else None
-    args = training_arguments.run_arguments(recipe, str(checkpoint_dir))  # the one object the Trainer gets (X8)
+    resolved = training_arguments.resolve(recipe, str(checkpoint_dir))  # the recipe, resolved once for the run
+    args = resolved.arguments  # the one object the Trainer gets (X8)
     distributed.check_arguments(args, adapter=adapter is not None or bool(recipe.lora))
-    resolved = training_arguments.resolved_settings(recipe, str(checkpoint_dir), args=args)
-    settings = {"method": method.name, **resolved, **method.resolved_section(recipe)}
+    recorded = training_arguments.resolved_settings(recipe, str(checkpoint_dir), resolved)
+    settings = {"method": method.name, **recorded, **method.resolved_section(recipe)}
     if args.process_index != 0:  # under torchrun the main process reports for all
         say = lambda text: None  # noqa: E731
     tokenizer = method.tokenizer(directory, adapter)

@@ -30,7 +30,7 @@ evaluation steps.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from reference.errors import InputError
 
@@ -42,36 +42,38 @@ LOGGING_STRATEGIES = ("steps", "epoch", "no")
 class StepSettings:
     """The TrainingArguments that decide the step plan. Defaults are the Trainer's own.
 
-    Each field is a flag of the `steps` command, its docstring the flag's help (reference/commands/steps.py)."""
+    Each field is a flag of the `steps` command, its metadata's help the flag's help (reference/commands/steps.py),
+    as transformers' HfArgumentParser reads TrainingArguments."""
 
-    records: int
-    """Rows in the training set."""
-    batch_size: int
-    """per_device_train_batch_size: records in one micro-batch on one process."""
-    grad_accum: int = 1
-    """gradient_accumulation_steps: micro-batches per optimizer step."""
-    epochs: float = 3.0
-    """num_train_epochs; may be fractional. Ignored when max_steps > 0."""
-    max_steps: int = -1
-    """Total optimizer steps; overrides epochs when positive."""
-    world_size: int = 1
-    """Data-parallel processes (torchrun --nproc_per_node)."""
-    warmup: float = 0
-    """warmup_steps: an int (steps) or a fraction < 1 of the total steps."""
-    save_strategy: str = "steps"
-    """When checkpoints are written: steps, epoch or no."""
-    save_steps: float = 500
-    """Optimizer steps between checkpoints (steps strategy); a fraction < 1 of the total."""
-    save_total_limit: int | None = None
-    """Checkpoints kept on disk, the newest; None (unset) or <= 0 keeps them all."""
-    logging_strategy: str = "steps"
-    """When loss lines are logged: steps, epoch or no."""
-    logging_steps: float = 500
-    """Optimizer steps between loss log lines; a fraction < 1 of the total."""
-    logging_first_step: bool = False
-    """Also log after the first optimizer step."""
-    drop_last: bool = False
-    """dataloader_drop_last: drop the last incomplete batch."""
+    records: int = field(metadata={"help": "Rows in the training set."})
+    batch_size: int = field(
+        metadata={"help": "per_device_train_batch_size: records in one micro-batch on one process."}
+    )
+    grad_accum: int = field(
+        default=1, metadata={"help": "gradient_accumulation_steps: micro-batches per optimizer step."}
+    )
+    epochs: float = field(
+        default=3.0, metadata={"help": "num_train_epochs; may be fractional. Ignored when max_steps > 0."}
+    )
+    max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; overrides epochs when positive."})
+    world_size: int = field(default=1, metadata={"help": "Data-parallel processes (torchrun --nproc_per_node)."})
+    warmup: float = field(
+        default=0, metadata={"help": "warmup_steps: an int (steps) or a fraction < 1 of the total steps."}
+    )
+    save_strategy: str = field(default="steps", metadata={"help": "When checkpoints are written: steps, epoch or no."})
+    save_steps: float = field(
+        default=500,
+        metadata={"help": "Optimizer steps between checkpoints (steps strategy); a fraction < 1 of the total."},
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Checkpoints kept on disk, the newest; None (unset) or <= 0 keeps them all."}
+    )
+    logging_strategy: str = field(default="steps", metadata={"help": "When loss lines are logged: steps, epoch or no."})
+    logging_steps: float = field(
+        default=500, metadata={"help": "Optimizer steps between loss log lines; a fraction < 1 of the total."}
+    )
+    logging_first_step: bool = field(default=False, metadata={"help": "Also log after the first optimizer step."})
+    drop_last: bool = field(default=False, metadata={"help": "dataloader_drop_last: drop the last incomplete batch."})
 
     def __post_init__(self) -> None:
         _require(self.records >= 1, "--records must be at least 1")

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reference import chunked_loss, data, lora, models, runs, sections, sft
+from reference import chunked_loss, data, lora, messages, models, runs, sections, sft
 from reference.errors import InputError
 from reference.hashing import sha256_of
 from reference.manifest import AdapterMode
 
 CHECKPOINTS = runs.CHECKPOINTS
-stderr_line = runs.stderr_line  # noqa: F401 - continuation and routes say through it
 
 
 def parse_columns(text: str | None) -> dict | None:
@@ -142,11 +141,11 @@ class SupervisedFineTuning(runs.Method):
 SFT = SupervisedFineTuning()
 
 
-def run(recipe, model_dir: str, data_path: str, output_dir: str, columns=None, say=runs.stderr_line, **options):
+def run(recipe, model_dir: str, data_path: str, output_dir: str, columns=None, say=messages.say, **options):
     """An SFT run (reference.runs.run), returning its RunManifest: options callbacks, adapter, resume, overwrite."""
     return runs.run(SFT, recipe, model_dir, data_path, output_dir, columns, say, **options)
 
 
-def run_claimed(recipe, model_dir, data_path, output_dir, columns=None, say=runs.stderr_line, **options):
+def run_claimed(recipe, model_dir, data_path, output_dir, columns=None, say=messages.say, **options):
     """An SFT run in a directory the caller holds (reference.runs.run_claimed)."""
     return runs.run_claimed(SFT, recipe, model_dir, data_path, output_dir, columns, say, **options)

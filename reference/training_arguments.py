@@ -111,13 +111,16 @@ def map_training_arguments(recipe: Recipe, output_dir: str | None = None, adapt:
     return Mapping(kwargs=kwargs, migrations=migrations, adaptations=adaptations, withheld=withheld)
 
 
-def to_training_arguments(recipe: Recipe, output_dir: str | None = None, **extra):
-    """A real `transformers.TrainingArguments` from the recipe (extra kwargs win over the recipe's)."""
-    mapping = map_training_arguments(recipe, output_dir)
+def _build(recipe: Recipe, mapping: Mapping, **extra):
     try:
         return transformers.TrainingArguments(**{**mapping.kwargs, **extra})
     except (ValueError, TypeError) as error:
         raise InputError(f"recipe {recipe.name!r}: TrainingArguments rejected the settings: {error}") from None
+
+
+def to_training_arguments(recipe: Recipe, output_dir: str | None = None, **extra):
+    """A real `transformers.TrainingArguments` from the recipe (extra kwargs win over the recipe's)."""
+    return _build(recipe, map_training_arguments(recipe, output_dir), **extra)
 
 
 RUN_SETTINGS = {
@@ -132,12 +135,26 @@ def gradient_checkpointing(recipe: Recipe, kwargs: dict) -> bool:
     return sections.resolve("sft", recipe.sft).gradient_checkpointing or bool(kwargs.get("activation_checkpointing"))
 
 
+@dataclass
+class Resolved:
+    """A recipe resolved once for a run: the TrainingArguments its Trainer gets, and how they were arrived at."""
+
+    arguments: transformers.TrainingArguments
+    mapping: Mapping
+    """The recipe's arguments as mapped onto the installed transformers, with the changes made (and why)."""
+
+
+def resolve(recipe: Recipe, output_dir: str | None = None) -> Resolved:
+    """The recipe mapped once, then the TrainingArguments a run uses: the recipe's, RUN_SETTINGS, and activation
+    checkpointing."""
+    mapping = map_training_arguments(recipe, output_dir)
+    checkpointing = gradient_checkpointing(recipe, mapping.kwargs)
+    return Resolved(_build(recipe, mapping, **RUN_SETTINGS, activation_checkpointing=checkpointing), mapping)
+
+
 def run_arguments(recipe: Recipe, output_dir: str | None = None):
-    """The TrainingArguments a `train` run uses: the recipe's, RUN_SETTINGS, and activation checkpointing."""
-    kwargs = map_training_arguments(recipe, output_dir).kwargs
-    return to_training_arguments(
-        recipe, output_dir, **RUN_SETTINGS, activation_checkpointing=gradient_checkpointing(recipe, kwargs)
-    )
+    """The TrainingArguments a `train` run uses (resolve(...).arguments)."""
+    return resolve(recipe, output_dir).arguments
 
 
 def package_versions() -> dict[str, str]:
@@ -162,14 +179,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe", args=None) -> dict:
+def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe", resolved: Resolved | None = None) -> dict:
     """Every setting a run with this recipe uses, defaults included, and how each was arrived at.
 
-    `args`: the TrainingArguments the run hands its Trainer (by default the ones `run_arguments` builds);
-    their `to_dict()` is recorded as it is (X8: the tokens were withheld from them, and transformers writes any
-    `*_token` field as a placeholder). Every other part is recorded with its access tokens redacted (X7)."""
-    mapping = map_training_arguments(recipe, output_dir)
-    args = run_arguments(recipe, output_dir) if args is None else args
+    `resolved`: the recipe as the run resolved it (by default, resolved here); the `to_dict()` of the
+    TrainingArguments the run hands its Trainer is recorded as it is (X8: the tokens were withheld from them, and
+    transformers writes any `*_token` field as a placeholder). Every other part is recorded with its access tokens
+    redacted (X7)."""
+    resolved = resolved or resolve(recipe, output_dir)
+    mapping, args = resolved.mapping, resolved.arguments
     given = redacted(
         {
             "recipe": {

@@ -52,7 +52,7 @@ from peft import PeftModel
 from reference import checkpoints, distributed, models
 from reference.errors import InputError
 from reference.recipes import load_recipe
-from reference.training_arguments import resolved_settings, run_arguments
+from reference.training_arguments import resolve, resolved_settings, run_arguments
 from spec.adapters import adapter_tensors, trained_b
 from spec.cli_runner import QA, cli_command, offline_env, run_cli
 from spec.test_cli import torchrun_failure
@@ -270,7 +270,7 @@ def test_the_manifest_records_the_fsdp_config_as_the_recipe_gives_it(tmp_path):
     """TrainingArguments fills fsdp_config's defaults in (min_num_params, xla ...) into the dict it is given:
     into its own copy, so the settings as given stay the recipe's four, while the arguments record all."""
     recipe = load_recipe("llm2024-fsdp")
-    settings = resolved_settings(recipe, str(tmp_path), args=run_arguments(recipe, str(tmp_path)))
+    settings = resolved_settings(recipe, str(tmp_path), resolve(recipe, str(tmp_path)))
     given = settings["training_arguments_given"]["fsdp_config"]
     assert given == {
         "version": 2,

@@ -627,3 +627,20 @@ def test_train_with_lora_dropout_1_5_exits_2_with_the_message_and_no_traceback(t
     assert result.returncode == 2, result.stderr
     assert "lora.lora_dropout=1.5: must be in [0, 1)" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.claim("X12")
+def test_a_run_maps_its_recipe_once_and_records_what_that_one_mapping_gave(monkeypatch, tmp_path):
+    """resolve() maps the recipe onto the installed transformers once; the settings the manifest records are read
+    from that resolution, not mapped again (they could not then differ from what the Trainer got)."""
+    from reference import training_arguments
+
+    calls = []
+    real = training_arguments.map_training_arguments
+    monkeypatch.setattr(training_arguments, "map_training_arguments", lambda *a, **k: calls.append(a) or real(*a, **k))
+    recipe = load_recipe("llm2024")
+    resolved = training_arguments.resolve(recipe, str(tmp_path))
+    settings = training_arguments.resolved_settings(recipe, str(tmp_path), resolved)
+    assert len(calls) == 1
+    assert settings["training_arguments"] == resolved.arguments.to_dict()
+    assert settings["migrations"] == resolved.mapping.migrations

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from reference.commands.arguments import declare_paths
+
 NAME = "add-tokens"
 HELP = "register special tokens and grow the embeddings (claim P5)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    declare_paths(p, reads=("model",), writes=("output",))
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
     p.add_argument("--tokens", required=True, nargs="+", help="tokens to register, e.g. '<user_name>'")
     p.add_argument("--output", required=True, help="directory to save the grown model and tokenizer")

@@ -64,9 +64,13 @@ def progress(total: int, description: str):
     return tqdm(total=total, desc=description, unit="rec", file=sys.stderr, mininterval=0.5)
 
 
-def say(text: str) -> None:
-    """Progress and notes go to stderr; stdout holds the command's result."""
-    print(text, file=sys.stderr)
+def declare_paths(
+    p: argparse.ArgumentParser, reads: tuple[str, ...] = (), writes: tuple[str, ...] = (), files: bool = False
+) -> None:
+    """Name a command's path arguments, for the checks the CLI makes before any work (reference/cli.py, X6): `reads`,
+    those naming what it reads (checked when the path exists: a recipe may be a name, messages "-"); `writes`, those
+    naming what it writes: files when `files`, else directories. No output may be one of its inputs."""
+    p.set_defaults(reads=reads, writes=writes, writes_files=files)
 
 
 def add_run_options(
@@ -78,6 +82,7 @@ def add_run_options(
 ) -> None:
     """What every training command takes besides its recipe and model: data, output, columns, resume or overwrite,
     and key=value overrides of the recipe (reference.runs)."""
+    declare_paths(p, reads=("model", "adapter", "data", "recipe"), writes=("output",))
     p.add_argument("--data", required=True, help=data)
     p.add_argument(
         "--output", required=True, help="directory for the adapter, tokenizer, checkpoints/ and manifest.json"

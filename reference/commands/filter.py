@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from reference.commands.arguments import positive_int, progress
+from reference.commands.arguments import declare_paths, positive_int, progress
 from reference.errors import InputError
 
 NAME = "filter"
@@ -25,6 +25,7 @@ TOP_CHARACTERS = 10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    declare_paths(p, reads=("input", "recipe"), writes=("output", "rejects"), files=True)
     p.add_argument("--input", required=True, help="JSONL: magpie rows (conversations) or instruction/response rows")
     p.add_argument(
         "--output",

@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from reference.commands.arguments import positive_int, progress, say
+from reference.commands.arguments import declare_paths, positive_int, progress
+from reference.messages import say
 
 NAME = "generate"
 HELP = "retrieved few-shot prompts and generation with the seed's settings (C18-C21)"
@@ -18,6 +19,7 @@ FIXTURE_EMBEDDER = Path(__file__).resolve().parents[2] / "fixtures" / "models" /
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    declare_paths(p, reads=("model", "adapter", "tasks", "shots", "embedder"), writes=("output",), files=True)
     from reference import generation, retrieval  # light modules (torch loads inside them): the defaults live there
 
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")

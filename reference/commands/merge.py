@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from reference.commands.arguments import say
+from reference.commands.arguments import declare_paths
+from reference.messages import say
 
 NAME = "merge"
 HELP = "fold a LoRA adapter into its base and save the merged model (claim A3)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    declare_paths(p, reads=("model", "adapter"), writes=("output",))
     p.add_argument("--model", required=True, help="the base model directory")
     p.add_argument("--adapter", required=True, help="the saved adapter directory")
     p.add_argument("--output", required=True, help="directory for the merged bf16 model and tokenizer")

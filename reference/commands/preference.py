@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from reference.commands.arguments import add_run_options, at_least, positive_int, print_run, recipe_of
+from reference.commands.arguments import add_run_options, at_least, declare_paths, positive_int, print_run, recipe_of
 
 NAME = "preference"
 HELP = "the LMSYS 3-class preference classifier: train (a run like `train`) or predict (claims L1, A5, X12)"
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     predict = actions.add_parser("predict", help="write each row's three probabilities")
+    declare_paths(predict, reads=("model", "adapter", "data"), writes=("output",), files=True)
     predict.add_argument("--model", required=True, help="local causal-LM directory (the backbone)")
     predict.add_argument("--data", required=True, help=DATA)
     predict.add_argument("--output", required=True, help="JSONL of probabilities, one object per row")

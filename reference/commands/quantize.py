@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from reference.commands.arguments import declare_paths
+
 NAME = "quantize"
 HELP = "quantise a local model once and save it (claim C1)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    declare_paths(p, reads=("model",), writes=("output",))
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
     p.add_argument("--output", required=True, help="directory for the quantised model and tokenizer")
     p.add_argument(

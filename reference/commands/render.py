@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from reference.commands.arguments import declare_paths
 from reference.errors import InputError
 
 NAME = "render"
@@ -14,6 +15,7 @@ HELP = "render messages in a prompt format (claims P4, P11, C2, C11)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    declare_paths(p, reads=("messages", "tokenizer"))
     p.add_argument("--format", required=True, choices=["gemma2", "llama3.1", "alpaca-ja"])
     p.add_argument("--messages", required=True, help="JSON file with a list of {role, content}, or - for stdin")
     p.add_argument("--add-generation-prompt", action="store_true", help="end with the assistant/model turn opener")

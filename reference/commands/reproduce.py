@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from reference.commands.arguments import positive_int, say
+from reference.commands.arguments import declare_paths, positive_int
+from reference.messages import say
 
 NAME = "reproduce"
 HELP = "the main job: filter, QLoRA SFT, few-shot generation, seed 000's continuation routes, report.md"
@@ -23,6 +24,7 @@ PATHS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    declare_paths(p, reads=("model", "tasks", "embedder", "magpie", "qa", "new_data", "recipe"), writes=("output",))
     p.add_argument("--output", default="runs/reproduce", help="directory for every stage's files and report.md")
     for name, what in PATHS:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=f"{what} (default: the fixture's)")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import math
 import sys
@@ -44,23 +42,12 @@ READ_BY_NAME = {"warmup": warmup_steps_or_fraction, "save_steps": steps_or_fract
 READ_BY_TYPE = {"int": int, "int | None": int, "float": finite, "str": str}
 
 
-def field_docstrings(cls: type) -> dict[str, str]:
-    """Each field's docstring: the string written on the line after the field in the class body."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {
-        field.target.id: doc.value.value
-        for field, doc in zip(body, body[1:], strict=False)
-        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-    }
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per StepSettings field, litgpt's pattern: `batch_size` -> `--batch-size`, its help the field's
-    docstring, its default the field's. A field without a default is a required flag, a bool one a switch.
+    metadata help, its default the field's. A field without a default is a required flag, a bool one a switch.
     A bad value ends in exit code 2 naming the flag: from the readers above, or from StepSettings' own checks."""
-    docs = field_docstrings(StepSettings)
     for field in dataclasses.fields(StepSettings):
-        flag, doc = "--" + field.name.replace("_", "-"), docs[field.name].replace("%", "%%")
+        flag, doc = "--" + field.name.replace("_", "-"), field.metadata["help"].replace("%", "%%")
         if field.default is dataclasses.MISSING:
             p.add_argument(flag, type=READ_BY_TYPE[field.type], required=True, help=f"{doc} (required)")
         elif field.type == "bool":
