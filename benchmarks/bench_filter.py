@@ -3,9 +3,9 @@
     python benchmarks/bench_filter.py [--records 30000] [--repeats 3] [--response-lines 4 9] [--json FILE]
     pytest benchmarks/bench_filter.py --benchmark-only      # a small CI-sized run of the same comparison
 
-Both commands read the same generated magpie-style corpus (reference/synthetic.py) and must write
+Both commands read the same generated magpie-style corpus (reference/records/synthetic.py) and must write
 byte-identical output; each is timed as a separate process (`python -m reference filter` against
-`python -m reference.seed_filter`, the seed's algorithm transcribed literally), median of the repeats
+`python -m reference.records.seed_filter`, the seed's algorithm transcribed literally), median of the repeats
 after one warm-up run of ours (the seed's algorithm is slow enough that its first run is its steady
 state). The ratio is seed / ours.
 """
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import report  # noqa: E402
-from reference.synthetic import magpie_records, write_jsonl  # noqa: E402
+from reference.records.synthetic import magpie_records, write_jsonl  # noqa: E402
 
 
 def timed(command: list[str]) -> float:
@@ -51,7 +51,15 @@ def compare(records: int, repeats: int, response_lines=(4, 9), seed_repeats: int
             "--rejects",
             f"{tmp}/rejects.jsonl",
         ]
-        seed = [sys.executable, "-m", "reference.seed_filter", "--input", str(corpus), "--output", f"{tmp}/seed.jsonl"]
+        seed = [
+            sys.executable,
+            "-m",
+            "reference.records.seed_filter",
+            "--input",
+            str(corpus),
+            "--output",
+            f"{tmp}/seed.jsonl",
+        ]
         timed(ours)  # warm-up: page cache, imports
         ours_times = [timed(ours) for _ in range(repeats)]
         seed_times = [timed(seed) for _ in range(seed_repeats or repeats)]

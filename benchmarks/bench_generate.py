@@ -6,17 +6,17 @@ tokens/s, bf16 against NF4.
     python benchmarks/bench_generate.py --shape tiny-gemma2 --prompt 64 --new 16 --batch 4  # CPU
     pytest benchmarks/bench_generate.py --benchmark-only  # CI smoke
 
-Tasks (`--compare tasks`): the seed answers one task at a time; reference.generation.generate with
+Tasks (`--compare tasks`): the seed answers one task at a time; reference.inference.generation.generate with
 `batch_size` sorts the prompts by length and answers them in left-padded batches (outputs equal, pinned
 by spec/test_generation.py). Both answer the same tasks in one run, in alternation, on a random-weight
 model with Gemma-2's layout and its 256,000-token vocabulary at a CPU-sized width and depth (CPU_SHAPE),
-loaded through reference.generation.load_for_inference with the fixture tokenizer. The prompts are the
-seed's, retrieved from the fixture QA pool (reference/retrieval.py), so their lengths vary as real ones
+loaded through reference.inference.generation.load_for_inference with the fixture tokenizer. The prompts are the
+seed's, retrieved from the fixture QA pool (reference/inference/retrieval.py), so their lengths vary as real ones
 do; every task writes exactly `new` tokens (min_new_tokens), so both sides do the same work. Reported:
 tasks/s and new tokens/s of each side and their ratio, medians of the repeats after a warm-up.
 
-A random-weight model of the shape is loaded through reference.models (bf16, or NF4 with double
-quantisation), and generation runs through reference.generation with the seed's processors on:
+A random-weight model of the shape is loaded through reference.modeling.models (bf16, or NF4 with double
+quantisation), and generation runs through reference.inference.generation with the seed's processors on:
 repetition penalty 1.1, eight banned token sequences, greedy, KV cache. Prefill is one forward pass
 over the prompts; decode is the rest of generate(), per new token. Decoding at batch 1 reads every
 weight once per token, so tokens/s <= memory bandwidth / weight bytes; the bandwidth is measured on
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import device_info, random_model_dir, shape_config, sync  # noqa: E402
 from benchmarks.record import SMALL_GEMMA2, report  # noqa: E402
-from reference.shapes import GEMMA2_COMMON  # noqa: E402
+from reference.modeling.shapes import GEMMA2_COMMON  # noqa: E402
 
 
 def measured_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> float:
@@ -62,7 +62,7 @@ def time_generation(model, batch: int, prompt: int, new: int, repeats: int, devi
     import torch
     from transformers import AutoTokenizer
 
-    from reference.generation import seed_generation_config
+    from reference.inference.generation import seed_generation_config
 
     tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "fixtures" / "models" / "tiny-gemma2"))
     config = seed_generation_config(tokenizer, max_new_tokens=new)  # the seed's eight banned strings' ids
@@ -98,7 +98,7 @@ def time_generation(model, batch: int, prompt: int, new: int, repeats: int, devi
 
 
 def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device: str) -> dict:
-    from reference import flops, models
+    from reference.modeling import flops, models
 
     info = device_info(device)
     bandwidth = measured_bandwidth(device, 256 if device == "cpu" else 4096)
@@ -156,7 +156,7 @@ def machine() -> dict:
 
 def task_prompts(tokenizer, count: int, k: int) -> list[str]:
     """`count` prompts the seed's way: the first QA fixture inputs as tasks, k shots each retrieved from the rest."""
-    from reference import retrieval
+    from reference.inference import retrieval
 
     pairs = retrieval.read_shots(ROOT / "fixtures" / "data" / "qa111_sample.jsonl")
     tasks, rest = [question for question, _ in pairs[:count]], pairs[count:]
@@ -181,7 +181,7 @@ def compare_tasks(config: dict, tasks: int, k: int, new: int, batch: int, repeat
     """Batched against one at a time, the same tasks in one run, alternating so both see the same load."""
     import os
 
-    from reference import generation
+    from reference.inference import generation
 
     load_before = os.getloadavg()[0]
 

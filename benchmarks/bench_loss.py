@@ -8,7 +8,7 @@ Each variant is the loss alone, forward + backward, from the decoder's last hidd
 gradient, as in training) and a frozen LM head (V × H; LoRA trains neither the head nor the tied embedding),
 with Gemma-2's final-logit soft cap of 30 and next-token labels, a tenth of them -100:
   full     the logits, cap · tanh(logits / cap), transformers' ForCausalLMLoss: Gemma-2's forward as it runs now
-  chunked  reference.chunked_loss.chunked_cross_entropy, --chunk tokens at a time
+  chunked  reference.methods.chunked_loss.chunked_cross_entropy, --chunk tokens at a time
   trl      trl's ChunkedLogProbFunction, the fused LM head SFTTrainer uses (its torch fallback off CUDA), for
            reference: a maintained implementation already installed
   liger    liger-kernel's fused linear cross-entropy (CUDA with liger-kernel only)
@@ -66,7 +66,7 @@ def loss_function(variant: str, chunk: int):
 
         return full
     if variant == "chunked":
-        from reference.chunked_loss import chunked_cross_entropy
+        from reference.methods.chunked_loss import chunked_cross_entropy
 
         return lambda hidden, weight, labels: chunked_cross_entropy(hidden, weight, labels, CAP, chunk_size=chunk)
     if variant == "trl":
@@ -82,7 +82,7 @@ def loss_function(variant: str, chunk: int):
 
         return trl_fused
     if variant == "liger":
-        from reference.chunked_loss import liger_cross_entropy
+        from reference.methods.chunked_loss import liger_cross_entropy
 
         return lambda hidden, weight, labels: liger_cross_entropy(hidden, weight, labels, CAP)
     raise ValueError(f"unknown variant {variant!r}")

@@ -15,11 +15,11 @@ whatever else runs on a shared machine), peak memory, the fraction of the positi
 the ratios to trl's; the padding fraction of the padded batches; the load average, before and after. Every
 variant must have fed the model the same real tokens step for step.
 
-`--compare bases`: a random-weight model of a real shape loaded through reference.models (bitsandbytes NF4 with
+`--compare bases`: a random-weight model of a real shape loaded through reference.modeling.models (bitsandbytes NF4 with
 double quantisation and bf16 compute, as seed 001) against a bf16 base, the recipe's LoRA (r=64, alpha 64, the
-seven projections) attached through reference.lora with gradient checkpointing, each step forward + backward +
+seven projections) attached through reference.modeling.lora with gradient checkpointing, each step forward + backward +
 bitsandbytes 8-bit AdamW under bf16 autocast; the first step timed apart, the rest as a median.
-MFU = model FLOPs per token (reference/flops.py) x tokens/s / peak, where the peak is the datasheet's
+MFU = model FLOPs per token (reference/modeling/flops.py) x tokens/s / peak, where the peak is the datasheet's
 for a known GPU, else a measured large matrix product in bf16 on the same device.
 """
 
@@ -52,8 +52,8 @@ LORA = {
 
 
 def shape_config(shape: str) -> dict:
-    """A published shape by name (reference/shapes.py), a fixture config by name, or a config directory."""
-    from reference.shapes import REAL_SHAPES, load_config
+    """A published shape by name (reference/modeling/shapes.py), a fixture config by name, or a config directory."""
+    from reference.modeling.shapes import REAL_SHAPES, load_config
 
     fixture = ROOT / "fixtures" / "configs" / shape
     return load_config(fixture if shape not in REAL_SHAPES and fixture.is_dir() else shape)
@@ -87,7 +87,7 @@ def train_steps(model_dir: Path, quantization: str, device: str, batch: int, seq
     import bitsandbytes as bnb
     import torch
 
-    from reference import lora, models
+    from reference.modeling import lora, models
 
     model, _ = models.load_causal_lm(model_dir, dtype="bfloat16", quantization=quantization, device=device)
     weight_bytes = models.weight_bytes(model)
@@ -144,7 +144,7 @@ def device_info(device: str) -> dict:
 
 
 def compare(shape: str, seq: int, batch: int, steps: int, device: str, r: int = 64) -> dict:
-    from reference import flops, lora, shapes
+    from reference.modeling import flops, lora, shapes
 
     config = shape_config(shape)
     info = device_info(device)

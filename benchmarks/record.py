@@ -26,5 +26,6 @@ SMALL_GEMMA2 = {
     "query_pre_attn_scalar": 64,
 }
 """Gemma-2's sizes at a width and depth a shared 2-core CPU trains in seconds a step and decodes in minutes, for
-random-weight models laid out as Gemma-2 (reference.shapes.GEMMA2_COMMON: soft-capping, sliding window, GQA, tied
+random-weight models laid out as Gemma-2 (reference.modeling.shapes.GEMMA2_COMMON: soft-capping, sliding window, GQA,
+tied
 head); each benchmark gives its own vocabulary."""

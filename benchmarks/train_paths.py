@@ -8,8 +8,8 @@ VARIANT (PATH with its compute dtype and base) is one of VARIANTS:
                  llm2024 recipe's TrainingArguments exactly as the project maps them (one object, both sides); LoRA
                  r=64 alpha 64 dropout 0 on the seven projections from peft with seed 3407;
   padded         the project's `train.run` on the same recipe and records, `sft.padding_free=false` (the recipe's
-                 chunked LM-head loss, reference/chunked_loss.py, as on every project path);
-  padding-free   the same with `sft.padding_free=true` (reference.sft, reference.padding_free);
+                 chunked LM-head loss, reference/methods/chunked_loss.py, as on every project path);
+  padding-free   the same with `sft.padding_free=true` (reference.methods.sft, reference.methods.padding_free);
   padded-bf16    padded with the recipe's bf16 (bf16 base weights and bf16 autocast) where the others compute fp32;
   nf4-bf16, nf4-fp32  padded on the recipe's NF4 base, bnb_4bit_compute_dtype and autocast bf16, or fp32.
 Common to all: the recipe's batch of 4 at accumulation 1 (8 would make each step 8 times longer, the same for
@@ -59,7 +59,7 @@ def small_model(directory: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from reference.shapes import GEMMA2_COMMON
+    from reference.modeling.shapes import GEMMA2_COMMON
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     config = {**GEMMA2_COMMON, **SMALL_GEMMA2, "vocab_size": len(tokenizer)}
@@ -74,9 +74,10 @@ def small_model(directory: Path) -> Path:
 
 def length_mix(synthetic_records: int = 60, seed: int = 1) -> list[dict]:
     """Records of the lengths the seed trains on: the QA111 sample (101-299 tokens), the magpie sample's answered
-    conversations (58-427) and magpie-style records of 1 to 40 corpus lines per response (reference.synthetic: up
+    conversations (58-427) and magpie-style records of 1 to 40 corpus lines per response (reference.records.synthetic:
+    up
     to about 800 tokens), every one with a response (an empty one is encoded apart by trl, spec/test_trl.py)."""
-    from reference import data, synthetic
+    from reference.records import data, synthetic
 
     fixtures = ROOT / "fixtures" / "data"
     rows = [json.loads(line) for line in (fixtures / "qa111_sample.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -90,10 +91,11 @@ def length_mix(synthetic_records: int = 60, seed: int = 1) -> list[dict]:
 
 
 def record_tokens(records: list[dict]) -> list[int]:
-    """Each record's length in tokens as the llm2024 recipe encodes it (reference.sft, alpaca-ja, loss on all)."""
+    """Each record's length in tokens as the llm2024 recipe encodes it (reference.methods.sft, alpaca-ja, loss on
+    all)."""
     from transformers import AutoTokenizer
 
-    from reference import sft
+    from reference.methods import sft
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     return [
@@ -148,7 +150,7 @@ def step_clock(model):
 
 def recipe_for(variant: str, steps: int, batch: int):
     """llm2024 cut to `steps` steps of `batch` records, with the variant's batches, dtype and base."""
-    from reference.recipes import apply_overrides, load_recipe
+    from reference.settings.recipes import apply_overrides, load_recipe
 
     path, bf16, nf4 = VARIANTS[variant]
     overrides = [
@@ -164,7 +166,7 @@ def recipe_for(variant: str, steps: int, batch: int):
 
 
 def run_project(model_dir: str, data: str, out: str, recipe):
-    from reference import train
+    from reference.methods import train
 
     clocks = []
 
@@ -183,8 +185,8 @@ def run_trl(model_dir: str, data: str, out: str, recipe):
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reference.formats import ALPACA_PROMPT_JP
-    from reference.training_arguments import gradient_checkpointing, map_training_arguments
+    from reference.modeling.formats import ALPACA_PROMPT_JP
+    from reference.settings.training_arguments import gradient_checkpointing, map_training_arguments
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines()]

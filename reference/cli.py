@@ -95,7 +95,7 @@ def no_space_for(args: argparse.Namespace, error: BaseException) -> str | None:
 def interrupted(args: argparse.Namespace) -> str:
     """What was interrupted and, for a run that can be carried on, what to run next."""
     if hasattr(args, "resume"):
-        from reference import rundir
+        from reference.training import rundir
 
         if not rundir.holds_a_run(Path(args.output)):
             return "interrupted before the run was recorded; run the same command again"

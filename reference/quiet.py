@@ -8,7 +8,7 @@
 * transformers, for an FSDP run with `activation_checkpointing`, advises FSDP's own `fsdp_config` checkpointing
   instead. With an adapter that advice breaks the run (FSDP's checkpoint wrapper renames the layers, and peft 0.21
   then saves an empty adapter), so the project keeps the Trainer's checkpointing and refuses FSDP's with an adapter
-  (reference/distributed.py); the advice is dropped, and nothing else of that logger.
+  (reference/training/distributed.py); the advice is dropped, and nothing else of that logger.
 * Weight-loading progress bars ("Loading weights: 100%|...") when stderr is not a terminal: in a log file
   or a pipe they are carriage-return clutter. In a terminal they stay. HF_HUB_DISABLE_PROGRESS_BARS, when
   the user set it, is left as it is.

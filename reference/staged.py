@@ -1,6 +1,6 @@
 """Several files written under new hidden names beside their targets and renamed into place together once all
 are whole (claim X6): a failed or interrupted command (a full disk, SIGTERM, Ctrl-C) removes them and leaves every
-target as it was. The filter writes its output, rejects and character table this way (reference.filter_workers,
+target as it was. The filter writes its output, rejects and character table this way (reference.records.filter_workers,
 reference.commands.filter); `paths.write_text_atomic` does the same for one file written at once.
 """
 

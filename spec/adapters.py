@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from reference import models
+from reference.modeling import models
 
 TOLERANCE = 2**-7
 """bf16 resolution near 1: fp32 norms in training vs bf16 ones in a plain reload."""

@@ -107,7 +107,7 @@ def uninterrupted(tiny_gemma2_dir, qa_data, tmp_path_factory):
     spec/test_resume.py's killed run must end at its weights. Made once for the three files."""
     from types import SimpleNamespace
 
-    from reference.recipes import apply_overrides, load_recipe
+    from reference.settings.recipes import apply_overrides, load_recipe
     from spec.adapters import SIX_STEPS
     from spec.observe import Observed, run_recipe
 
@@ -123,8 +123,8 @@ def saved_adapter(tiny_gemma2_dir, tmp_path_factory) -> Path:
     (seeded) instead of trained: not zero, as training leaves it, so merging it changes the base."""
     import torch
 
-    from reference import lora, models
-    from reference.recipes import load_recipe
+    from reference.modeling import lora, models
+    from reference.settings.recipes import load_recipe
 
     base, _ = models.load_causal_lm(tiny_gemma2_dir)
     adapter = lora.attach(base, load_recipe("llm2024").lora)

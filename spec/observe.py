@@ -2,7 +2,7 @@
 optimizer step what the model was fed (attention_mask sums of the micro-batches), use_cache and checkpointing.
 
 What is seen here is seen from outside the code under test: the Trainer's own arguments object, forward
-hooks on the model, a callback of our own. Nothing is read back from reference.train's manifest.
+hooks on the model, a callback of our own. Nothing is read back from reference.methods.train's manifest.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from reference import kernels, train
+from reference.methods import train
+from reference.modeling import kernels
 
 SHORT = [
     "max_steps=4",
@@ -28,7 +29,7 @@ QA_COLUMNS = {"instruction": "input", "response": "output"}
 
 def weight_values(param) -> torch.Tensor:
     """A weight's values: a 4-bit weight dequantised (its stored bytes depend on the layout bitsandbytes keeps it
-    in, reference.kernels), any other the tensor itself; a copy, safe to keep while training goes on."""
+    in, reference.modeling.kernels), any other the tensor itself; a copy, safe to keep while training goes on."""
     state = getattr(param, "quant_state", None)
     if state is None:
         return param.detach().clone()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from reference import train
-from reference.manifest import RunManifest
-from reference.recipes import apply_overrides, load_recipe
+from reference.methods import train
+from reference.settings.recipes import apply_overrides, load_recipe
+from reference.training.manifest import RunManifest
 from spec.conftest import FIXTURES
 from spec.observe import QA_COLUMNS, Observed, WhenBuilt
 

@@ -1,4 +1,4 @@
-"""The LM-head loss a chunk of tokens at a time (reference/chunked_loss.py): the same loss and gradients as the
+"""The LM-head loss a chunk of tokens at a time (reference/methods/chunked_loss.py): the same loss and gradients as the
 full logits, to fp32 rounding, for less memory.
 
 Expected values come from transformers: its `ForCausalLMLoss` on the full logits, the models' own forward with
@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from reference.chunked_loss import chunked_cross_entropy, next_token_labels, use_chunked_loss
+from reference.methods.chunked_loss import chunked_cross_entropy, next_token_labels, use_chunked_loss
 
 IGNORED = -100
 CAP = 30.0  # Gemma-2's final_logit_softcapping
@@ -280,10 +280,11 @@ def test_training_on_the_chunked_loss_lowers_the_loss_and_moves_only_the_lora_we
 
 
 def recipe_run(directory, data, output, chunked: bool):
-    """reference.train.run on llm2024 cut to spec/observe.py's SHORT, in fp32 (no bf16 rounding between the two),
+    """reference.methods.train.run on llm2024 cut to spec/observe.py's SHORT, in fp32 (no bf16 rounding between the
+    two),
     as the recipe says or with `sft.chunked_loss=false`; (manifest, whether each training forward gave logits)."""
-    from reference import train
-    from reference.recipes import apply_overrides, load_recipe
+    from reference.methods import train
+    from reference.settings.recipes import apply_overrides, load_recipe
     from spec.observe import QA_COLUMNS, SHORT, WhenBuilt
 
     fp32 = ["bf16=false", "quantization.bnb_4bit_compute_dtype=float32"]
@@ -323,7 +324,7 @@ def test_on_cuda_liger_kernels_fused_linear_cross_entropy_gives_the_models_own_l
     """On CUDA with liger-kernel installed, `use_chunked_loss` goes through liger's fused kernel (its own fp32
     accumulation order, so a looser tolerance than fp32 rounding: rtol 1e-4)."""
     pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install liger-kernel)")
-    from reference.chunked_loss import liger_runs_here
+    from reference.methods.chunked_loss import liger_runs_here
 
     model = causal_lm(fixtures_dir / "models" / "tiny-gemma2", lora=True).to("cuda")
     batch = {key: value.cuda() for key, value in model_batch(model.config.vocab_size).items()}

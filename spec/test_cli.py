@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference import checkpoints, models
-from reference.steps import StepSettings
+from reference.modeling import models
+from reference.training import checkpoints
+from reference.training.steps import StepSettings
 from spec.adapters import (
     ON_THE_CPU,
     THREE_STEPS,
@@ -48,10 +49,10 @@ STEPS_HELP = {
     "all. (default: None)",
     "--drop-last": "dataloader_drop_last: drop the last incomplete batch. (default: off)",
 }
-"""Some flags' help as it should read: the field's docstring in reference/steps.py, then its default."""
+"""Some flags' help as it should read: the field's help in reference/training/steps.py, then its default."""
 
 
-def test_every_step_setting_is_a_flag_whose_help_is_its_docstring_and_default():
+def test_every_step_setting_is_a_flag_whose_help_is_its_fields_help_and_default():
     """litgpt's pattern: one flag per StepSettings field (`batch_size` -> `--batch-size`), described once."""
     result = run_cli("steps", "--help", env={"COLUMNS": "1000"})  # no wrapped lines
     assert result.returncode == 0, result.stderr

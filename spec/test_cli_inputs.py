@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import pytest
 
-from reference import cli, recipes
+from reference import cli
+from reference.settings import recipes
 from spec.cli_runner import run_main
 
 

@@ -25,9 +25,10 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from reference import lora, models, train
 from reference.errors import InputError
-from reference.recipes import apply_overrides, load_recipe
+from reference.methods import train
+from reference.modeling import lora, models
+from reference.settings.recipes import apply_overrides, load_recipe
 from spec.adapters import (
     SCHEDULE,
     SIX_STEPS,

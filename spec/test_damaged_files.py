@@ -3,12 +3,14 @@ message that names the file (and its row or line where it has one), with no trac
 was and nothing written; a surprise that is harmless is read as meant.
 
 * an adapter whose adapter_model.safetensors or adapter_config.json was cut short (an interrupted copy or save),
-  given to `generate`, `merge` or `continue` (reference/adapter_records.py's check_adapter_files, before peft or
+  given to `generate`, `merge` or `continue` (reference/modeling/adapter_records.py's check_adapter_files, before peft
+  or
   safetensors read it);
 * a tokenizer with more tokens than the model has embedding rows (its ids past the last row would fail inside the
-  model, mid-run), given to `train` or `generate` (reference/models.py's check_vocabulary); one with fewer tokens
+  model, mid-run), given to `train` or `generate` (reference/modeling/models.py's check_vocabulary); one with fewer
+  tokens
   is a padded vocabulary, the normal case, and is used;
-* a JSON Lines row that gives a key twice, in every file of rows a command reads (reference/file_faults.py's
+* a JSON Lines row that gives a key twice, in every file of rows a command reads (reference/records/file_faults.py's
   UNIQUE_KEYS): json and pyarrow keep one of the values without a word;
 * a UTF-8 byte order mark at the start of a JSON Lines file (Windows editors write one): skipped by every reader,
   as pyarrow's loader skipped it already;
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from reference.synthetic import magpie_records, write_jsonl
+from reference.records.synthetic import magpie_records, write_jsonl
 from spec.cli_runner import QA, run_cli, run_main
 
 BOM = b"\xef\xbb\xbf"
@@ -121,8 +123,8 @@ def test_an_adapter_file_cut_short_is_named_as_damaged_by_every_command_that_loa
 def test_a_whole_adapter_passes_the_file_check_and_any_cut_of_its_weights_does_not(saved_adapter, tmp_path):
     """Every length short of the whole file is refused (the header alone, or part of it, included); the whole
     file loads."""
-    from reference import lora
     from reference.errors import InputError
+    from reference.modeling import lora
 
     assert lora.check_adapter_files(saved_adapter)["peft_type"] == "LORA"
     adapter = tmp_path / "adapter"
@@ -140,7 +142,7 @@ def test_a_whole_adapter_passes_the_file_check_and_any_cut_of_its_weights_does_n
 @pytest.fixture
 def larger_tokenizer(tiny_gemma2_dir, tmp_path):
     """tiny-gemma2 (2,862 embedding rows) with two tokens added to its tokenizer only (2,864 tokens)."""
-    from reference import vocab
+    from reference.modeling import vocab
 
     model = tmp_path / "model"
     shutil.copytree(tiny_gemma2_dir, model)
@@ -183,7 +185,7 @@ def test_a_tokenizer_larger_than_the_models_embeddings_is_refused_naming_both_si
 @pytest.mark.claim("C16")
 def test_a_tokenizer_smaller_than_the_embeddings_a_padded_vocabulary_is_used(tiny_gemma2_dir, inputs, tmp_path):
     """Vocabularies are often padded to a multiple of 64: 2,862 tokens on 2,880 rows generate as before."""
-    from reference import models
+    from reference.modeling import models
 
     model, _ = models.load_causal_lm(tiny_gemma2_dir)
     model.resize_token_embeddings(2880, mean_resizing=False)

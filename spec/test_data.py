@@ -1,4 +1,4 @@
-"""Datasets (reference/data.py): loading every format into records and mapping columns; clear errors."""
+"""Datasets (reference/records/data.py): loading every format into records and mapping columns; clear errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from reference.data import QA111_COLUMNS, Pair, Unreadable, load_records, read_pairs, training_set
 from reference.errors import InputError
+from reference.records.data import QA111_COLUMNS, Pair, Unreadable, load_records, read_pairs, training_set
 
 ROWS = [{"input": "日本の首都は？", "output": "東京です。"}, {"input": "一年は何日？", "output": "365日です。"}]
 
@@ -241,7 +241,7 @@ def test_a_json_array_record_that_gives_a_key_twice_is_named_by_row_and_line(tmp
 @pytest.mark.parametrize("row, key", REPEATED, ids=["top-level", "nested"])
 def test_small_jsonl_files_refuse_a_repeated_key_naming_file_line_and_key(tmp_path, row, key):
     """Tasks, shots, DPO pairs and preference rows (read_text_rows) took the last value."""
-    from reference.data import read_text_rows
+    from reference.records.data import read_text_rows
 
     path = tmp_path / "tasks.jsonl"
     path.write_bytes(qa_lines(GOOD, row))
@@ -275,7 +275,7 @@ def test_a_byte_order_mark_at_the_start_of_a_file_is_skipped(tmp_path, fmt):
 @pytest.mark.claim("P2")
 def test_the_small_jsonl_files_and_the_filters_reader_skip_a_byte_order_mark_too(tmp_path):
     """read_text_rows refused line 1 as "not JSON (Unexpected UTF-8 BOM)"; parse_jsonl called it unreadable."""
-    from reference.data import parse_jsonl, read_text_rows
+    from reference.records.data import parse_jsonl, read_text_rows
 
     rows = qa_lines(GOOD, '{"input": "一年は何日？", "output": "365日です。"}')
     path = tmp_path / "tasks.jsonl"
@@ -292,7 +292,7 @@ def test_the_small_jsonl_files_and_the_filters_reader_skip_a_byte_order_mark_too
 @pytest.mark.claim("P2")
 def test_a_byte_order_mark_inside_a_file_is_no_mark_but_a_character_the_row_cannot_start_with(tmp_path):
     """Only the file's first bytes can be a mark; a second file appended with its own is a faulty row."""
-    from reference.data import parse_jsonl
+    from reference.records.data import parse_jsonl
 
     path = tmp_path / "data.jsonl"
     path.write_bytes(qa_lines(GOOD) + BOM + qa_lines(GOOD))

@@ -1,4 +1,4 @@
-"""DPO (reference/dpo.py): the loss by hand, the answer tokens scored, a few steps on the tiny Gemma-2 raise the
+"""DPO (reference/methods/dpo.py): the loss by hand, the answer tokens scored, a few steps on the tiny Gemma-2 raise the
 reward margin, and the reference is the adapter DPO starts from, frozen (pi_ref = pi_SFT; trl's rule, X9).
 
 The comparisons with trl's DPOTrainer itself are in spec/test_trl.py."""
@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from reference import dpo, models
 from reference.errors import InputError
-from reference.recipes import apply_overrides, load_recipe
+from reference.methods import dpo
+from reference.modeling import models
+from reference.settings.recipes import apply_overrides, load_recipe
 from spec.cli_runner import run_cli, run_main
 from spec.observe import Observed
 
@@ -246,7 +247,7 @@ def test_dpo_command_from_a_saved_adapter_keeps_it_frozen_as_the_reference(tmp_p
 def test_pairs_under_other_column_names_are_read_through_columns(tmp_path, fixtures_dir):
     """`dpo --columns prompt=question,chosen=good,rejected=bad`: the same pairs as the fixture's own columns; a
     map that leaves one out is refused, naming what it expects."""
-    from reference import data
+    from reference.records import data
 
     source = fixtures_dir / "data" / "preference_pairs.jsonl"
     rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from reference import rundir
 from reference.errors import InputError
+from reference.training import rundir
 from spec.cli_runner import QA, cli_command, offline_env, run_cli, run_main
 from spec.conftest import FIXTURES
 
@@ -266,8 +266,9 @@ def test_an_output_of_the_wrong_kind_is_refused_before_any_work(tmp_path, argv, 
 def test_resume_and_verify_name_a_changed_lora_sft_or_quantization_setting(tmp_path, override):
     """run.json records the recipe's [lora], [sft] and [quantization] sections beside the TrainingArguments: a
     --resume with one of them changed is refused naming it, and verify names it as a settings difference."""
-    from reference import manifest, training_arguments
-    from reference.recipes import apply_overrides, load_recipe
+    from reference.settings import training_arguments
+    from reference.settings.recipes import apply_overrides, load_recipe
+    from reference.training import manifest
 
     def what_runs(recipe):
         settings = training_arguments.resolved_settings(recipe, str(tmp_path / "checkpoints"))
@@ -287,7 +288,7 @@ def test_resume_and_verify_name_a_changed_lora_sft_or_quantization_setting(tmp_p
 def test_the_main_jobs_reference_check_compares_this_runs_manifests_with_the_committed_ones(tmp_path):
     """The committed reference run copied as if this job had made it, one loss of its sft run moved by 10%: the
     check says sft does not reproduce and the two routes do (compared with itself, every run would)."""
-    from reference import reproduce
+    from reference.job import reproduce
 
     shutil.copytree(reproduce.REFERENCE_RUN, tmp_path / "job")
     sft = tmp_path / "job" / "sft" / "manifest.json"
@@ -347,7 +348,7 @@ def test_resume_of_a_run_whose_record_is_damaged_is_refused_naming_it(tmp_path, 
 def test_a_cache_variable_pointing_at_a_file_is_named_not_blamed_on_the_data(tmp_path, monkeypatch):
     """HF_HOME=FILE: datasets would fail with NotADirectoryError '<FILE>/datasets' while reading the data, and the
     message used to name the data file. The check names the cache folder and HF_HOME."""
-    from reference import caches
+    from reference.records import caches
 
     a_file = tmp_path / "hf-home"
     a_file.write_text("not a folder", encoding="utf-8")
@@ -364,7 +365,7 @@ def test_a_cache_variable_pointing_at_a_file_is_named_not_blamed_on_the_data(tmp
 @pytest.mark.claim("X6")
 def test_a_read_only_home_is_named_with_the_variable_that_chose_the_cache(tmp_path, monkeypatch):
     """HOME on a read-only file system (root may write anywhere else, so a read-only tmpfs stands in)."""
-    from reference import caches
+    from reference.records import caches
 
     home = tmp_path / "home"
     home.mkdir()
@@ -400,7 +401,7 @@ def test_an_fsdp_run_that_forms_no_process_group_says_how_many_processes_were_st
 
     from transformers.training_args import ParallelMode
 
-    from reference import distributed
+    from reference.training import distributed
 
     monkeypatch.setenv("WORLD_SIZE", world_size)
     args = SimpleNamespace(fsdp="full_shard", fsdp_config={}, parallel_mode=ParallelMode.NOT_PARALLEL)

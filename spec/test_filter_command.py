@@ -1,4 +1,4 @@
-"""The `filter` command (reference/filter_workers.py: the file, its forked workers): the seed's bytes out, every
+"""The `filter` command (reference/records/filter_workers.py: the file, its forked workers): the seed's bytes out, every
 dropped row in the rejects file, the character table in a file beside the output with its top few and the
 counts last on stdout, bad input named with exit 2, and no torch or transformers imported."""
 
@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from reference.synthetic import magpie_records, write_jsonl
+from reference.records.synthetic import magpie_records, write_jsonl
 from spec.cli_runner import run_cli
 
 
@@ -33,7 +33,7 @@ def test_filter_command_output_is_byte_identical_to_the_seeds_and_unescaped_utf8
     result = run_cli("filter", "--input", source, "--output", ours, "--rejects", rejects, "--json")
     assert result.returncode == 0, result.stderr
     seed = subprocess.run(
-        [sys.executable, "-m", "reference.seed_filter", "--input", source, "--output", theirs],
+        [sys.executable, "-m", "reference.records.seed_filter", "--input", source, "--output", theirs],
         capture_output=True,
         text=True,
         timeout=600,
@@ -86,7 +86,7 @@ def test_filter_command_imports_neither_torch_nor_transformers(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     listed = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")]
-    assert {"reference.filters", "reference.filter_workers", "numpy"} <= set(listed)
+    assert {"reference.records.filters", "reference.records.filter_workers", "numpy"} <= set(listed)
     assert [name for name in listed if name.split(".")[0] in ("torch", "transformers")] == []
 
 

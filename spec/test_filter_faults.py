@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from reference.synthetic import magpie_records, write_jsonl
+from reference.records.synthetic import magpie_records, write_jsonl
 from spec.cli_runner import cli_command, offline_env, run_cli, run_main
 
 PAGE = 4096

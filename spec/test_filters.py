@@ -1,8 +1,8 @@
-"""The LLM2024 filter (reference/filters.py): each rule of the seed, by hand, and equality with the seed.
+"""The LLM2024 filter (reference/records/filters.py): each rule of the seed, by hand, and equality with the seed.
 
 Hand-made cases need characters that are *not* rare, so each builds on BASE: forty records of the same
 two Japanese sentences (every character of them is counted 40+ times, far above the pass-1 limit of 19).
-`filtered` runs our filter and also the seed's algorithm, transcribed literally (reference/seed_filter.py),
+`filtered` runs our filter and also the seed's algorithm, transcribed literally (reference/records/seed_filter.py),
 on the same records, and asserts that both keep the same rows; the test then checks by hand why.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import replace
 
 import pytest
 
-from reference.data import Pair, Unreadable, pair_from_row, read_pairs
-from reference.filters import RULES, FilterConfig, language_ok, output_row, run_filter
-from reference.recipes import load_recipe
-from reference.seed_filter import seed_filter
-from reference.synthetic import magpie_records
+from reference.records.data import Pair, Unreadable, pair_from_row, read_pairs
+from reference.records.filters import RULES, FilterConfig, language_ok, output_row, run_filter
+from reference.records.seed_filter import seed_filter
+from reference.records.synthetic import magpie_records
+from reference.settings.recipes import load_recipe
 
 INSTRUCTION = "日本の四季について簡単に説明してください。"
 RESPONSE = (
@@ -457,8 +457,8 @@ def test_cutting_the_input_into_shards_changes_nothing(config):
 @pytest.mark.claim("C9")
 def test_rows_are_written_as_json_dumps_would_write_them():
     """The writers build each line without a dict; json.dumps(row, ensure_ascii=False) is the reference."""
-    from reference.filter_workers import output_line, reject_line
-    from reference.filters import Reject
+    from reference.records.filter_workers import output_line, reject_line
+    from reference.records.filters import Reject
 
     odd = 'quote " backslash \\ tab \t newline \n control \x01 ' + "日本 \u2028 😢"
     pairs = [

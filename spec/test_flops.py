@@ -1,11 +1,11 @@
-"""The FLOPs model behind the benchmarks' MFU (reference/flops.py), derived by hand."""
+"""The FLOPs model behind the benchmarks' MFU (reference/modeling/flops.py), derived by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from reference import flops, lora
-from reference.shapes import PROJECTIONS, load_config
+from reference.modeling import flops, lora
+from reference.modeling.shapes import PROJECTIONS, load_config
 
 
 @pytest.mark.claim("X4")

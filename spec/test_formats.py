@@ -1,6 +1,6 @@
-"""Prompt formats (reference/formats.py): the readable renderers equal the Jinja chat templates.
+"""Prompt formats (reference/modeling/formats.py): the readable renderers equal the Jinja chat templates.
 
-Nothing expected here comes from reference/formats.py. The references are:
+Nothing expected here comes from reference/modeling/formats.py. The references are:
 
 * the real Jinja engine (`tokenizer.apply_chat_template`) running templates held outside the code under
   test: GEMMA2_TEMPLATE below (google/gemma-2-9b's template, as seed 001 borrows it; a test checks it
@@ -23,9 +23,10 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from reference import cli, formats
+from reference import cli
 from reference.errors import InputError
-from reference.formats import (
+from reference.modeling import formats
+from reference.modeling.formats import (
     ALPACA_PROMPT_JP,
     GEMMA2_CHAT_TEMPLATE,
     GEMMA2_CHAT_TEMPLATE_SEED_LITERAL,

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m reference train --recipe llm2024 ... fsdp=true
 
 shards the LoRA run over two processes: transformers builds accelerate's FSDP2 plugin from `fsdp` and
-`fsdp_config`, and reference.distributed turns it on where accelerate would not (a CPU run). The same recipe in
+`fsdp_config`, and reference.training.distributed turns it on where accelerate would not (a CPU run). The same recipe in
 one process with twice the batch is the reference. By hand, with the 24 QA records:
 
     FSDP:  batch 2 on each of 2 processes; 24 / 2 = 12 batches dealt out to 2 processes = 6 micro-batches each;
@@ -49,10 +49,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from reference import checkpoints, distributed, models
 from reference.errors import InputError
-from reference.recipes import load_recipe
-from reference.training_arguments import resolve, resolved_settings, run_arguments
+from reference.modeling import models
+from reference.settings.recipes import load_recipe
+from reference.settings.training_arguments import resolve, resolved_settings, run_arguments
+from reference.training import checkpoints, distributed
 from spec.adapters import adapter_tensors, trained_b
 from spec.cli_runner import QA, cli_command, offline_env, run_cli
 from spec.test_cli import torchrun_failure

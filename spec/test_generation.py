@@ -1,4 +1,4 @@
-"""Generation with the seed's settings (reference/generation.py) on the tiny Gemma-2."""
+"""Generation with the seed's settings (reference/inference/generation.py) on the tiny Gemma-2."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from reference import generation
-from reference.generation import seed_generation_config
+from reference.inference import generation
+from reference.inference.generation import seed_generation_config
 
 PROMPTS = [
     "### 質問:\n日本の首都はどこですか。\n\n### 回答:\n",

@@ -1,4 +1,4 @@
-"""A model and its adapter loaded for inference, and tasks answered from Python (reference/generation.py).
+"""A model and its adapter loaded for inference, and tasks answered from Python (reference/inference/generation.py).
 
 One tokenizer rule for an adapter: its own when its directory holds one (train saves it there, with any
 tokens it added), else the base model's. peft's PeftModel.from_pretrained computes the expected logits.
@@ -12,8 +12,9 @@ import shutil
 import pytest
 import torch
 
-from reference import cli, generation, retrieval
+from reference import cli
 from reference.errors import InputError
+from reference.inference import generation, retrieval
 from spec.cli_runner import run_main
 
 ADDED = "<user_name>"
@@ -74,7 +75,7 @@ def test_a_model_directory_without_tokenizer_files_is_refused_not_given_an_empty
     would turn every prompt into unknown tokens; the project refuses the directory, naming it."""
     from transformers import AutoTokenizer
 
-    from reference import lora
+    from reference.modeling import lora
 
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -1,4 +1,4 @@
-"""X14: a 4-bit base computes the same way, and trains correctly, on every x86-64 CPU (reference/kernels.py).
+"""X14: a 4-bit base computes the same way, and trains correctly, on every x86-64 CPU (reference/modeling/kernels.py).
 
 On a CPU with `avx512_bf16`, bitsandbytes 0.50 repacks an NF4 weight the first time its layer runs in eval mode on
 an input that needs no gradient (`Linear4bit.forward` -> `_convert_weight_packed_for_cpu`), and from then on runs
@@ -13,9 +13,10 @@ import pytest
 import torch
 from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit, dequantize_blockwise
 
-from reference import kernels, lora, models, train
-from reference.recipes import apply_overrides, load_recipe
-from reference.shapes import PROJECTIONS
+from reference.methods import train
+from reference.modeling import kernels, lora, models
+from reference.modeling.shapes import PROJECTIONS
+from reference.settings.recipes import apply_overrides, load_recipe
 from spec.observe import QA_COLUMNS, SHORT, Observed, WhenBuilt, assert_trained
 
 

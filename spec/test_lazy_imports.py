@@ -1,6 +1,6 @@
 """The fast commands start fast: `steps` is arithmetic and imports neither torch nor transformers.
 
-Modules that need torch import it at their top (reference/train.py, models.py, lora.py, checkpoints.py);
+Modules that need torch import it at their top (reference/methods/train.py, models.py, lora.py, checkpoints.py);
 only the command line and the commands that need no model stay free of it. `render` and `filter` are
 checked beside their other tests (spec/test_formats.py, spec/test_filter_command.py).
 """

@@ -1,4 +1,4 @@
-"""LoRA adapters (reference/lora.py) on the real peft: counts, the scale on B A x, and where they train."""
+"""LoRA adapters (reference/modeling/lora.py) on the real peft: counts, the scale on B A x, and where they train."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from reference import lora, models
-from reference.recipes import load_recipe
-from reference.shapes import PROJECTIONS
+from reference.modeling import lora, models
+from reference.modeling.shapes import PROJECTIONS
+from reference.settings.recipes import load_recipe
 
 
 @pytest.mark.claim("C12")

@@ -1,5 +1,5 @@
-"""What a run's manifest.json records and what the run says while it trains (reference/train.py writes it,
-reference/manifest.py defines it): per-step tokens and the steady rate (L2), the Trainer's own arguments
+"""What a run's manifest.json records and what the run says while it trains (reference/methods/train.py writes it,
+reference/training/manifest.py defines it): per-step tokens and the steady rate (L2), the Trainer's own arguments
 (X8, P12), versions, hashes, seeds, the step plan and the per-step loss (X2).
 
 Read off spec/sft_runs.py's QLoRA run (the `sft_runs` fixture: made once per session and device, shared
@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from reference import train
+from reference.methods import train
 
 # ------------------------------------------------------------------ L2: progress and tokens/s
 

@@ -1,4 +1,4 @@
-"""Weight memory under fp32, bf16, int8 and NF4 with and without double quantisation (reference/memory.py):
+"""Weight memory under fp32, bf16, int8 and NF4 with and without double quantisation (reference/modeling/memory.py):
 the formulas against the published Gemma-2 parameter counts, and against what a loaded fixture model holds
 (reference/models.weight_bytes) and what bitsandbytes itself allocates, layer by layer (claim D2).
 """
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from reference import memory, models
-from reference.shapes import load_config
+from reference.modeling import memory, models
+from reference.modeling.shapes import load_config
 
 # ---------------------------------------------------------------- D2 weight memory
 
@@ -116,7 +116,8 @@ def tensors_of(state, prefix: str = "") -> dict:
 
 def allocated_by_bitsandbytes(model) -> tuple[dict, int]:
     """(bytes per Linear4bit: its packed weight plus every tensor of its quant_state; bytes of every other
-    parameter), read off the layers bitsandbytes built, not from reference.models or reference.memory."""
+    parameter), read off the layers bitsandbytes built, not from reference.modeling.models or
+    reference.modeling.memory."""
     import bitsandbytes as bnb
 
     layers, inside = {}, set()
@@ -140,7 +141,8 @@ def test_nf4_memory_measured_from_what_bitsandbytes_allocates(tiny_gemma2_dir, d
     double quantisation 420,848 bytes (derived in spec/test_train.py's docstring); without it, per layer n/2 +
     4 n/64 + 64 for q and o (2,048 + 256 + 64 = 2,368), k and v (1,024 + 128 + 64 = 1,216) and gate, up, down
     (4,096 + 512 + 64 = 4,672): 2 x (2 x 2,368 + 2 x 1,216 + 3 x 4,672) = 42,368, plus the bf16 embeddings
-    and norms 367,488 = 409,856. The layers' own tensors agree with reference.memory's formula and with these."""
+    and norms 367,488 = 409,856. The layers' own tensors agree with reference.modeling.memory's formula and with
+    these."""
     model, _ = models.load_causal_lm(
         tiny_gemma2_dir,
         dtype="bfloat16",

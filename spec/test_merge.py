@@ -21,9 +21,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from reference import adapter_records, continuation, lora, models, rundir
 from reference.errors import InputError
-from reference.recipes import apply_overrides, load_recipe
+from reference.methods import continuation
+from reference.modeling import adapter_records, lora, models
+from reference.settings.recipes import apply_overrides, load_recipe
+from reference.training import rundir
 from spec.adapters import (
     THREE_STEPS,
     TOLERANCE,
@@ -86,7 +88,7 @@ def test_merge_loads_the_base_as_the_adapters_run_recorded_it_unless_told(
     default, lora.merge follows that record: the base is loaded in NF4 and dequantised, and the merged model
     is, weight for weight, the one merged with quantization="nf4" given. (It used to merge into the bf16
     base the adapter never saw, with exit 0 and no word.) The Trainer's checkpoint also records its base's
-    kind (reference/lora.py's RECORD)."""
+    kind (reference/modeling/lora.py's RECORD)."""
     run = uninterrupted.output
     assert adapter_records.recorded_quantization(uninterrupted.checkpoint) == ("nf4", str(run / rundir.RUN))
     assert adapter_records.recorded_quantization(run) == ("nf4", str(run / "manifest.json"))
@@ -155,7 +157,7 @@ def an_old_run(directory):
 def test_the_merge_route_checks_the_run_directory_before_it_merges_anything(
     saved_adapter, tiny_gemma2_dir, magpie_data, tmp_path
 ):
-    """reference.rundir's rules come first: an output holding a run is refused without --resume or --overwrite,
+    """reference.training.rundir's rules come first: an output holding a run is refused without --resume or --overwrite,
     and --resume with --overwrite is refused; either way nothing is merged and the old run is left as it was."""
     output = an_old_run(tmp_path / "run")
     recipe = apply_overrides(load_recipe("llm2024"), THREE_STEPS)
@@ -221,7 +223,7 @@ def test_merge_loads_the_base_with_the_bnb_settings_the_adapters_run_recorded(ti
     adapter trained on an NF4 base without it (`quantization.bnb_4bit_use_double_quant=false`) is merged onto that
     same base by default, as its run.json records: equal to a merge told so, byte for byte, and not to a merge onto
     the double-quantised default."""
-    from reference import train
+    from reference.methods import train
     from spec.observe import QA_COLUMNS, SHORT
 
     recipe = apply_overrides(load_recipe("llm2024"), [*SHORT, "quantization.bnb_4bit_use_double_quant=false"])

@@ -4,7 +4,7 @@ folder of the base it was made on is gone.
 tiny-llama and tiny-gemma2 have the same shapes (hidden 64, MLP 128, heads 4/2 of 16, 2 layers, vocab 2862),
 so peft loads either's adapter onto the other without a word, and `merge` would write a silently wrong model.
 peft 0.21 records only the base's path (base_model_name_or_path); the project records the base's kind as
-well (model_type, architectures, shapes: reference/lora.py's RECORD, in peft's own `auto_mapping` field of
+well (model_type, architectures, shapes: reference/modeling/lora.py's RECORD, in peft's own `auto_mapping` field of
 adapter_config.json), so the check no longer needs that folder. Adapters saved without the record (by older
 runs, or other tools) are checked as before, against the folder when it is there, else only by shape, with a
 note saying so.
@@ -18,8 +18,8 @@ import warnings
 
 import pytest
 
-from reference import adapter_records, lora, models
 from reference.errors import InputError
+from reference.modeling import adapter_records, lora, models
 from spec.adapters import THREE_STEPS
 from spec.cli_runner import QA, run_main
 

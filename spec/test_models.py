@@ -1,4 +1,4 @@
-"""Loading, quantising and identifying models (reference/models.py); weight memory is spec/test_memory.py's.
+"""Loading, quantising and identifying models (reference/modeling/models.py); weight memory is spec/test_memory.py's.
 
 Quantised layers are bitsandbytes' own (Linear4bit / Linear8bitLt), running on the CPU.
 """
@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from reference import models
 from reference.errors import InputError
+from reference.modeling import models
 from spec.cli_runner import QA, run_cli
 
 IDS = torch.tensor([[2, 100, 200, 300, 400, 500, 600, 700]])

@@ -1,4 +1,5 @@
-"""X11: padding-free batches (reference/sft.py's collator, reference/padding_free.py) against padded ones.
+"""X11: padding-free batches (reference/methods/sft.py's collator, reference/methods/padding_free.py) against padded
+ones.
 
 A padded batch pads every record to the batch's longest (transformers' DataCollatorForSeq2Seq, padding masked out
 and never a target); a padding-free batch lays the same records end to end in one row, position ids restarting at 0
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from reference import padding_free, sft, train
-from reference.recipes import apply_overrides, load_recipe
+from reference.methods import padding_free, sft, train
+from reference.settings.recipes import apply_overrides, load_recipe
 from spec.conftest import FIXTURES
 from spec.observe import QA_COLUMNS, Observed, WhenBuilt, assert_trained
 
@@ -115,7 +116,7 @@ def sharpened(name: str, **config):
 def test_each_records_loss_in_a_flattened_row_equals_its_loss_in_the_padded_batch(name):
     """The padded batch through the model as transformers runs it (Gemma-2 eager, Llama sdpa) is the reference. The
     flattened row gives each record the same loss within RECORD_TOLERANCE twice: with transformers' own mask built
-    from the position ids (the whole row scored against itself), and record by record (reference.padding_free).
+    from the position ids (the whole row scored against itself), and record by record (reference.methods.padding_free).
     Gemma-2's window and soft cap were in play: without either, the same records score otherwise."""
     from transformers import AutoTokenizer
 

@@ -1,4 +1,4 @@
-"""The LMSYS 3-class preference classifier (reference/preference.py) on the tiny Gemma-2 and tiny Llama.
+"""The LMSYS 3-class preference classifier (reference/methods/preference.py) on the tiny Gemma-2 and tiny Llama.
 
 The rules pinned here: three classes from the three one-hot columns, in the competition's order; the
 causal LM loaded with a 3-way head in bf16; a pad token set when the backbone has none (EOS), so the
@@ -15,9 +15,9 @@ import random
 import pytest
 import torch
 
-from reference import preference
 from reference.errors import InputError
-from reference.preference import PreferenceConfig
+from reference.methods import preference
+from reference.methods.preference import PreferenceConfig
 from spec.cli_runner import run_cli
 
 
@@ -286,7 +286,7 @@ def test_the_classifier_learns_which_response_wins_below_the_uniform_guess_on_he
 @pytest.mark.claim("L1", "P2")
 def test_rows_under_other_column_names_are_read_through_columns(fixtures_dir, tmp_path):
     """`preference ... --columns prompt=q,response_a=a,response_b=b`: the same rows and labels."""
-    from reference import data
+    from reference.records import data
 
     source = fixtures_dir / "data" / "lmsys_sample.jsonl"
     rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]

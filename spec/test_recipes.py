@@ -1,4 +1,4 @@
-"""Recipes (reference/recipes.py): the primer's and the LLM2024 solution's settings, mapped and resolved."""
+"""Recipes (reference/settings/recipes.py): the primer's and the LLM2024 solution's settings, mapped and resolved."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from reference.errors import InputError
-from reference.recipes import apply_overrides, check_numbers, load_recipe, trial_report
-from reference.training_arguments import map_training_arguments, resolved_settings, to_training_arguments
+from reference.settings.recipes import apply_overrides, check_numbers, load_recipe, trial_report
+from reference.settings.training_arguments import map_training_arguments, resolved_settings, to_training_arguments
 from spec.cli_runner import run_cli
 
 # The arguments of the primer's TrainingArguments example (seed 004 §5), as written there.
@@ -320,7 +320,7 @@ def test_recipe_command_names_an_unknown_recipe_and_exits_2():
     assert result.returncode == 2 and "llm2025" in result.stderr and "llm2024" in result.stderr
 
 
-# X12: every setting has a type and a range, checked on load and on override (reference/settings_types.py).
+# X12: every setting has a type and a range, checked on load and on override (reference/settings/settings_types.py).
 # Each rule as a pair: the first value it refuses and the first it takes, so a rule that is dropped or moved fails.
 RULES = [
     ("sft.max_seq_length=0", "sft.max_seq_length=1"),
@@ -504,7 +504,7 @@ def test_an_override_is_stored_as_its_setting_takes_it(override, value):
 def test_every_training_argument_takes_its_type_from_the_installed_training_arguments():
     import transformers
 
-    from reference.settings_types import training_rules
+    from reference.settings.settings_types import training_rules
 
     rules = training_rules()
     fields = {f.name: f for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
@@ -550,9 +550,10 @@ def test_a_recipe_file_stores_a_boolean_word_as_a_bool(tmp_path):
 @pytest.mark.claim("X12")
 def test_a_method_section_left_out_is_recorded_with_its_defaults_written_out():
     """The primer recipe has no [lora] and an [sft] of two keys: the run records every [sft] field, the defaults
-    being those of the section's dataclass (reference/sections.py): 2,048 tokens, the loss on the response, padded
+    being those of the section's dataclass (reference/settings/sections.py): 2,048 tokens, the loss on the response,
+    padded
     batches, the full logits, no checkpointing, never packed, and no token."""
-    from reference.training_arguments import resolved_settings
+    from reference.settings.training_arguments import resolved_settings
 
     recipe = load_recipe("primer")
     recipe.sft = {}
@@ -633,7 +634,7 @@ def test_train_with_lora_dropout_1_5_exits_2_with_the_message_and_no_traceback(t
 def test_a_run_maps_its_recipe_once_and_records_what_that_one_mapping_gave(monkeypatch, tmp_path):
     """resolve() maps the recipe onto the installed transformers once; the settings the manifest records are read
     from that resolution, not mapped again (they could not then differ from what the Trainer got)."""
-    from reference import training_arguments
+    from reference.settings import training_arguments
 
     calls = []
     real = training_arguments.map_training_arguments

@@ -1,4 +1,4 @@
-"""The main job (`reproduce`: reference/reproduce.py, routes.py, report.py, charts.py) and `verify`.
+"""The main job (`reproduce`: reference/job/reproduce.py, routes.py, report.py, charts.py) and `verify`.
 
 The job runs once for this module, the way a user runs it (`python -m reference reproduce`, a new process,
 stderr not a terminal); every test of claims M1-M4 reads what that one run wrote. Expected values are
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from reference import manifest, reproduce
-from reference.recipes import apply_overrides, load_recipe
+from reference.job import reproduce
+from reference.settings.recipes import apply_overrides, load_recipe
+from reference.training import manifest
 from spec.cli_runner import run_cli
 from spec.observe import SHORT, Observed, run_recipe
 
@@ -106,7 +107,8 @@ def test_the_reported_answer_loss_is_what_transformers_computes_for_the_trained_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq
 
-    from reference import lora, sft
+    from reference.methods import sft
+    from reference.modeling import lora
 
     pipeline = reproduce.Pipeline()
     tokenizer = AutoTokenizer.from_pretrained(str(job.dir / "sft"), padding_side="right")
@@ -297,7 +299,8 @@ def test_third_party_loading_bars_stay_out_of_a_log(job):
 @pytest.mark.claim("M3", "L2")
 def test_a_warmup_longer_than_its_run_is_warned_about_in_the_report():
     """4 steps with a warmup of 10: the learning rate never reaches its peak (StepPlan.warmup_warning)."""
-    from reference import report, steps
+    from reference.job import report
+    from reference.training import steps
 
     plan = steps.plan(steps.StepSettings(records=32, batch_size=8, max_steps=4, warmup=10))
     run = {"plan": report.plan_summary(plan.to_dict(), 32), "learning_rate": 1e-2}
@@ -370,7 +373,8 @@ POINTLESS_ADVICE = {
 def test_third_party_advice_that_would_not_help_is_dropped_and_nothing_else(caplog, logger):
     """bitsandbytes' `pip install kernels` hint on a CPU with AVX512-BF16 (it falls back to its own kernel, and
     there is no hub to fetch one from) and transformers' advice to use FSDP's own checkpointing (with an adapter it
-    saves an empty one, reference/distributed.py): dropped. Another warning of the same logger, and the project's
+    saves an empty one, reference/training/distributed.py): dropped. Another warning of the same logger, and the
+    project's
     own, still show."""
     import logging
 
@@ -393,7 +397,7 @@ def test_weight_loading_bars_go_to_a_terminal_but_not_to_a_log():
 
     from spec.cli_runner import offline_env
 
-    load = "from reference import models; models.load_causal_lm('fixtures/models/tiny-gemma2')"
+    load = "from reference.modeling import models; models.load_causal_lm('fixtures/models/tiny-gemma2')"
     env = {k: v for k, v in offline_env().items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     root = Path(reproduce.__file__).resolve().parent.parent
     plain = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, cwd=root)

@@ -7,7 +7,7 @@ The library call this file is about, shown first on a one-weight model, then und
 A real `train` process of the uninterrupted six-step run's settings (the `uninterrupted` fixture of
 spec/conftest.py: the llm2024 recipe cut to SIX_STEPS on the QA fixture, checkpoints at steps 3 and 6) is
 killed past checkpoint-3 and resumed; it must end with the uninterrupted run's adapter bit for bit. A
-checkpoint counts only when complete (reference.checkpoints: a marker listing every file as written).
+checkpoint counts only when complete (reference.training.checkpoints: a marker listing every file as written).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from reference import checkpoints, manifest
+from reference.training import checkpoints, manifest
 from spec.adapters import SCHEDULE, SIX_STEPS, adapter_tensors, assert_same_tensors, trained_b
 from spec.cli_runner import QA, killed_after_step, run_cli
 from spec.trainer_probe import OneWeight, one_weight_dataset

@@ -1,4 +1,4 @@
-"""Retrieved few-shot prompts (reference/retrieval.py) with a real sentence-transformers model."""
+"""Retrieved few-shot prompts (reference/inference/retrieval.py) with a real sentence-transformers model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from reference import retrieval
 from reference.errors import InputError
+from reference.inference import retrieval
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A run directory belongs to one run (reference/rundir.py, claim X5): a lock while a run writes it, reuse only
+"""A run directory belongs to one run (reference/training/rundir.py, claim X5): a lock while a run writes it, reuse only
 with --resume or --overwrite, and --resume refused when the model, data or settings differ from the run's."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from reference import rundir
 from reference.errors import InputError
+from reference.training import rundir
 from spec.cli_runner import QA, cli_command, offline_env, run_cli, run_main
 from spec.conftest import FIXTURES
 

@@ -2,7 +2,8 @@
 spec/test_resume.py and spec/test_rundir.py: a real process per command, a recipe with key=value overrides, one run
 per directory, a kill past a checkpoint and `--resume`, and `verify` comparing the manifests.
 
-    runs.run(method, recipe, ...)    the one skeleton (reference/runs.py): resolve -> TrainingArguments -> Trainer
+    runs.run(method, recipe, ...)    the one skeleton (reference/training/runs.py): resolve -> TrainingArguments ->
+    Trainer
                                      -> complete checkpoints -> manifest; a method gives its data, model and loss
 
 Both commands are cut to SIX steps with checkpoints at steps 3 and 6, on the fixture data:
@@ -19,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 from safetensors.torch import load_file
 
-from reference import dpo, preference, recipes
+from reference.methods import dpo, preference
+from reference.settings import recipes
 from spec.cli_runner import killed_after_step, run_cli
 from spec.observe import Observed
 

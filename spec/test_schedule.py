@@ -1,11 +1,11 @@
-"""Learning rates (reference/schedule.py) by hand, against transformers' schedulers and a real Trainer."""
+"""Learning rates (reference/training/schedule.py) by hand, against transformers' schedulers and a real Trainer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reference.schedule import SCHEDULES, learning_rates
+from reference.training.schedule import SCHEDULES, learning_rates
 
 from .trainer_probe import OneWeight, run_trainer
 

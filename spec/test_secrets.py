@@ -28,8 +28,8 @@ import json
 import pytest
 import torch
 
-from reference import recipes, training_arguments
 from reference.errors import InputError
+from reference.settings import recipes, training_arguments
 from spec.cli_runner import QA, run_cli
 
 SECRET = "hf_SECRETvalue123"

@@ -1,4 +1,4 @@
-"""Training data for SFT (reference/sft.py): labels, BOS/EOS, truncation, padding and NEFTune.
+"""Training data for SFT (reference/methods/sft.py): labels, BOS/EOS, truncation, padding and NEFTune.
 
 Expected values come from outside reference/: the alpaca text written out by hand (seed 001 §2.2.2), the
 model's own loss against a cross-entropy summed by hand, the Trainer's NEFTune hook, trl's collator, padded
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import sft
 from reference.errors import InputError
-from reference.recipes import load_recipe
-from reference.sft import encode_record
+from reference.methods import sft
+from reference.methods.sft import encode_record
+from reference.settings.recipes import load_recipe
 
 INSTRUCTION = "日本の首都はどこですか。"
 RESPONSE = "日本の首都は東京です。"

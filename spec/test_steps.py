@@ -1,4 +1,4 @@
-"""Step arithmetic (reference/steps.py) against what a real transformers.Trainer does.
+"""Step arithmetic (reference/training/steps.py) against what a real transformers.Trainer does.
 
 The Trainer's rules, for R records, per-device batch B, W processes and gradient accumulation G, as
 transformers computes them (`Trainer.get_train_dataloader`, which accelerate shards over the processes; then
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import pytest
 
 from reference.errors import InputError
-from reference.steps import StepSettings, micro_batches_per_epoch, plan
+from reference.training.steps import StepSettings, micro_batches_per_epoch, plan
 
 from .trainer_probe import OneWeight, one_weight_dataset, run_trainer
 

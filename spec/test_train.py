@@ -1,4 +1,4 @@
-"""A whole SFT run (reference/train.py) on the tiny Gemma-2: real Trainer, real peft, real bitsandbytes.
+"""A whole SFT run (reference/methods/train.py) on the tiny Gemma-2: real Trainer, real peft, real bitsandbytes.
 
 Here: the Trainer loop on each base (loss fell, exactly the trainable weights changed), the quantised base,
 the optimizer and schedule, use_cache, and the saved adapter reloading. The runs are spec/sft_runs.py's (the
@@ -34,9 +34,10 @@ import json
 import pytest
 import torch
 
-from reference import models, train
-from reference.manifest import AdapterMode
-from reference.recipes import apply_overrides, load_recipe
+from reference.methods import train
+from reference.modeling import models
+from reference.settings.recipes import apply_overrides, load_recipe
+from reference.training.manifest import AdapterMode
 from spec.observe import QA_COLUMNS, Observed, WhenBuilt, assert_trained, unwrapped
 from spec.sft_runs import IDS, autocast
 

@@ -1,4 +1,5 @@
-"""What a `train` or `continue` run refuses, and how it says so (reference/train.py, reference/lora.py).
+"""What a `train` or `continue` run refuses, and how it says so (reference/methods/train.py,
+reference/modeling/lora.py).
 
 A2: a saved adapter loaded frozen (peft's default, is_trainable=False: seed 000's "it only learned the new
 data") leaves nothing to train, and the run refuses before any step, naming the adapter it loaded; a fresh
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from reference import cli, lora
+from reference import cli
 from reference.errors import InputError
+from reference.modeling import lora
 from spec.cli_runner import QA, run_cli
 from spec.observe import Observed, run_recipe
 from spec.sft_runs import RUN, recipe_for

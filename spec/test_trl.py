@@ -5,8 +5,8 @@ appends EOS when the response is not empty, and hands that `text` field to trl's
 (dataset_text_field="text", max_seq_length 2048, packing False). trl 1.16 appends EOS to a text that does
 not end with it, tokenizes the text with the tokenizer's special tokens (one BOS first), keeps the first
 max_length tokens and trains on every token: labels = input_ids, and the model shifts them, so position 0
-is never a target (ours carries -100 there; both losses skip it). reference.sft with loss_on="all" must
-give the same token ids and targets, and reference.train the same per-step losses from the same LoRA start.
+is never a target (ours carries -100 there; both losses skip it). reference.methods.sft with loss_on="all" must
+give the same token ids and targets, and reference.methods.train the same per-step losses from the same LoRA start.
 
 DPO (trl's DPOTrainer, loss "sigmoid"): log pi(y|x) is the sum of the per-token log-probabilities over the
 completion (answer + EOS; the prompt is where tokenize(prompt) and tokenize(prompt + answer) first differ);
@@ -23,8 +23,8 @@ import pytest
 import torch
 import trl  # a test dependency (trl==1.16.0): without it these tests fail rather than skip
 
-from reference import dpo, sft, train
-from reference.recipes import apply_overrides, load_recipe
+from reference.methods import dpo, sft, train
+from reference.settings.recipes import apply_overrides, load_recipe
 from spec.conftest import FIXTURES
 from spec.observe import QA_COLUMNS, Observed, WhenBuilt, assert_trained
 
@@ -32,7 +32,7 @@ MODEL = FIXTURES / "models" / "tiny-gemma2"
 QA111 = FIXTURES / "data" / "qa111_sample.jsonl"
 PAIRS = FIXTURES / "data" / "preference_pairs.jsonl"
 
-# Seed 001 §2.2.2, literally (not reference.formats' copy, so a change there is caught here).
+# Seed 001 §2.2.2, literally (not reference.modeling.formats' copy, so a change there is caught here).
 SEED_ALPACA_PROMPT_JP = """
 あなたは高性能なAIです。質問に対して、適切な回答を書きなさい。
 回答に関係のないことは絶対に書かないでください。
@@ -152,7 +152,7 @@ def test_a_record_longer_than_max_seq_length_keeps_its_first_tokens_as_trl_does(
     assert [o["labels"][1:] for o in ours] == [t["labels"][1:] for t in theirs]
 
 
-# ---- four optimizer steps: reference.train against trl's SFTTrainer -------------------------------------------
+# ---- four optimizer steps: reference.methods.train against trl's SFTTrainer ------------------------------------------
 
 STEPS, BATCH, ACCUMULATION, LEARNING_RATE, MAX_LENGTH = 4, 2, 2, 2e-3, 160
 """At 160 tokens half the QA111 records (101 to 299 tokens) are cut and half are padded in their batch."""
@@ -179,7 +179,7 @@ def assert_moved_alike(ours: dict, theirs: dict, start: dict) -> None:
 
 
 def project_run(tmp_path):
-    """reference.train.run on the llm2024 recipe, fp32 base (no NF4), cut to four steps of 2 x 2 records."""
+    """reference.methods.train.run on the llm2024 recipe, fp32 base (no NF4), cut to four steps of 2 x 2 records."""
     recipe = apply_overrides(
         load_recipe("llm2024"),
         [
@@ -287,7 +287,7 @@ def test_four_steps_of_the_llm2024_recipe_give_trls_per_step_losses_from_the_sam
     assert_moved_alike(trained, theirs, trl_start)
 
 
-# ---- DPO: reference.dpo against trl's DPOTrainer ----------------------------------------------------------------
+# ---- DPO: reference.methods.dpo against trl's DPOTrainer -------------------------------------------------------------
 
 BETA = 0.1
 BOUNDARY_PAIR = {"prompt": "質問：東", "chosen": "京です。", "rejected": "大阪です。"}
@@ -352,7 +352,8 @@ def trl_dpo(tmp_path_factory):
 
 
 def our_logps(policy) -> list:
-    """reference.dpo's sequence log-probs: policy chosen, policy rejected, then the same with the adapter off."""
+    """reference.methods.dpo's sequence log-probs: policy chosen, policy rejected, then the same with the adapter
+    off."""
     chosen, rejected, _ = our_encoding()
     tok = tokenizer()
     with torch.no_grad():
@@ -385,7 +386,7 @@ def test_dpo_sequences_are_trls_prompt_answer_and_eos_with_the_same_tokens_score
 
 @pytest.mark.claim("X9", "D3")
 def test_dpo_sequence_log_probabilities_equal_trls_for_policy_and_reference(trl_dpo):
-    """Per sequence, the sum of the answer tokens' log-probabilities: reference.dpo.sequence_logprobs of the
+    """Per sequence, the sum of the answer tokens' log-probabilities: reference.methods.dpo.sequence_logprobs of the
     policy (adapter on) and of the reference (adapter off: the base) against trl's, within 1e-4 on sums of
     about -100 (float32 rounding)."""
     _, policy, _, _, (trl_chosen, trl_rejected), (trl_ref_chosen, trl_ref_rejected) = trl_dpo
@@ -397,7 +398,7 @@ def test_dpo_sequence_log_probabilities_equal_trls_for_policy_and_reference(trl_
 
 @pytest.mark.claim("X9", "D3")
 def test_the_dpo_loss_equals_trls_on_the_fixture_pairs(trl_dpo):
-    """reference.dpo.dpo_loss on trl's own log-probs, and on ours, equals trl's loss (about 0.68, not log 2:
+    """reference.methods.dpo.dpo_loss on trl's own log-probs, and on ours, equals trl's loss (about 0.68, not log 2:
     the policy's adapter is not zero)."""
     _, policy, _, trl_loss, (pc, pr), (rc, rr) = trl_dpo
     on_trls, _, _ = dpo.dpo_loss(pc, pr, rc, rr, BETA)

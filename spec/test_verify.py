@@ -1,4 +1,4 @@
-"""`verify` (reference/manifest.py): does run B reproduce run A? Shown on manifests written out by hand here;
+"""`verify` (reference/training/manifest.py): does run B reproduce run A? Shown on manifests written out by hand here;
 the real runs are compared in spec/test_reproduce.py (a repeated run, a changed one) and
 spec/test_continuation.py (a killed and resumed run against the uninterrupted one).
 
@@ -14,8 +14,9 @@ import json
 
 import pytest
 
-from reference import cli, manifest
+from reference import cli
 from reference.errors import InputError
+from reference.training import manifest
 
 
 def run_record(losses: dict[int, float], resumed_from: str | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Vocabulary (reference/vocab.py): the trained fixture tokenizer and registering special tokens.
+"""Vocabulary (reference/modeling/vocab.py): the trained fixture tokenizer and registering special tokens.
 
 Expected values: the committed fixture tokenizer (built once by fixtures/build.py and checked in), the
 model's embedding rows read before registering (their mean is the expected new row), and the published
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from reference import cli
-from reference.shapes import REAL_SHAPES, load_config, projection_shapes
-from reference.vocab import GEMMA2_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS, pieces, register_tokens, train_bpe
+from reference.modeling.shapes import REAL_SHAPES, load_config, projection_shapes
+from reference.modeling.vocab import GEMMA2_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS, pieces, register_tokens, train_bpe
 from spec.cli_runner import run_cli
 
 VOCAB = 2862  # the fixture corpus runs out of pairs seen twice (min_frequency 2) before 3000 tokens
@@ -219,7 +219,7 @@ def test_add_tokens_exits_2_through_the_module_entry_point(tmp_path):
     assert result.returncode == 2 and "not a local directory" in result.stderr and "Traceback" not in result.stderr
 
 
-# ---------------------------------------------------------------- the published shapes (reference/shapes.py)
+# ---------------------------------------------------------------- the published shapes (reference/modeling/shapes.py)
 
 PUBLISHED = {  # config.json on each model's hub page
     #               hidden intermediate layers heads kv  head_dim query_pre_attn_scalar vocab

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import vocab
+    from reference.modeling import vocab
 
     print(json.dumps(vocab.add_special_tokens(args.model, args.tokens, args.output), ensure_ascii=False, indent=2))
     return 0

@@ -81,7 +81,7 @@ def add_run_options(
     sections: str = "lora.r=16, sft.max_seq_length=512",
 ) -> None:
     """What every training command takes besides its recipe and model: data, output, columns, resume or overwrite,
-    and key=value overrides of the recipe (reference.runs)."""
+    and key=value overrides of the recipe (reference.training.runs)."""
     declare_paths(p, reads=("model", "adapter", "data", "recipe"), writes=("output",))
     p.add_argument("--data", required=True, help=data)
     p.add_argument(
@@ -109,8 +109,9 @@ def add_run_options(
 
 
 def recipe_of(args: argparse.Namespace):
-    """The command's --recipe with its key=value overrides applied, every setting checked (reference.recipes)."""
-    from reference import recipes
+    """The command's --recipe with its key=value overrides applied, every setting checked
+    (reference.settings.recipes)."""
+    from reference.settings import recipes
 
     recipe = recipes.apply_overrides(recipes.load_recipe(args.recipe), args.overrides)
     recipes.check_numbers(recipe)
@@ -119,7 +120,7 @@ def recipe_of(args: argparse.Namespace):
 
 def print_run(record) -> None:
     """A training run's summary as JSON on stdout, from the main process only under torchrun."""
-    from reference import runs
+    from reference.training import runs
 
     if os.environ.get("RANK", "0") != "0":
         return

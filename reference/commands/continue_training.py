@@ -1,7 +1,7 @@
 """`continue`: seed 000's routes for training further from a saved LoRA adapter (claims A1-A3).
 
 `--mode adapter` keeps training the same adapter, loaded trainable; `--mode merge` folds it into the base
-(merged-base/ inside the run directory) and trains a fresh adapter on top (reference.continuation)."""
+(merged-base/ inside the run directory) and trains a fresh adapter on top (reference.methods.continuation)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, help="the saved adapter directory")
     p.add_argument(
         "--mode",
-        choices=["adapter", "merge"],  # reference.continuation.MODES, not imported here: it loads torch
+        choices=["adapter", "merge"],  # reference.methods.continuation.MODES, not imported here: it loads torch
         default="adapter",
         help="adapter: keep training the same adapter (trainable); merge: fold it into the base, then "
         "train a fresh adapter (default adapter)",
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import continuation, train
+    from reference.methods import continuation, train
 
     recipe = recipe_of(args)
     manifest = continuation.continue_training(

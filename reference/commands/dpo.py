@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import data, dpo
+    from reference.methods import dpo
+    from reference.records import data
 
     recipe = recipe_of(args)
     columns = data.parse_columns(args.columns, dpo.COLUMNS)

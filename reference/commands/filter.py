@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from reference import filter_workers, filters, recipes
+    from reference.records import filter_workers, filters
+    from reference.settings import recipes
     from reference.staged import StagedFiles
 
     config = filters.FilterConfig.from_recipe(recipes.load_recipe(args.recipe))

@@ -19,8 +19,9 @@ FIXTURE_EMBEDDER = Path(__file__).resolve().parents[2] / "fixtures" / "models" /
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from reference.inference import generation, retrieval  # light modules (torch loads inside): the defaults
+
     declare_paths(p, reads=("model", "adapter", "tasks", "shots", "embedder"), writes=("output",), files=True)
-    from reference import generation, retrieval  # light modules (torch loads inside them): the defaults live there
 
     p.add_argument("--model", required=True, help="local model directory (weights + tokenizer)")
     p.add_argument("--adapter", default=None, help="a saved LoRA adapter to generate with")
@@ -83,8 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import data, generation, retrieval
     from reference.errors import InputError
+    from reference.inference import generation, retrieval
+    from reference.records import data
 
     if args.tasks is not None and (args.shots is None or args.output is None):
         raise InputError("--tasks needs --shots (the pool shots are retrieved from) and --output (a JSONL file)")

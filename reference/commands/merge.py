@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="directory for the merged bf16 model and tokenizer")
     p.add_argument(
         "--quantization",
-        choices=["none", "nf4", "8bit"],  # reference.models.QUANTIZATIONS, not imported here: it loads torch
+        choices=["none", "nf4", "8bit"],  # reference.modeling.models.QUANTIZATIONS, not imported here: it loads torch
         default=None,
         help="how the base was loaded when the adapter was trained; nf4 and 8bit dequantise that base before "
         "merging (default: as the adapter records it, else none with a note; a base saved 4-bit is always "
@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import lora
     from reference.errors import InputError
+    from reference.modeling import lora
 
     if args.override_record and args.quantization is None:
         raise InputError("--override-record: give the --quantization to merge with instead of the recorded one")

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_of(args: argparse.Namespace):
     """The thread's Config (PreferenceConfig's defaults, seed 000) with what the command line gives."""
-    from reference.sections import PreferenceConfig
+    from reference.settings.sections import PreferenceConfig
 
     given = {
         "max_length": args.max_length,
@@ -67,7 +67,8 @@ def config_of(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import data, preference
+    from reference.methods import preference
+    from reference.records import data
 
     columns = data.parse_columns(args.columns, preference.COLUMNS[:3])
     if args.action == "train":

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import models
+    from reference.modeling import models
 
     identity = models.quantize_and_save(args.model, args.output, {4: "nf4", 8: "8bit"}[args.bits])
     report = {"output": identity.path, "quantization": identity.quantization, "weights_sha256": identity.weights_sha256}

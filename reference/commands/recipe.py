@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import recipes, training_arguments
+    from reference.settings import recipes, training_arguments
 
     recipe = recipes.load_recipe(args.name)
     if args.resolved:

@@ -58,7 +58,7 @@ def read_messages(source: str) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import formats
+    from reference.modeling import formats
 
     messages = read_messages(args.messages)
     if args.tokenizer is None:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
 
-    from reference.vocab import load_tokenizer
+    from reference.modeling.vocab import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     if args.format == "alpaca-ja":

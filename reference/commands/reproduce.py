@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import recipes, reproduce
+    from reference.job import reproduce
+    from reference.settings import recipes
 
     pipeline = reproduce.Pipeline()
     for name, _ in PATHS:

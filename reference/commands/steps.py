@@ -9,7 +9,7 @@ import math
 import sys
 
 from reference.commands.arguments import finite
-from reference.steps import StepSettings, format_table, plan
+from reference.training.steps import StepSettings, format_table, plan
 
 NAME = "steps"
 HELP = "the step plan a transformers.Trainer run makes (claims P9, P10, L4)"

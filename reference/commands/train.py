@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import train
+    from reference.methods import train
 
     recipe = recipe_of(args)
     columns = train.parse_columns(args.columns)

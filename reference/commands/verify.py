@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference import manifest
+    from reference.training import manifest
 
     verdict = manifest.compare(manifest.load(args.run_a), manifest.load(args.run_b), rtol=args.rtol)
     print(manifest.report(verdict, args.run_a, args.run_b))
