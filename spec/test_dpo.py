@@ -263,3 +263,27 @@ def test_pairs_under_other_column_names_are_read_through_columns(tmp_path, fixtu
     assert dpo.read_pairs(renamed, columns) == dpo.read_pairs(source)
     with pytest.raises(InputError, match="expected prompt=COLUMN,chosen=COLUMN,rejected=COLUMN"):
         data.parse_columns("prompt=question,chosen=good", dpo.COLUMNS)
+
+
+@pytest.mark.slow
+@pytest.mark.claim("D3", "X12")
+def test_dpo_trains_on_a_4_bit_base_with_checkpointing_and_accumulation_from_its_recipe(
+    fixtures_dir, tiny_gemma2_dir, tmp_path
+):
+    """The recipe's settings reach the DPO Trainer as they reach SFT's: an NF4 base, activation checkpointing on
+    at every step, 2 micro-batches of 4 pairs per step. The 12 pairs make 3 micro-batches an epoch, so steps of 2, 1
+    (the epoch's last window), then 2; each micro-batch is run twice, the frozen reference's pass then the
+    policy's: 4, 2, 4 forward passes. The loss starts at log 2 and falls; the policy adapter moves, the base's 4-bit
+    values and the frozen reference do not (spec/observe.assert_trained)."""
+    from spec.observe import assert_trained
+
+    observed = Observed()
+    settings = ["max_steps=3", "per_device_train_batch_size=4", "gradient_accumulation_steps=2"]
+    settings += ["quantization.load_in_4bit=true", "quantization.bnb_4bit_compute_dtype=float32"]
+    recipe = apply_overrides(load_recipe("dpo"), [*settings, "gradient_checkpointing=true", "learning_rate=5e-3"])
+    data = fixtures_dir / "data" / "preference_pairs.jsonl"
+    record = dpo.run(recipe, tiny_gemma2_dir, data, tmp_path, say=observed.lines.append, callbacks=[observed])
+    assert record.model["quantization"] == "nf4" and record.step_plan["effective_batch_size"] == 8
+    assert observed.checkpointing == [True] * 3 and [len(t) for t in observed.step_tokens] == [4, 2, 4]
+    assert record.steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert_trained(record, observed)

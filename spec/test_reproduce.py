@@ -399,7 +399,7 @@ def test_weight_loading_bars_go_to_a_terminal_but_not_to_a_log():
 
     load = "from reference.modeling import models; models.load_causal_lm('fixtures/models/tiny-gemma2')"
     env = {k: v for k, v in offline_env().items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
-    root = Path(reproduce.__file__).resolve().parent.parent
+    root = Path(reproduce.__file__).resolve().parents[2]  # the repository: reference/job/reproduce.py
     plain = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, cwd=root)
     quiet = subprocess.run(
         [sys.executable, "-c", f"from reference import quiet; quiet.install(); {load}"],
