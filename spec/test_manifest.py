@@ -1,6 +1,6 @@
-"""What a run's manifest.json records and what the run says while it trains (reference/methods/train.py writes it,
-reference/training/manifest.py defines it): per-step tokens and the steady rate (L2), the Trainer's own arguments
-(X8, P12), versions, hashes, seeds, the step plan and the per-step loss (X2).
+"""What a run's manifest.json records and what the run says while it trains (reference/training/runs.py writes it
+for every method, reference/training/manifest.py defines it): per-step tokens and the steady rate (L2), the Trainer's
+own arguments (X8, P12), versions, hashes, seeds, the step plan and the per-step loss (X2).
 
 Read off spec/sft_runs.py's QLoRA run (the `sft_runs` fixture: made once per session and device, shared
 with spec/test_train.py); the expected numbers are worked by hand from its RUN settings, the hashes with

@@ -1,6 +1,6 @@
 """Weight memory under fp32, bf16, int8 and NF4 with and without double quantisation (reference/modeling/memory.py):
 the formulas against the published Gemma-2 parameter counts, and against what a loaded fixture model holds
-(reference/models.weight_bytes) and what bitsandbytes itself allocates, layer by layer (claim D2).
+(reference/modeling/models.py: weight_bytes) and what bitsandbytes itself allocates, layer by layer (claim D2).
 """
 
 from __future__ import annotations

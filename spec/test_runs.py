@@ -152,3 +152,118 @@ def test_resuming_with_a_changed_method_setting_is_refused_naming_it(runs_of, ti
     again = run_cli(*command(runs_of.method, tiny_gemma2_dir, fixtures_dir, runs_of.resumed.output, change, "--resume"))
     assert again.returncode == 2, again.stderr[-2000:]
     assert change.partition("=")[0].split(".")[1] in again.stderr
+
+
+# --- what each method refuses before anything loads or the output directory is claimed ------------------------------
+
+
+def classifier_adapter(directory, tiny_gemma2_dir):
+    """A saved preference-classifier adapter (peft task SEQ_CLS) on tiny-gemma2, untrained."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_gemma2_dir), num_labels=3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="SEQ_CLS")
+    peft.get_peft_model(model, config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize("command", ["dpo", "train", "preference train"])
+def test_an_adapter_made_for_another_task_is_refused_before_the_output_is_claimed(
+    command, tiny_gemma2_dir, fixtures_dir, saved_adapter, tmp_path
+):
+    """A classifier's adapter (SEQ_CLS) cannot continue as a causal LM's policy, nor a causal LM's (CAUSAL_LM)
+    as a classifier: peft would fail half-way (or load it silently into the wrong head). Exit 2, both tasks named."""
+    from spec.cli_runner import run_main
+
+    wrong = saved_adapter if command == "preference train" else classifier_adapter(tmp_path / "cls", tiny_gemma2_dir)
+    data = {"dpo": "preference_pairs.jsonl", "train": "qa111_sample.jsonl", "preference train": "lmsys_sample.jsonl"}
+    argv = [*command.split(), "--model", tiny_gemma2_dir, "--data", fixtures_dir / "data" / data[command]]
+    argv += ["--adapter", wrong, "--output", tmp_path / "out"]
+    if command == "train":
+        argv = ["continue", *argv[1:], "--recipe", "llm2024"]
+    code, out, err = run_main(*argv)
+    assert code == 2 and "an adapter for task" in err and ("SEQ_CLS" in err and "CAUSAL_LM" in err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.claim("X12")
+@pytest.mark.parametrize(
+    "command, override, reads",
+    [
+        ("dpo", "sft.max_seq_length=10", "dpo"),
+        ("train", "dpo.beta=5", "sft"),
+        ("preference train", "dpo.beta=5", "classifier"),
+    ],
+)
+def test_a_setting_of_another_methods_section_is_refused_not_ignored(
+    command, override, reads, tiny_gemma2_dir, fixtures_dir, tmp_path
+):
+    from spec.cli_runner import run_main
+
+    argv = [*command.split(), "--model", tiny_gemma2_dir, "--data", fixtures_dir / "data" / "x.jsonl"]
+    argv += ["--output", tmp_path / "out", override] + (["--recipe", "llm2024"] if command == "train" else [])
+    code, _, err = run_main(*argv)
+    assert code == 2 and f"sets {override.partition('=')[0]}, which" in err and f"it reads [{reads}]" in err, err
+
+
+@pytest.mark.claim("X12")
+def test_trls_bare_beta_is_pointed_to_the_dpo_section(tiny_gemma2_dir, fixtures_dir, tmp_path):
+    from spec.cli_runner import run_main
+
+    data = fixtures_dir / "data" / "preference_pairs.jsonl"
+    code, _, err = run_main("dpo", "--model", tiny_gemma2_dir, "--data", data, "--output", tmp_path / "o", "beta=0.2")
+    assert code == 2 and "has no argument 'beta'; did you mean 'dpo.beta'?" in err
+
+
+@pytest.mark.claim("X12", "L1")
+def test_a_classifier_file_too_small_to_split_is_refused_before_an_old_run_is_overwritten(
+    tiny_gemma2_dir, fixtures_dir, tmp_path
+):
+    """One row: the held-out split takes max(1, int(1 x 0.25)) = 1 row and leaves none to train on. Refused
+    before the output directory is claimed, so --overwrite has not removed the run already there."""
+    from spec.cli_runner import run_main
+
+    one = tmp_path / "one.jsonl"
+    one.write_text((fixtures_dir / "data" / "lmsys_sample.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.json").write_text("{}")
+    argv = ["preference", "train", "--model", tiny_gemma2_dir, "--data", one, "--output", old, "--overwrite"]
+    code, _, err = run_main(*argv)
+    assert code == 2 and "1 row(s) leave nothing to train on after holding out 1" in err, err
+    assert (old / "run.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+@pytest.mark.claim("D3", "X9")
+def test_dpo_turns_dropout_off_so_the_first_loss_is_exactly_log_2(tiny_gemma2_dir, fixtures_dir, tmp_path):
+    """With lora_dropout 0.5 the policy's and the reference's passes would drop different units and the first
+    loss would not be log 2; trl's DPOTrainer turns dropout off (disable_dropout), and so does the run."""
+    import math
+
+    recipe = recipes.apply_overrides(recipes.load_recipe("dpo"), ["max_steps=1", "lora.lora_dropout=0.5"])
+    lines = []
+    record = dpo.run(
+        recipe, tiny_gemma2_dir, fixtures_dir / "data" / "preference_pairs.jsonl", tmp_path, say=lines.append
+    )
+    assert record.steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert any("dropout set to 0 in" in line for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.claim("L1", "A1")
+def test_continuing_a_classifier_starts_from_its_held_out_score(tiny_gemma2_dir, fixtures_dir, tmp_path):
+    """`preference train --adapter FIRST` (seed 000's question, for the classifier): the run's log-loss before
+    training is the saved classifier's, on the same held-out rows (same data, same seed): the first run's
+    log-loss after, to the bf16 rounding of the saved adapter."""
+    data = fixtures_dir / "data" / "lmsys_refusals.jsonl"
+    on = ["--model", tiny_gemma2_dir, "--data", data, "max_steps=6", "classifier.max_length=48"]
+    first = run_cli("preference", "train", *on, "--output", tmp_path / "first")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli("preference", "train", *on, "--output", tmp_path / "again", "--adapter", tmp_path / "first")
+    assert again.returncode == 0, again.stderr[-2000:]
+    before = json.loads(again.stdout)["results"]["log_loss_before"]
+    assert before == pytest.approx(json.loads(first.stdout)["results"]["log_loss_after"], abs=5e-3)
+    assert json.loads(again.stdout)["adapter"]["mode"] == "loaded"

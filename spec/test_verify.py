@@ -122,8 +122,11 @@ def test_model_data_settings_and_losses_are_reported_apart():
 @pytest.mark.parametrize(
     "content,says",
     [
-        ('{"reproduces": true}', "not a manifest written by `train`: settings, model, data, step_plan, steps"),
-        ("[1, 2, 3]", "not a manifest (a JSON object written by `train`), but a JSON list"),
+        (
+            '{"reproduces": true}',
+            "not a manifest written by a training command: settings, model, data, step_plan, steps",
+        ),
+        ("[1, 2, 3]", "not a manifest (a JSON object written by a training command), but a JSON list"),
         ("{not json", "not a readable manifest"),
         (b"\xff\xfe", "not a readable manifest"),
     ],

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from reference.settings.recipes import builtin_names
+
 NAME = "recipe"
 HELP = "show a named recipe, or its fully resolved settings (claims P7, P12, C13, C17, C22)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="recipe name (primer, llm2024) or a TOML file")
+    p.add_argument("name", help=f"recipe name ({', '.join(builtin_names())}) or a TOML file")
     p.add_argument("--resolved", action="store_true", help="print every setting, defaults included, as JSON")
     p.add_argument("--output-dir", default="runs/recipe", help="output_dir to resolve TrainingArguments with")
 

@@ -141,9 +141,18 @@ def read_pairs(path: str | Path, columns: dict | None = None) -> list[Preference
     return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for _, r in rows]
 
 
+def without_dropout(model) -> int:
+    """Every dropout module of the model set to p = 0 (trl's disable_dropout); how many had p > 0."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+    return changed
+
+
 def keep_reference(model) -> None:
     """Copy the policy's (active) adapter, as it is now, to a frozen adapter named REFERENCE_ADAPTER
-    (trl's "ref" adapter); a model that already holds one keeps it (a run that continues keeps its pi_ref)."""
+    (trl's "ref" adapter); a model that already holds one (a model DPO has run on in this process) keeps it."""
     if REFERENCE_ADAPTER in model.peft_config:
         return
     policy = model.active_adapter
@@ -219,8 +228,10 @@ class DirectPreference(runs.Method):
     name = "dpo"
     trainer_class = DPOTrainer
 
-    def check(self, recipe, adapter, data_path, columns) -> None:
-        self.pairs = read_pairs(data_path, columns)  # a bad file, before any model loads or the output is claimed
+    section = "dpo"
+
+    def check(self, recipe, adapter) -> None:
+        super().check(recipe, adapter)
         if adapter is None and not recipe.lora:
             raise InputError(
                 f"dpo: recipe {recipe.name!r} has no [lora] and no --adapter was given: the policy is a "
@@ -233,9 +244,11 @@ class DirectPreference(runs.Method):
     def trainer_settings(self, recipe) -> dict:
         return {"beta": sections.resolve("dpo", recipe.dpo).beta}
 
-    def prepare(self, recipe, directory, tokenizer, args, data_path, columns, adapter, say) -> runs.Prepared:
+    def read(self, recipe, tokenizer, data_path, columns, say) -> runs.Data:
+        """The pairs encoded as trl encodes them (the recipe's format is not used: trl's DPO scores the prompt's
+        text as it is, with one BOS); a pair whose prompt alone fills max_length is left out, and said."""
         settings = sections.resolve("dpo", recipe.dpo)
-        pairs = self.pairs
+        pairs = read_pairs(data_path, columns)
         chosen, rejected, dropped = encode_pairs(tokenizer, pairs, settings.max_length)
         if dropped:
             say(f"dpo: {dropped} pair(s) left out: the prompt alone fills max_length {settings.max_length}")
@@ -245,15 +258,9 @@ class DirectPreference(runs.Method):
                 f"dpo: {alike} pair(s) encode chosen and rejected to the same tokens (cut at max_length "
                 f"{settings.max_length}, or differing only by a final EOS); they add nothing to learn from"
             )
-        dtype = "bfloat16" if args.bf16 else "float32"
-        model, identity, weight_bytes, adapter_info = train.prepare_model(
-            recipe, directory, str(args.device), args.activation_checkpointing, dtype, adapter, say
-        )
-        keep_reference(model)
-        say(f"dpo: the reference is the starting adapter ({adapter or 'fresh, B = 0: the base'}), frozen")
-        return runs.Prepared(
+        return runs.Data(
             dataset=[{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)],
-            data={
+            info={
                 "path": str(Path(data_path).resolve()),
                 "sha256": sha256_of(data_path),
                 "records": len(chosen),
@@ -262,12 +269,29 @@ class DirectPreference(runs.Method):
                 "tokens": sum(len(c[0]) + len(r[0]) for c, r in zip(chosen, rejected, strict=True)),
                 "max_length": settings.max_length,
             },
+        )
+
+    def prepare(self, recipe, directory, tokenizer, args, data, adapter, say) -> runs.Prepared:
+        """The policy on the recipe's base, its frozen copy the reference, and no dropout anywhere (as trl's
+        disable_dropout): the reference's log-probabilities are then exact, and the first loss log 2."""
+        dtype = "bfloat16" if args.bf16 else "float32"
+        model, identity, weight_bytes, adapter_info = train.prepare_model(
+            recipe, directory, str(args.device), args.activation_checkpointing, dtype, adapter, say
+        )
+        keep_reference(model)
+        dropped = without_dropout(model)
+        if dropped:
+            say(f"dpo: dropout set to 0 in {dropped} module(s) (trl's disable_dropout), so pi_ref is exact")
+        say(f"dpo: the reference is the starting adapter ({adapter or 'fresh, B = 0: the base'}), frozen")
+        beta = sections.resolve("dpo", recipe.dpo).beta
+        return runs.Prepared(
+            data=data,
             model=model,
             identity=identity,
             weight_bytes=weight_bytes,
             adapter=adapter_info,
             collator=pair_collator(tokenizer),
-            loss=f"DPO, -log sigmoid(beta (r_w - r_l)), beta {settings.beta}, reference: the starting adapter",
+            loss=f"DPO, -log sigmoid(r_w - r_l) with r = beta x log-ratio to the reference, beta {beta}",
         )
 
     def save_model(self, model, directory, weights) -> None:

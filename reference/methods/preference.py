@@ -34,7 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 
 from reference.errors import InputError
 from reference.hashing import sha256_of
@@ -188,8 +188,8 @@ class Classifier(runs.Method):
     name = "classifier"
     trainer_class = ClassifierTrainer
 
-    def check(self, recipe, adapter, data_path, columns) -> None:
-        self.rows = read_rows(data_path, columns=columns)  # a bad file, before any model loads
+    section = "classifier"
+    adapter_task = "SEQ_CLS"
 
     def resolved_section(self, recipe) -> dict:
         return {"classifier": asdict(sections.resolve("classifier", recipe.classifier))}
@@ -199,20 +199,15 @@ class Classifier(runs.Method):
         tokenizer.padding_side = "right"
         return tokenizer
 
-    def prepare(self, recipe, directory, tokenizer, args, data_path, columns, adapter, say) -> runs.Prepared:
+    def read(self, recipe, tokenizer, data_path, columns, say) -> runs.Data:
+        """The rows split as the run's seed shuffles them (the Trainer's default seed when the recipe sets none),
+        the training rows encoded; the held-out rows kept for `evaluate`."""
         config = sections.resolve("classifier", recipe.classifier)
+        seed = recipe.training_arguments.get("seed", TrainingArguments.__dataclass_fields__["seed"].default)
         try:
-            train_rows, eval_rows = held_out_split(self.rows, config.eval_fraction, args.seed)
+            train_rows, eval_rows = held_out_split(read_rows(data_path, columns=columns), config.eval_fraction, seed)
         except InputError as error:
             raise InputError(f"{data_path}: {error}") from None
-        dtype = "bfloat16" if args.bf16 else "float32"
-        model, identity, weight_bytes = train.load_base(
-            recipe, directory, str(args.device), dtype, model_class=AutoModelForSequenceClassification, num_labels=3
-        )
-        model.config.pad_token_id = tokenizer.pad_token_id
-        before = log_loss(predict(model, tokenizer, eval_rows, config), [r["label"] for r in eval_rows])
-        lora_section = {**recipe.lora, "task_type": "SEQ_CLS"} if recipe.lora else {}
-        model, adapter_info = train.with_adapter(model, lora_section, args.activation_checkpointing, adapter, say)
         features = [
             {
                 "input_ids": encode(tokenizer, x["prompt"], x["response_a"], x["response_b"], config),
@@ -220,18 +215,31 @@ class Classifier(runs.Method):
             }
             for x in train_rows
         ]
-        self.eval_rows, self.config = eval_rows, config
+        info = {
+            "path": str(Path(data_path).resolve()),
+            "sha256": sha256_of(data_path),
+            "records": len(features),
+            "held_out": len(eval_rows),
+            "tokens": sum(len(f["input_ids"]) for f in features),
+            "max_length": config.max_length,
+            "spread_max_length": config.spread_max_length,
+        }
+        return runs.Data(features, info, held_out=(eval_rows, config))
+
+    def prepare(self, recipe, directory, tokenizer, args, data, adapter, say) -> runs.Prepared:
+        """The causal LM with a 3-way head, the recipe's fresh adapter or a saved classifier's (trainable); the
+        held-out log-loss of that starting classifier."""
+        dtype = "bfloat16" if args.bf16 else "float32"
+        model, identity, weight_bytes = train.load_base(
+            recipe, directory, str(args.device), dtype, model_class=AutoModelForSequenceClassification, num_labels=3
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        lora_section = {**recipe.lora, "task_type": "SEQ_CLS"} if recipe.lora else {}
+        model, adapter_info = train.with_adapter(model, lora_section, args.activation_checkpointing, adapter, say)
+        eval_rows, config = data.held_out
+        before = log_loss(predict(model, tokenizer, eval_rows, config), [r["label"] for r in eval_rows])
         return runs.Prepared(
-            dataset=features,
-            data={
-                "path": str(Path(data_path).resolve()),
-                "sha256": sha256_of(data_path),
-                "records": len(features),
-                "held_out": len(eval_rows),
-                "tokens": sum(len(f["input_ids"]) for f in features),
-                "max_length": config.max_length,
-                "spread_max_length": config.spread_max_length,
-            },
+            data=data,
             model=model,
             identity=identity,
             weight_bytes=weight_bytes,
@@ -240,7 +248,7 @@ class Classifier(runs.Method):
             collator=DataCollatorWithPadding(tokenizer),
             loss="cross-entropy of the 3-way head on the last non-pad token",
             results={
-                "train_rows": len(train_rows),
+                "train_rows": len(data.dataset),
                 "eval_rows": len(eval_rows),
                 "log_loss_before": before,
                 "uniform_log_loss": UNIFORM_LOG_LOSS,
@@ -248,10 +256,11 @@ class Classifier(runs.Method):
         )
 
     def evaluate(self, model, tokenizer, prepared, say) -> dict:
-        after = log_loss(predict(model, tokenizer, self.eval_rows, self.config), [r["label"] for r in self.eval_rows])
+        eval_rows, config = prepared.data.held_out
+        after = log_loss(predict(model, tokenizer, eval_rows, config), [r["label"] for r in eval_rows])
         before = prepared.results["log_loss_before"]
         say(
-            f"held-out log-loss on {len(self.eval_rows)} rows: {before:.4f} before, {after:.4f} after; the uniform "
+            f"held-out log-loss on {len(eval_rows)} rows: {before:.4f} before, {after:.4f} after; the uniform "
             f"guess scores ln 3 = {UNIFORM_LOG_LOSS:.4f}"
             + ("" if after < UNIFORM_LOG_LOSS else " - the classifier did no better than a guess")
         )

@@ -124,8 +124,10 @@ class SupervisedFineTuning(runs.Method):
 
     name = "sft"
 
-    def prepare(self, recipe, directory, tokenizer, args, data_path, columns, adapter, say) -> runs.Prepared:
-        encoded, data_info = encode_data(recipe, tokenizer, data_path, columns)
+    def read(self, recipe, tokenizer, data_path, columns, say) -> runs.Data:
+        return runs.Data(*encode_data(recipe, tokenizer, data_path, columns))
+
+    def prepare(self, recipe, directory, tokenizer, args, data, adapter, say) -> runs.Prepared:
         dtype = "bfloat16" if args.bf16 else "float32"
         model, identity, weight_bytes, adapter_info = prepare_model(
             recipe, directory, str(args.device), args.activation_checkpointing, dtype, adapter, say
@@ -134,8 +136,7 @@ class SupervisedFineTuning(runs.Method):
         flattened = settings.padding_free  # X11: records end to end, no padding
         say(f"{'padding-free' if flattened else 'padded'} batches")
         return runs.Prepared(
-            dataset=encoded,
-            data=data_info,
+            data=data,
             model=model,
             identity=identity,
             weight_bytes=weight_bytes,

@@ -104,7 +104,7 @@ def builtin_names() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A built-in recipe by name (primer, llm2024) or a TOML file."""
+    """A built-in recipe by name (builtin_names(): reference/recipes/*.toml) or a TOML file."""
     path, builtin = Path(name_or_path), None
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():

@@ -278,7 +278,15 @@ def unknown_key(section: str, key: str) -> str:
     if section == "training_arguments":
         import transformers
 
-        hint = f" ({REMOVED_HINTS[key]})" if key in REMOVED_HINTS else _nearest(key, known)
+        from reference.settings import sections
+
+        owners = [name for name, cls in sections.SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if key in REMOVED_HINTS:
+            hint = f" ({REMOVED_HINTS[key]})"
+        elif owners:  # `beta=0.2` as trl's DPOConfig takes it: here the method's own section holds it
+            hint = f"; did you mean {' or '.join(repr(f'{owner}.{key}') for owner in owners)}?"
+        else:
+            hint = _nearest(key, known)
         return f"TrainingArguments of transformers {transformers.__version__} has no argument {key!r}{hint}"
     return f"[{section}] has no key {key!r}{_nearest(key, known)} (known: {', '.join(sorted(known))})"
 

@@ -1,4 +1,5 @@
-"""A run's manifest (manifest.json): what a `train` run writes about itself, and does one run reproduce another.
+"""A run's manifest (manifest.json): what a training run (`train`, `continue`, `dpo`, `preference train`) writes about
+itself, and does one run reproduce another.
 
 `RunManifest` is what reference.methods.train writes once a run has finished: the resolved settings, package
 versions, data and model hashes, the step plan, and per optimizer step its loss, learning rate, tokens and
@@ -141,16 +142,22 @@ def load(path: str | Path) -> dict:
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{path}: no manifest.json (a run directory written by `train`)") from None
+        raise InputError(
+            f"{path}: no manifest.json (a run directory written by a training command: train, continue, dpo, "
+            "preference train)"
+        ) from None
     except (ValueError, UnicodeDecodeError) as error:
         raise InputError(f"{file}: not a readable manifest: {error}") from None
     if not isinstance(manifest, dict):
         raise InputError(
-            f"{file}: not a manifest (a JSON object written by `train`), but a JSON {type(manifest).__name__}"
+            f"{file}: not a manifest (a JSON object written by a training command), but a JSON "
+            f"{type(manifest).__name__}"
         )
     wrong = [key for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
     if wrong:
-        raise InputError(f"{file}: not a manifest written by `train`: {', '.join(wrong)} missing or malformed")
+        raise InputError(
+            f"{file}: not a manifest written by a training command: {', '.join(wrong)} missing or malformed"
+        )
     return manifest
 
 

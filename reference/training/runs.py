@@ -26,9 +26,10 @@ from accelerate.utils import gather_object
 from transformers import PrinterCallback, Trainer, set_seed
 
 from reference import messages
+from reference.errors import InputError
 from reference.hashing import trainable_weights_sha256
 from reference.methods import padding_free, sft
-from reference.modeling import kernels, lora, models, vocab
+from reference.modeling import adapter_records, kernels, lora, models, vocab
 from reference.paths import complete_directory
 from reference.settings import training_arguments
 from reference.training import checkpoints, distributed, progress, rundir
@@ -85,13 +86,22 @@ class StepTrainer(Trainer):
 
 
 @dataclass
-class Prepared:
-    """What a method hands the run once it has read its data and loaded its model."""
+class Data:
+    """What a method read and encoded, before any model loads or the output directory is claimed (`Method.read`)."""
 
     dataset: list
     """The encoded records, one dict each, as the collator takes them."""
-    data: dict
+    info: dict
     """What the manifest says about the data: path, SHA-256, records, tokens, how they were encoded."""
+    held_out: object = None
+    """What the method measures on besides training (the classifier's held-out rows), for `evaluate`."""
+
+
+@dataclass
+class Prepared:
+    """What a method hands the run once it has loaded its model."""
+
+    data: Data
     model: object
     identity: models.ModelIdentity
     """The base's identity (path, weights SHA-256, quantisation)."""
@@ -105,16 +115,43 @@ class Prepared:
     """What the method measured before training (the classifier's held-out log-loss), completed by `evaluate`."""
 
 
+METHOD_SECTIONS = ("sft", "dpo", "classifier")
+"""The recipe sections that belong to one method each."""
+
+
 class Method:
     """One training method: what the run asks of it. Subclasses: reference.methods.train.SupervisedFineTuning,
     reference.methods.dpo.DirectPreference, reference.methods.preference.Classifier."""
 
     name = "method"
     """What the manifest and run.json call the method: sft, dpo, classifier."""
+    section = "sft"
+    """The recipe section the method reads (METHOD_SECTIONS); a recipe that sets another's is refused."""
+    adapter_task = "CAUSAL_LM"
+    """The peft task_type a saved adapter must have to be trained on by this method."""
     trainer_class = StepTrainer
 
-    def check(self, recipe, adapter: str | None, data_path: str, columns: dict | None) -> None:
-        """Refuse what cannot run, before any model loads or the output directory is claimed."""
+    def check(self, recipe, adapter: str | None) -> None:
+        """Refuse what cannot run, before anything loads: settings of another method's section (they would be
+        ignored), and an adapter made for another task (a classifier's for a causal LM, or the other way)."""
+        foreign = [s for s in METHOD_SECTIONS if s != self.section and getattr(recipe, s)]
+        if foreign:
+            given = ", ".join(f"{s}.{k}" for s in foreign for k in getattr(recipe, s))
+            raise InputError(
+                f"recipe {recipe.name!r} (with its overrides) sets {given}, which {self.name} does not read (it "
+                f"reads [{self.section}]): leave them out, or use a recipe made for this command"
+            )
+        if adapter is not None:
+            task = adapter_records.adapter_settings(adapter).get("task_type")
+            if task != self.adapter_task and not (task is None and self.adapter_task == "CAUSAL_LM"):
+                raise InputError(
+                    f"--adapter {adapter}: an adapter for task {task!r}; {self.name} trains a {self.adapter_task} "
+                    "adapter (an SFT or DPO adapter is CAUSAL_LM, a preference classifier's SEQ_CLS)"
+                )
+
+    def read(self, recipe, tokenizer, data_path: str, columns: dict | None, say) -> Data:
+        """The data read and encoded, before any model loads or the output directory is claimed."""
+        raise NotImplementedError
 
     def resolved_section(self, recipe) -> dict:
         """The method's own recipe section with its defaults written out, for the manifest: {section: values}."""
@@ -124,7 +161,8 @@ class Method:
         """The base's tokenizer, or the adapter's own when it saved one; EOS pads when it has no pad token."""
         return vocab.pad_with_eos(lora.load_tokenizer(directory, adapter))
 
-    def prepare(self, recipe, directory: Path, tokenizer, args, data_path, columns, adapter, say) -> Prepared:
+    def prepare(self, recipe, directory: Path, tokenizer, args, data: Data, adapter, say) -> Prepared:
+        """The model as the recipe loads it, with what it trains; `data` as `read` gave it."""
         raise NotImplementedError
 
     def trainer_settings(self, recipe) -> dict:
@@ -163,11 +201,25 @@ def run(
     sees the model and the arguments the Trainer was handed). A finished run (its manifest written) is complete:
     --resume says so and changes nothing. A run that ended after its last checkpoint but before its manifest is
     completed from that checkpoint."""
-    models.require_model_dir(model_dir)  # first: a wrong model fails before any work
+    directory = models.require_model_dir(model_dir)  # first: a wrong model fails before any work
     lora.check_adapter_files(adapter)  # a missing, cut or damaged adapter file, before the output is claimed
-    method.check(recipe, adapter, data_path, columns)
+    method.check(recipe, adapter)
+    tokenizer = method.tokenizer(directory, adapter)
+    data = method.read(recipe, tokenizer, data_path, columns, say)  # a bad file fails before the output is claimed
     with rundir.claimed(output_dir, resume, overwrite, say):
-        return run_claimed(method, recipe, model_dir, data_path, output_dir, columns, say, callbacks, adapter, resume)
+        return run_claimed(
+            method,
+            recipe,
+            model_dir,
+            data_path,
+            output_dir,
+            columns,
+            say,
+            callbacks,
+            adapter,
+            resume,
+            (tokenizer, data),
+        )
 
 
 def run_claimed(
@@ -181,10 +233,17 @@ def run_claimed(
     callbacks=(),
     adapter=None,
     resume=False,
+    read=None,
 ) -> RunManifest:
     """`run` in a directory the caller already holds (rundir.claimed), for a run made of several steps that no
-    other run may come between (continuation.continue_merged: merge, then train)."""
+    other run may come between (continuation.continue_merged: merge, then train). `read`: (tokenizer, Data) as
+    `run` read them before claiming the directory; read here when not given."""
     directory = models.require_model_dir(model_dir)
+    if read is None:
+        method.check(recipe, adapter)
+        tokenizer = method.tokenizer(directory, adapter)
+        read = tokenizer, method.read(recipe, tokenizer, data_path, columns, say)
+    tokenizer, data = read
     checkpoint_dir = Path(output_dir) / CHECKPOINTS
     finished = resume and rundir.is_finished(output_dir)  # said once the command is known to be that run's
     resume_from = checkpoints.last_complete(checkpoint_dir, say) if resume and not finished else None
@@ -192,16 +251,17 @@ def run_claimed(
     args = resolved.arguments  # the one object the Trainer gets (X8)
     distributed.check_arguments(args, adapter=adapter is not None or bool(recipe.lora))
     recorded = training_arguments.resolved_settings(recipe, str(checkpoint_dir), resolved)
+    recorded = {k: v for k, v in recorded.items() if k not in METHOD_SECTIONS or k == method.section}
     settings = {"method": method.name, **recorded, **method.resolved_section(recipe)}
     if args.process_index != 0:  # under torchrun the main process reports for all
         say = lambda text: None  # noqa: E731
-    tokenizer = method.tokenizer(directory, adapter)
     set_seed(args.seed)  # a fresh adapter's or head's first weights are the same in every run of the recipe
-    prepared = method.prepare(recipe, directory, tokenizer, args, data_path, columns, adapter, say)
+    prepared = method.prepare(recipe, directory, tokenizer, args, data, adapter, say)
     trainable, total = lora.count_trainable(prepared.model)
     model_record = asdict(prepared.identity)
     if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
-        rundir.write_or_check(output_dir, {"model": model_record, "data": prepared.data, "settings": settings}, resume)
+        what_runs = {"model": model_record, "data": prepared.data.info, "settings": settings}
+        rundir.write_or_check(output_dir, what_runs, resume)
     if finished:  # the same run, and it has ended: nothing to carry on
         record = RunManifest.read(output_dir)
         say(
@@ -209,12 +269,12 @@ def run_claimed(
             f"{rundir.FINISHED} written); nothing to do (--overwrite trains it again)"
         )
         return record
-    records = len(prepared.dataset)
+    records = len(prepared.data.dataset)
     reporter = progress.ProgressReporter(records, say)
     trainer = method.trainer_class(
         model=prepared.model,
         args=args,
-        train_dataset=prepared.dataset,
+        train_dataset=prepared.data.dataset,
         data_collator=prepared.collator,
         callbacks=[reporter, checkpoints.CompletionMarker(reporter.steps), *callbacks],
         **method.trainer_settings(recipe),
@@ -243,7 +303,7 @@ def run_claimed(
         method=method.name,
         settings=settings,
         model=model_record,
-        data=prepared.data,
+        data=prepared.data.info,
         trainable_parameters=trainable,
         all_parameters=total,
         weight_bytes=prepared.weight_bytes,
