@@ -115,13 +115,25 @@ def reset_peak_memory() -> int:
     return memory_kib()["VmRSS"] * 1024
 
 
-def step_clock(model):
-    """A callback timing each optimizer step, and a forward pre-hook on `model` counting what it was fed."""
+def step_clock():
+    """A callback timing each optimizer step; once the Trainer is built (or `attach`ed by hand) a forward pre-hook on
+    its model counts what each step was fed."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self):
             self.steps, self.window = [], []
+
+        def attach(self, model):
+            def count(module, args, kwargs):
+                if module.training:
+                    mask, ids = kwargs.get("attention_mask"), kwargs["input_ids"]
+                    self.window.append((int(mask.sum()) if mask is not None else ids.numel(), ids.numel()))
+
+            model.register_forward_pre_hook(count, with_kwargs=True)
+
+        def on_init_end(self, args, state, control, model=None, **kwargs):
+            self.attach(model)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.resident = reset_peak_memory()
@@ -137,15 +149,7 @@ def step_clock(model):
         def on_train_end(self, args, state, control, **kwargs):
             self.peak_rss_bytes = memory_kib()["VmHWM"] * 1024 - self.resident
 
-    clock = StepClock()
-
-    def count(module, args, kwargs):
-        if module.training:
-            mask, ids = kwargs.get("attention_mask"), kwargs["input_ids"]
-            clock.window.append((int(mask.sum()) if mask is not None else ids.numel(), ids.numel()))
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    return clock
+    return StepClock()
 
 
 def recipe_for(variant: str, steps: int, batch: int):
@@ -168,54 +172,19 @@ def recipe_for(variant: str, steps: int, batch: int):
 def run_project(model_dir: str, data: str, out: str, recipe):
     from reference.methods import train
 
-    clocks = []
-
-    def before_train(trainer):
-        clocks.append(step_clock(trainer.model))
-        trainer.add_callback(clocks[0])
-
-    train.run(recipe, model_dir, data, out, say=lambda line: None, before_train=before_train)
-    return clocks[0]
+    clock = step_clock()
+    train.run(recipe, model_dir, data, out, say=lambda line: None, callbacks=[clock])
+    return clock
 
 
 def run_trl(model_dir: str, data: str, out: str, recipe):
-    import datasets
-    import peft
-    import torch
-    import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """trl's SFTTrainer as the seed sets it up (padded), built by the project's one owner of that setup."""
+    from reference.benchmarking import peer
 
-    from reference.modeling.formats import ALPACA_PROMPT_JP
-    from reference.settings.training_arguments import gradient_checkpointing, map_training_arguments
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines()]
-    eos = tokenizer.eos_token
-    texts = [ALPACA_PROMPT_JP.format(r["instruction"], r["response"]) + (eos if r["response"] else "") for r in records]
-    dtype = torch.bfloat16 if recipe.training_arguments["bf16"] else torch.float32
-    torch.manual_seed(recipe.lora["random_state"])
-    model = peft.get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
-        peft.LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, bias="none", target_modules=SEVEN_PROJECTIONS),
-    )
-    arguments = map_training_arguments(recipe, out).kwargs
-    config = trl.SFTConfig(
-        **arguments,
-        activation_checkpointing=gradient_checkpointing(recipe, arguments),
-        disable_tqdm=True,
-        dataset_text_field="text",
-        max_length=recipe.sft["max_seq_length"],
-        packing=False,
-    )
-    trainer = trl.SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=datasets.Dataset.from_list([{"text": t} for t in texts]),
-        processing_class=tokenizer,
-    )
-    clock = step_clock(trainer.model)
+    trainer = peer.sft_trainer(recipe, model_dir, Path(data), Path(out))
+    clock = step_clock()
+    clock.attach(trainer.model)  # the Trainer is built already: its on_init_end has passed
     trainer.add_callback(clock)
-    model.config.use_cache = False  # as the seed does before trainer.train()
     trainer.train()
     return clock
 

@@ -6,6 +6,7 @@ fast."""
 
 from reference.commands import (
     add_tokens,
+    bench,
     continue_training,
     dpo,
     filter,
@@ -23,6 +24,7 @@ from reference.commands import (
 
 COMMANDS = (
     steps,
+    bench,
     render,
     add_tokens,
     filter,

@@ -1,0 +1,3 @@
+"""Benchmarks a user runs (`bench`): a memory and FLOPs plan of a published shape without weights, and measured
+training and generation tokens/s for a local model on the device at hand.
+"""

@@ -1,0 +1,118 @@
+"""The peer the benchmark is held against: trl's `SFTTrainer`, the seed's own library, at its best setting for the
+device (`bench --against trl`).
+
+Best setting: on a GPU, `padding_free=True` (flash-attention runs the packed row as separate sequences); on the CPU
+its padded default, since its padding-free rows run a full N x N masked attention there and are slower
+(benchmarks/results/train-cpu.json). Everything else as the project's run: the same records rendered in the recipe's
+alpaca-ja text, the same base (loaded NF4 when the recipe says so, by reference.modeling.models), the recipe's LoRA
+given to trl as its peft_config (trl prepares a quantised base itself), its TrainingArguments, the loss on every
+token.
+Steady real tokens/s (padding left out) after a first step apart.
+
+trl is an extra: without it, `install_hint` says how to add it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+INSTALL = "pip install 'trl==1.16.0' (or the project's dev extra: pip install -e '.[dev]')"
+
+
+def available() -> bool:
+    return importlib.util.find_spec("trl") is not None
+
+
+def install_hint() -> str:
+    return f"trl is not installed, so it was not timed beside the project; to add it: {INSTALL}"
+
+
+def best_setting(device: str) -> dict:
+    """trl's fastest batch layout on `device` (see the module docstring)."""
+    return {"padding_free": device.startswith("cuda")}
+
+
+def sft_trainer(recipe, model_dir: str, records: Path, output: Path, padding_free: bool = False):
+    """trl's SFTTrainer on the records (instruction/response JSONL) with the recipe's base, LoRA and arguments, as
+    the module docstring says; `padding_free` trl's own (on a GPU, its best)."""
+    import datasets
+    import peft
+    import trl
+    from transformers import AutoTokenizer, PrinterCallback
+
+    from reference.modeling import models
+    from reference.modeling.formats import ALPACA_PROMPT_JP
+    from reference.settings.training_arguments import gradient_checkpointing, map_training_arguments
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in Path(records).read_text(encoding="utf-8").splitlines()]
+    eos = tokenizer.eos_token
+    texts = [ALPACA_PROMPT_JP.format(r["instruction"], r["response"]) + (eos if r["response"] else "") for r in rows]
+    dtype = "bfloat16" if recipe.training_arguments.get("bf16") else "float32"
+    quantization, bnb_4bit = models.recipe_quantization(recipe.quantization)
+    # the same base on both sides (NF4 when the recipe says so); trl prepares it and attaches the LoRA itself
+    model, _ = models.load_causal_lm(model_dir, dtype=dtype, quantization=quantization, quantization_section=bnb_4bit)
+    lora = peft.LoraConfig(**{k: v for k, v in recipe.lora.items() if k != "random_state"})
+    arguments = map_training_arguments(recipe, str(output)).kwargs
+    config = trl.SFTConfig(
+        **arguments,
+        activation_checkpointing=gradient_checkpointing(recipe, arguments),
+        disable_tqdm=True,
+        dataset_text_field="text",
+        max_length=recipe.sft.get("max_seq_length", 2048),
+        packing=False,
+        padding_free=padding_free,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=datasets.Dataset.from_list([{"text": t} for t in texts]),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    trainer.remove_callback(PrinterCallback)  # stdout holds the command's table
+    trainer.model.config.use_cache = False  # as the seed does before trainer.train()
+    return trainer
+
+
+def trl_training(recipe, model_dir: str, records: Path, output: Path, steps: int, device: str) -> dict:
+    """trl's SFTTrainer on the same records and settings, at its best setting for `device`; steady real tokens/s
+    (a first step apart) and the setting used."""
+    import time
+
+    from transformers import TrainerCallback
+
+    from reference.settings.recipes import apply_overrides
+
+    recipe = apply_overrides(recipe, [f"max_steps={steps}", "save_strategy=no", "report_to=none"])
+    setting = best_setting(device)
+    trainer = sft_trainer(recipe, model_dir, records, output, **setting)
+    window, times = [], []
+
+    def count(module, args, kwargs):
+        if module.training:
+            mask = kwargs.get("attention_mask")
+            window.append(int(mask.sum()) if mask is not None else kwargs["input_ids"].numel())
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append((time.perf_counter() - self.start, sum(window)))
+            window.clear()
+
+    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+    trainer.add_callback(Clock())
+    trainer.train()
+    steady = times[1:]
+    rate = sum(t for _, t in steady) / max(sum(s for s, _ in steady), 1e-9)
+    layout = "padding-free" if setting["padding_free"] else "padded"
+    return {
+        "setting": f"{layout}, its best on {device}",
+        "tokens_per_second": rate,
+        "step_seconds": statistics.median(s for s, _ in steady) if steady else None,
+    }

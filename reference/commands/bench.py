@@ -1,0 +1,129 @@
+"""`bench`: training and generation tokens/s of a local model on the device at hand, or with --plan the memory and
+FLOPs of a published shape under a recipe, without weights (claim X13).
+
+    python -m reference bench                                   the fixture model small-gemma2, the llm2024 recipe
+    python -m reference bench --model DIR --recipe FILE key=value ...   your model and settings
+    python -m reference bench --against trl                     trl's SFTTrainer at its best setting beside it
+    python -m reference bench --plan --shape gemma-2-27b lora.r=128     does it fit, how long a step takes
+
+A table on stdout; the results as JSON in --output (bench.json), written again after each part so that a later
+error loses nothing already measured (the error is named, exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from reference.commands.arguments import declare_paths, positive_int
+from reference.messages import say
+
+NAME = "bench"
+HELP = "training and generation tokens/s on this device, or --plan: memory and FLOPs of a published shape (X13)"
+FIXTURE_MODEL = Path(__file__).resolve().parents[2] / "fixtures" / "models" / "small-gemma2"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    declare_paths(p, reads=("model", "recipe"), writes=("output",))
+    p.add_argument(
+        "--model", default=str(FIXTURE_MODEL), help="local model directory (default: fixtures' small-gemma2)"
+    )
+    p.add_argument("--recipe", default="llm2024", help="recipe name or TOML file (default: llm2024)")
+    p.add_argument(
+        "--output", default="runs/bench", help="directory for bench.json and the timed run (default: %(default)s)"
+    )
+    p.add_argument("--steps", type=positive_int, default=6, help="optimizer steps timed, the first apart (default 6)")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens each generated row decodes (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows generated at once (default 8)")
+    p.add_argument("--skip", choices=["training", "generation"], action="append", default=[], help="leave a part out")
+    p.add_argument("--against", choices=["trl"], default=None, help="also time trl's SFTTrainer at its best setting")
+    p.add_argument("--plan", action="store_true", help="no measurement: memory and FLOPs of --shape under the recipe")
+    p.add_argument("--shape", default="gemma-2-27b", help="--plan: a published shape (gemma-2-2b/9b/27b, llama-3.1-8b)")
+    p.add_argument("--mfu", type=float, default=0.4, help="--plan: the MFU step times are given at (default 0.4)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="recipe overrides (per_device_train_batch_size=2, lora.r=128)"
+    )
+
+
+def plan(args, recipe) -> int:
+    from reference.benchmarking import plan as planning
+    from reference.modeling import shapes
+    from reference.settings import sections
+    from reference.settings.training_arguments import gradient_checkpointing
+
+    config = shapes.load_config(args.shape)
+    quantization = recipe.quantization
+    scheme = "none"
+    if quantization.get("load_in_4bit"):
+        scheme = "nf4-dq" if quantization.get("bnb_4bit_use_double_quant") else "nf4"
+    elif quantization.get("load_in_8bit"):
+        scheme = "8bit"
+    arguments = recipe.training_arguments
+    result = planning.plan(
+        config,
+        args.shape,
+        recipe.lora.get("r", 8),
+        recipe.lora.get("target_modules", list(shapes.PROJECTIONS)),
+        arguments.get("per_device_train_batch_size", 8),
+        sections.resolve("sft", recipe.sft).max_seq_length,
+        scheme,
+        arguments.get("optim", "adamw_torch"),
+        gradient_checkpointing(recipe, arguments),
+        args.mfu,
+    )
+    print(planning.table(result))
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    write(Path(args.output), {"plan": result.to_dict()})
+    return 0
+
+
+def write(output: Path, results: dict) -> None:
+    from reference.paths import write_text_atomic
+
+    write_text_atomic(output / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from reference.commands.arguments import recipe_of
+
+    recipe = recipe_of(args)
+    if args.plan:
+        return plan(args, recipe)
+    from reference.benchmarking import measure, peer
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    results = {"model": str(Path(args.model).resolve()), "recipe": recipe.name, "overrides": args.overrides}
+    results.update(notes=[], errors=[])
+
+    def part(name: str, measuring) -> None:
+        """One part measured and written at once; a failure is recorded by name and the other parts still run."""
+        try:
+            results[name] = measuring()
+        except Exception as error:  # noqa: BLE001 - a benchmark reports what failed and keeps what it measured
+            results["errors"].append(f"{name}: {type(error).__name__}: {error}")
+        write(output, results)
+
+    if "training" not in args.skip:
+        say(f"bench: training {args.steps} steps of {recipe.name} on {args.model}")
+        part("training", lambda: measure.training(recipe, args.model, output, args.steps, lambda line: None))
+    if args.against == "trl" and not peer.available():
+        results["notes"].append(peer.install_hint())
+    elif args.against == "trl" and "training" in results:
+        say("bench: trl's SFTTrainer on the same records and settings")
+        device, ours = results["training"]["device"], results["training"]["tokens_per_second"]
+
+        def trl():
+            theirs = peer.trl_training(recipe, args.model, output / "records.jsonl", output / "trl", args.steps, device)
+            return {**theirs, "ratio": ours / theirs["tokens_per_second"]}
+
+        part("trl", trl)
+    if "generation" not in args.skip:
+        say(f"bench: generating {args.batch_size} x {args.new_tokens} tokens")
+        dtype = "bfloat16" if recipe.training_arguments.get("bf16") and measure._cuda() else "float32"
+        part("generation", lambda: measure.generation(args.model, args.new_tokens, args.batch_size, dtype))
+    print(measure.table(results))
+    for line in results["notes"] + results["errors"]:
+        say(f"bench: {line}")
+    say(f"bench: results in {output / 'bench.json'}")
+    return 2 if results["errors"] else 0
