@@ -30,8 +30,11 @@ from reference.records.synthetic import magpie_records, write_jsonl  # noqa: E40
 
 
 def timed(command: list[str]) -> float:
+    """Seconds the command took; a failure ends the benchmark with the child's own error, not a traceback."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:4])} ... failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import device_info, sync  # noqa: E402
-from benchmarks.record import report  # noqa: E402
+from benchmarks.record import installed, report  # noqa: E402
 
 CAP = 30.0  # Gemma-2's final_logit_softcapping
 VARIANTS = ("full", "chunked", "trl")
@@ -172,7 +172,9 @@ def compare(tokens, hidden, vocab, chunk, repeats, variants=VARIANTS, device="cp
     for variant in variants:
         command = [sys.executable, __file__, "--variant", variant, "--tokens", str(tokens), "--hidden", str(hidden)]
         command += ["--vocab", str(vocab), "--chunk", str(chunk), "--repeats", str(repeats), "--device", device]
-        done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENVIRONMENT)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENVIRONMENT)
+        if done.returncode != 0:
+            raise SystemExit(f"variant {variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     full = next(run for run in runs if run["variant"] == "full")
     memory_key = "peak_allocated_bytes" if device.startswith("cuda") else "peak_rss_bytes"
@@ -208,10 +210,9 @@ def compare(tokens, hidden, vocab, chunk, repeats, variants=VARIANTS, device="cp
 
 
 def machine(device: str) -> dict:
-    from importlib import metadata
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {**device_info(device), "trl": metadata.version("trl"), "cores": cores, "python": platform.python_version()}
+    return {**device_info(device), "trl": installed("trl"), "cores": cores, "python": platform.python_version()}
 
 
 def test_the_chunked_loss_peaks_lower_than_the_full_logits_for_the_same_loss(benchmark):

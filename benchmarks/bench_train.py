@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.record import report  # noqa: E402
+from benchmarks.record import installed, report  # noqa: E402
 
 LORA = {
     "r": 64,
@@ -291,7 +291,6 @@ def compare_paths(rounds: int, steps: int, threads: int | None, variants=PATHS, 
 
 def machine() -> dict:
     """The CPU, its cores, memory and the versions that ran."""
-    from importlib import metadata
 
     names = [
         line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
@@ -305,7 +304,7 @@ def machine() -> dict:
         "bf16_matrix_units": [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()],
         "memory_kib": int(memory.split()[1]),
         "python": platform.python_version(),
-        **{p: metadata.version(p) for p in packages},
+        **{p: installed(p) for p in packages},
         "date": time.strftime("%Y-%m-%d"),
     }
 

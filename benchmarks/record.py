@@ -29,3 +29,13 @@ SMALL_GEMMA2 = {
 random-weight models laid out as Gemma-2 (reference.modeling.shapes.GEMMA2_COMMON: soft-capping, sliding window, GQA,
 tied
 head); each benchmark gives its own vocabulary."""
+
+
+def installed(name: str) -> str | None:
+    """The package's version, None when it is not installed (trl is an extra): recorded, never a crash at the end."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
