@@ -22,7 +22,10 @@ from reference.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from reference import __version__
+
     parser = argparse.ArgumentParser(prog="ftref", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ftref {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.__doc__)

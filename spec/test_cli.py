@@ -313,3 +313,11 @@ def test_torchrun_with_two_processes_follows_the_world_size_step_plan_and_keeps_
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marked) and checkpoints.why_incomplete(final) is None
     outputs = {name: text for name, text in rank_logs(logs).items() if name.endswith("stdout.log")}
     assert sorted(text.count('"manifest"') for text in outputs.values()) == [0, 1]  # one summary, from rank 0
+
+
+def test_version_is_the_packages_own():
+    """`ftref --version` says the version pip installed (the package metadata), exit 0."""
+    from importlib import metadata
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"ftref {metadata.version('ftref')}"

@@ -208,9 +208,14 @@ def test_verify_refuses_a_negative_or_undefined_tolerance(value, nowhere):
     ids=["generate", "preference", "dpo", "filter", "verify", "steps"],
 )
 def test_the_smallest_allowed_values_are_accepted(argv):
-    """The edges of the ranges above: 1 for counts, 3 for --max-length, any rate > 0, --rtol 0."""
+    """The edges of the ranges above: 1 for counts, 3 for --max-length, any rate > 0, --rtol 0, each taken as the
+    number given (and a recipe override kept as written, for the recipe's own check)."""
     args = cli.build_parser().parse_args(argv)
-    assert args.func is not None
+    numbers = {flag: value for flag, value in zip(argv, argv[1:], strict=False) if flag.startswith("--")}
+    for flag, value in numbers.items():
+        if value.replace(".", "").replace("e-", "").isdigit():
+            assert getattr(args, flag[2:].replace("-", "_")) == float(value), flag
+    assert getattr(args, "overrides", []) == [a for a in argv if "=" in a]
 
 
 def test_the_parsed_numbers_keep_their_type_and_value():
@@ -277,8 +282,18 @@ def test_reproduce_names_an_out_of_range_set_override(tmp_path):
     ids=["counts of one", "epochs ignored when max_steps is set", "tiny rates"],
 )
 def test_the_smallest_allowed_overrides_are_accepted(overrides):
-    """Trainer ignores num_train_epochs when max_steps > 0, so 0 epochs is refused only without max_steps."""
-    recipes.check_numbers(recipes.apply_overrides(recipes.load_recipe("llm2024"), overrides))
+    """Trainer ignores num_train_epochs when max_steps > 0, so 0 epochs is refused only without max_steps. Each value
+    is kept as given, with its type (a count an int)."""
+    import tomllib
+
+    recipe = recipes.apply_overrides(recipes.load_recipe("llm2024"), overrides)
+    recipes.check_numbers(recipe)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        section, _, name = key.rpartition(".")
+        stored = getattr(recipe, section or "training_arguments")[name]
+        expected = tomllib.loads(f"v = {value}")["v"]
+        assert stored == expected and type(stored) is type(expected), override
 
 
 @pytest.mark.parametrize("name", ["primer", "llm2024"])

@@ -367,9 +367,15 @@ def sample(fixtures_dir, config):
 
 
 @pytest.mark.claim("C9")
-def test_every_input_row_is_kept_or_rejected_with_a_rule(sample):
-    counts = sample[1].counts
-    assert counts["input_rows"] == 81 == counts["kept"] + sum(counts[r] for r in RULES) and counts["unreadable"] == 1
+def test_every_input_row_is_kept_or_rejected_with_a_rule(sample, fixtures_dir):
+    """The fixture's 80 lines (counted here from the file) and one unreadable row: 81 in, and every one of them is
+    either kept or rejected under exactly one rule, counted by the rows each list holds."""
+    lines = (fixtures_dir / "data" / "magpie_sample.jsonl").read_text(encoding="utf-8").splitlines()
+    counts, result = sample[1].counts, sample[1]
+    assert counts["input_rows"] == len(lines) + 1 == 81 and counts["unreadable"] == 1
+    assert len(result.kept) + len(result.rejects) == 81
+    assert counts["kept"] == len(result.kept)
+    assert {r: counts[r] for r in RULES} == {r: sum(x.rule == r for x in result.rejects) for r in RULES}
     assert sorted(r.line for r in sample[1].rejects) == sorted({r.line for r in sample[1].rejects})
 
 
@@ -423,25 +429,14 @@ def test_the_recipe_holds_the_seeds_filter_constants(config):
 
 @pytest.mark.claim("C4", "C5", "C6", "C7")
 def test_the_recipe_constants_equal_the_seed_file(config, fixtures_dir):
-    """Parsed out of seed 001's code with ast (not retyped): replace_dict pairs and ng_list, in order."""
-    import ast
-    import re
-
-    seed = fixtures_dir.parent.parent / "shared" / "seeds" / "001_64dfb1311dccf466.md"
-    if not seed.is_file():
-        pytest.skip("../shared/seeds is not beside this checkout")
-    blocks = re.findall(r"^```python\n(.*?)^```\s*$", seed.read_text(encoding="utf-8"), re.S | re.M)
-    code = next(b for b in blocks if "replace_dict" in b)
-    first = {}
-    for node in ast.parse(code).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            first.setdefault(node.targets[0].id, node.value)
-    replace = first["replace_dict"]
-    pairs = [[ast.literal_eval(k), ast.literal_eval(v)] for k, v in zip(replace.keys, replace.values, strict=True)]
-    assert load_recipe("llm2024").filter["replace_pairs"] == pairs
-    assert list(config.ng_list) == ast.literal_eval(first["ng_list"])
-    assert set(config.whitelist) == ast.literal_eval(first["whitelist"])
-    assert config.threshold == ast.literal_eval(first["threshold"])
+    """Seed 001's replace_dict pairs and ng_list, in order, whitelist and threshold, as fixtures/sources/extract.py
+    parsed them out of the note's code with ast (not retyped) into fixtures/sources/seed-001.json (spec/SOURCES.md
+    says what the note is)."""
+    seed = json.loads((fixtures_dir / "sources" / "seed-001.json").read_text(encoding="utf-8"))
+    assert load_recipe("llm2024").filter["replace_pairs"] == seed["replace_pairs"]
+    assert list(config.ng_list) == seed["ng_list"]
+    assert sorted(config.whitelist) == seed["whitelist"]
+    assert config.threshold == seed["threshold"]
 
 
 @pytest.mark.claim("C9")

@@ -5,17 +5,15 @@ Nothing expected here comes from reference/modeling/formats.py. The references a
 * the real Jinja engine (`tokenizer.apply_chat_template`) running templates held outside the code under
   test: GEMMA2_TEMPLATE below (google/gemma-2-9b's template, as seed 001 borrows it; a test checks it
   against the seed file) and the official Llama-3.1 template committed in fixtures/tokenizer-llama3;
-* the constants as seed 001 writes them, parsed out of the seed's code with `ast` (skipped when
-  ../shared/seeds is not beside the checkout);
+* the constants as seed 001 writes them, parsed out of the note's code with `ast` by fixtures/sources/extract.py
+  into fixtures/sources/seed-001.json (spec/SOURCES.md says what the note is);
 * strings written out by hand from the formats' model cards.
 """
 
 from __future__ import annotations
 
-import ast
 import io
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +39,8 @@ from reference.modeling.formats import (
 )
 from spec.cli_runner import run_cli
 
-SEED_001 = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "001_64dfb1311dccf466.md"
+SEED_001 = Path(__file__).resolve().parent.parent / "fixtures" / "sources" / "seed-001.json"
+"""Seed 001's facts as fixtures/sources/extract.py took them out of the note's code (spec/SOURCES.md)."""
 
 # google/gemma-2-9b's chat template, as seed 001 §2.1.1 assigns it (its '\n' are real newlines there too).
 GEMMA2_TEMPLATE = (
@@ -85,15 +84,9 @@ CONVERSATIONS = {
 
 
 def seed_001_literals() -> dict[str, list[str]]:
-    """Every string assigned in seed 001's Python blocks, by target (`alpaca_prompt_jp`, `tokenizer.chat_template`)."""
-    if not SEED_001.is_file():
-        pytest.skip("../shared/seeds is not beside this checkout")
-    found: dict[str, list[str]] = {}
-    for block in re.findall(r"^```python\n(.*?)^```\s*$", SEED_001.read_text(encoding="utf-8"), re.S | re.M):
-        for node in ast.parse(block).body:
-            if isinstance(node, ast.Assign) and isinstance(getattr(node.value, "value", None), str):
-                found.setdefault(ast.unparse(node.targets[0]), []).append(node.value.value)
-    return found
+    """Every string seed 001's Python blocks assign to alpaca_prompt_jp and to tokenizer.chat_template, in order."""
+    seed = json.loads(SEED_001.read_text(encoding="utf-8"))
+    return {"alpaca_prompt_jp": seed["alpaca_prompt_jp"], "tokenizer.chat_template": seed["chat_template"]}
 
 
 def jinja(tokenizer, messages, add_generation_prompt=False, **kwargs) -> str:

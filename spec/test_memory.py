@@ -97,10 +97,19 @@ def test_the_readmes_gemma_2_27b_weight_memory_in_gib():
 def test_measured_weight_memory_of_the_fixture_model_equals_the_arithmetic(
     tiny_gemma2_dir, quantization, dtype, scheme
 ):
-    """The project's own count of what a loaded model holds (models.weight_bytes) equals the formula."""
+    """What the loaded model's layers hold, read off the tensors the libraries built (every parameter at its stored
+    size, a 4-bit weight's quantisation state, an 8-bit weight's fp32 row scales SCB), equals both the formula and
+    the project's own count (models.weight_bytes)."""
     model, _ = models.load_causal_lm(tiny_gemma2_dir, dtype=dtype, quantization=quantization)
     config = json.loads((tiny_gemma2_dir / "config.json").read_text())
-    assert models.weight_bytes(model) == memory.weight_memory(memory.parameters(config), scheme)
+    held = 0
+    for param in model.parameters():
+        held += param.numel() * param.element_size()
+        if getattr(param, "quant_state", None) is not None:
+            held += sum(t.numel() * t.element_size() for t in tensors_of(param.quant_state).values())
+        if getattr(param, "SCB", None) is not None:
+            held += param.SCB.numel() * param.SCB.element_size()
+    assert held == memory.weight_memory(memory.parameters(config), scheme) == models.weight_bytes(model)
 
 
 def tensors_of(state, prefix: str = "") -> dict:

@@ -29,8 +29,11 @@ def test_the_same_file_by_another_spelling_is_still_the_same_file(tmp_path, monk
 
 @pytest.mark.claim("X6")
 def test_a_sibling_output_is_accepted(tmp_path):
+    """`model-nf4` begins as `model` does but is not inside it: accepted; `model/nf4` is inside it: refused."""
     (tmp_path / "model").mkdir()
     check_outputs({"--output": tmp_path / "model-nf4"}, {"--model": tmp_path / "model"})
+    with pytest.raises(InputError, match="an output never overwrites an input"):
+        check_outputs({"--output": tmp_path / "model" / "nf4"}, {"--model": tmp_path / "model"})
 
 
 @pytest.mark.claim("X6")

@@ -280,11 +280,15 @@ def test_resolved_settings_write_out_every_training_argument_default_included():
 
 @pytest.mark.claim("P12", "X8")
 @pytest.mark.parametrize("recipe, checkpointing", [("llm2024", True), ("primer", True), ("plain", False)])
-def test_resolved_settings_are_the_arguments_a_train_run_hands_its_trainer(tmp_path, recipe, checkpointing):
-    """Besides the recipe's own: records arrive encoded, so every column is kept (remove_unused_columns False);
-    one line per step replaces the bar (disable_tqdm True); no KV cache while training (use_cache False, C15,
-    which the Trainer copies onto the model's config); activation checkpointing is on when the recipe asks
-    for it in [sft] (llm2024) or in its arguments (the primer's gradient_checkpointing), off otherwise."""
+def test_resolved_settings_add_the_run_settings_and_checkpointing_to_the_recipes_arguments(
+    tmp_path, recipe, checkpointing
+):
+    """What a run records (and hands its Trainer: spec/test_runs.py and spec/test_manifest.py compare the two on real
+    runs), besides the recipe's own arguments: records arrive encoded, so every column is kept
+    (remove_unused_columns False); one line per step replaces the bar (disable_tqdm True); no KV cache while
+    training (use_cache False, C15, which the Trainer copies onto the model's config); activation checkpointing is
+    on when the recipe asks for it in [sft] (llm2024) or in its arguments (the primer's gradient_checkpointing), off
+    otherwise."""
     if recipe == "plain":
         (tmp_path / "plain.toml").write_text('name = "plain"\nsource = "x"\n', encoding="utf-8")
         recipe = str(tmp_path / "plain.toml")
