@@ -183,9 +183,9 @@ def compare(shape: str, seq: int, batch: int, steps: int, device: str, r: int = 
 
 PATHS = ("trl", "padded", "padding-free", "padded-bf16")
 GOALS = {"padded": 0.95, "padding-free": 1.3}
-"""Real tokens/s over trl's padded step, at least (issue 14, on this CPU)."""
+"""Real tokens/s over trl's padded step, at least, on this project's CPU (the goals its benchmark was held to)."""
 DTYPE_PAIRS = (("padded", "padded-bf16"), ("nf4-fp32", "nf4-bf16"))
-"""fp32 against the recipe's bf16 compute, on a full-precision base and on NF4 (issue 14, item 6)."""
+"""fp32 against the recipe's bf16 compute, on a full-precision base and on NF4."""
 CHILD_ENVIRONMENT = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "TOKENIZERS_PARALLELISM": "false"}
 """glibc maps each block of 1 MiB or more on its own and unmaps it when freed, so the resident memory a run
 leaves behind is not lent to the next allocation unseen (as bench_loss.py does)."""

@@ -1,4 +1,4 @@
-"""Every number the command line reads is checked where it is read (issue 11).
+"""Every number the command line reads is checked where it is read: a bad one is refused by name, exit 2.
 
 A bad number ends the command with exit code 2 and one message on stderr that names the argument (or, for a
 recipe override, the setting), with no traceback, and before any expensive work: no file is read, no model is
