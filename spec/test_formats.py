@@ -444,6 +444,7 @@ def test_render_with_a_tokenizer_gives_the_templates_ids(ftref_render, llama_tok
     assert data["text"] == jinja(llama_tokenizer, messages, add_generation_prompt=True)
     assert data["input_ids"] == jinja_ids(llama_tokenizer, messages, add_generation_prompt=True)
     assert data["tokens"] == llama_tokenizer.convert_ids_to_tokens(data["input_ids"])
+    assert data["pieces"] == [llama_tokenizer.decode([i]) for i in data["input_ids"]]
 
 
 @pytest.mark.claim("P4", "P11", "C2")

@@ -269,3 +269,11 @@ def test_the_kv_cache_is_on_so_each_step_after_the_prompt_feeds_one_token(leanin
         hook.remove()
     prompt_length = len(tokenizer(PROMPTS[1])["input_ids"])
     assert fed == [prompt_length, 1, 1, 1]
+
+
+@pytest.mark.claim("C19")
+def test_the_settings_record_names_the_banned_words_and_the_pad_token_as_text(gemma_tokenizer):
+    """What `generate` prints: beside the ids, the seed's eight banned words as they are written, and <pad>."""
+    config = seed_generation_config(gemma_tokenizer, max_new_tokens=8)
+    record = generation.settings_record(config, batch_size=4, tokenizer=gemma_tokenizer)
+    assert record["bad_words"] == list(SEED_BAD_WORDS) and record["pad_token"] == "<pad>"

@@ -95,6 +95,11 @@ def test_sft_lowers_the_loss_and_raises_the_accuracy_on_its_training_answers(job
     assert after["tokens"] == before["tokens"] > 1000
     assert f"| before SFT (the base) | {before['loss']:.3f} | {before['accuracy']:.1%} |" in job.report
     assert f"| after SFT | {after['loss']:.3f} | {after['accuracy']:.1%} |" in job.report
+    from transformers import AutoTokenizer
+
+    model = Path(__file__).resolve().parent.parent / "fixtures" / "models" / "small-gemma2"
+    vocabulary = len(AutoTokenizer.from_pretrained(str(model)))
+    assert f"scores ln {vocabulary:,} = {math.log(vocabulary):.3f}" in job.report  # the uniform guess, as a number
 
 
 @pytest.mark.slow
@@ -223,7 +228,10 @@ def test_the_report_tables_every_route_with_a_picture_and_says_which_keep_what_w
     verdict = job.summary["verdict"]
     assert f"**{verdict}**" in job.report
     keep, lose = verdict.split(";")[0].lower(), verdict.split(";")[1]
-    assert "adapter loaded trainable" in keep and "merged, new adapter on top" in keep and "keep what" in keep
+    assert "adapter loaded trainable" in keep and "merged, new adapter on top" in keep
+    assert "keep most of sft's drop in old-data loss" in keep
+    for route in job.summary["routes"][:2]:  # the verdict gives each kept route's old-data accuracy, as the table
+        assert f"old-data accuracy {route['after']['old']['accuracy']:.1%}" in verdict
     assert "fresh adapter on the bare base" in lose and "loses the old" in lose
     assert "refused" in verdict.split(";")[2]
     svg = ET.parse(job.dir / "routes.svg").getroot()
@@ -267,16 +275,21 @@ def test_the_report_gives_the_total_time_and_each_step_plan_as_a_fraction_of_an_
 
 @pytest.mark.slow
 @pytest.mark.claim("M3")
-def test_the_loss_picture_has_labelled_axes_and_draws_the_continuation_after_the_sft_steps(job):
+def test_the_loss_pictures_say_what_the_loss_averages_over_and_give_each_route_its_own_step_axis(job):
+    """loss.svg: SFT's steps, the loss over every token (llm2024 trains with loss_on = all), which the report says
+    beside the answer-token table. continuation.svg: each of the 3 trained routes from its own step 1, as each
+    starts its own schedule, drawn over the same x positions."""
     svg = ET.parse(job.dir / "loss.svg").getroot()
     texts = [t.text for t in svg.iter(f"{SVG}text")]
-    assert "optimizer step" in texts and "training loss (nats per token)" in texts
+    assert "optimizer step" in texts and "training loss (nats per token, every token)" in texts
     assert "0" in texts and str(reproduce.SFT_STEPS) in texts  # tick labels from 0, the step axis up to the last
-    lines = [[float(p.split(",")[0]) for p in line.get("points").split()] for line in svg.iter(f"{SVG}polyline")]
-    sft, continuations = lines[0], lines[1:]
-    assert len(sft) == reproduce.SFT_STEPS and len(continuations) == 3
-    assert all(min(xs) > max(sft) and len(xs) == reproduce.CONTINUE_STEPS for xs in continuations)
-    assert "![training loss per optimizer step" in job.report and "](loss.svg)" in job.report
+    lines = [line.get("points").split() for line in svg.iter(f"{SVG}polyline")]
+    assert len(lines) == 1 and len(lines[0]) == reproduce.SFT_STEPS
+    routes = ET.parse(job.dir / "continuation.svg").getroot()
+    xs = [[float(p.split(",")[0]) for p in line.get("points").split()] for line in routes.iter(f"{SVG}polyline")]
+    assert len(xs) == 3 and all(x == xs[0] and len(x) == reproduce.CONTINUE_STEPS for x in xs)
+    assert "](loss.svg)" in job.report and "](continuation.svg)" in job.report
+    assert "averages over every token of each record" in job.report
 
 
 @pytest.mark.slow

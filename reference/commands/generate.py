@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     if args.output is not None:
         generation.write_outputs(args.output, answers.outputs, answers.task_ids)
-    settings = generation.settings_record(config, args.batch_size)
+    settings = generation.settings_record(config, args.batch_size, tokenizer)
     result = {"output": args.output, "tasks": len(tasks), "shots": len(shots), "settings": settings}
     if args.prompt is not None:
         result["answer"], result["prompt_tokens"] = answers.outputs[0], answers.prompt_tokens[0]

@@ -25,7 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--date", default=None, help="llama3.1 'Today Date' (default: 26 Jul 2024, as the official template)"
     )
-    p.add_argument("--json", action="store_true", help="with --tokenizer: print {text, input_ids, tokens} as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="with --tokenizer: print {text, input_ids, tokens, pieces} as JSON (tokens: the vocabulary's entries, "
+        "pieces: the text each token decodes to)",
+    )
 
 
 def read_messages(source: str) -> list[dict]:
@@ -75,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
         text = formats.render_with_tokenizer(tokenizer, args.format, messages, args.add_generation_prompt, args.date)
     ids = formats.encode_prompt(tokenizer, text)
     if args.json:
-        tokens = tokenizer.convert_ids_to_tokens(ids)
-        print(json.dumps({"text": text, "input_ids": ids, "tokens": tokens}, ensure_ascii=False))
+        tokens = tokenizer.convert_ids_to_tokens(ids)  # the vocabulary's entries: byte-level BPE spells bytes as
+        # letters (Ċ a newline, æĹ¥æľ¬ 日本), so each token's own text is given beside them
+        pieces = [tokenizer.decode([i]) for i in ids]
+        print(json.dumps({"text": text, "input_ids": ids, "tokens": tokens, "pieces": pieces}, ensure_ascii=False))
     else:
         sys.stdout.write(text)
         sys.stdout.flush()

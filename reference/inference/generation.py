@@ -67,9 +67,13 @@ def bad_words_ids(tokenizer, words=BAD_WORDS) -> list[list[int]]:
     return [tokenizer.encode(word, add_special_tokens=False) for word in words]
 
 
-def settings_record(config: GenerationConfig, batch_size: int = 1) -> dict:
-    """What a run used, for its report: the settings that differ from transformers' defaults, and the batch size."""
+def settings_record(config: GenerationConfig, batch_size: int = 1, tokenizer=None) -> dict:
+    """What a run used, for its report: the settings that differ from transformers' defaults, and the batch size;
+    with the tokenizer, the banned words and the pad token as text beside their ids."""
     settings = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
+    if tokenizer is not None:
+        words = [tokenizer.decode(ids) for ids in settings.get("bad_words_ids") or []]
+        settings.update(bad_words=words, pad_token=tokenizer.convert_ids_to_tokens(config.pad_token_id))
     return {**settings, "batch_size": batch_size}
 
 

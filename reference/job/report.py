@@ -1,4 +1,4 @@
-"""The main job's report: report.md, loss.svg and routes.svg in the run directory (claim M3).
+"""The main job's report: report.md, loss.svg, continuation.svg and routes.svg in the run directory (claim M3).
 
 Written for someone who has just run the job: how long it took, what each stage did, each step plan as a
 fraction of an epoch, how well the model predicts its training answers before and after SFT, what it wrote
@@ -9,6 +9,7 @@ about (reference.training.steps.StepPlan.warmup_warning).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from reference.job import charts
@@ -51,6 +52,7 @@ def run_summary(record, root: Path) -> dict:
         "max_seq_length": record.data.get("max_seq_length"),
         "batches": "padding-free" if record.settings.get("sft", {}).get("padding_free") else "padded",
         "loss_computed": record.loss,
+        "loss_on": record.data.get("loss_on"),
         "plan": plan_summary(record.step_plan, record.data["records"]),
         "learning_rate": settings.get("learning_rate"),
         "losses": [step["loss"] for step in record.steps],
@@ -83,18 +85,28 @@ SHORT_NAMES = {
 }
 
 
+def loss_scope(run: dict) -> str:
+    """What a run's training loss averages over: the recipe's [sft] loss_on."""
+    return "every token" if run.get("loss_on") == "all" else "answer tokens"
+
+
 def loss_svg(summary: dict) -> str:
-    """SFT's per-step loss, then each route's continuation drawn after SFT's last step."""
+    """SFT's per-step loss, on its own step axis."""
     sft = summary["sft"]["losses"]
     series = [charts.Series("SFT (old data)", list(range(1, len(sft) + 1)), sft)]
-    for route in summary["routes"]:
-        if route["run"] is not None:
-            losses = route["run"]["losses"]
-            steps = list(range(len(sft) + 1, len(sft) + len(losses) + 1))
-            series.append(charts.Series(f"then {route['title']} (new data)", steps, losses))
-    return charts.line_chart(
-        series, "optimizer step", "training loss (nats per token)", marks=[(len(sft) + 0.5, "SFT ends")]
-    )
+    label = f"training loss (nats per token, {loss_scope(summary['sft'])})"
+    return charts.line_chart(series, "optimizer step", label)
+
+
+def continuation_svg(summary: dict) -> str:
+    """Each route's per-step loss on the new data, on its own step axis: each starts its own schedule at step 1."""
+    series = [
+        charts.Series(route["title"], list(range(1, len(route["run"]["losses"]) + 1)), route["run"]["losses"])
+        for route in summary["routes"]
+        if route["run"] is not None
+    ]
+    label = f"training loss (nats per token, {loss_scope(summary['sft'])})"
+    return charts.line_chart(series, "optimizer step of the route's own run", label)
 
 
 def routes_svg(summary: dict) -> str:
@@ -117,6 +129,7 @@ def routes_svg(summary: dict) -> str:
 
 def write(out: Path, summary: dict) -> None:
     write_text_atomic(out / "loss.svg", loss_svg(summary))
+    write_text_atomic(out / "continuation.svg", continuation_svg(summary))
     write_text_atomic(out / "routes.svg", routes_svg(summary))
     write_text_atomic(out / "report.md", markdown(summary))
 
@@ -202,7 +215,11 @@ def markdown(summary: dict) -> str:
         *_run_lines(sft),
         "",
         f"How well the model predicts the answers of {learning['records']} training records "
-        f"({learning['before']['tokens']:,} answer tokens; a uniform guess has a loss of ln(vocabulary)):",
+        f"({learning['before']['tokens']:,} answer tokens), as a loss per answer token. A uniform guess over the "
+        f"{learning['vocabulary']:,}-token vocabulary scores ln {learning['vocabulary']:,} = "
+        f"{math.log(learning['vocabulary']):.3f}; a random base starts near it, or above it when its guesses are "
+        f"confidently wrong. The training curve of section 6 averages over {loss_scope(sft)} of each record (the "
+        f"recipe's loss_on), so its numbers are not this table's:",
         "",
         "| | loss (nats per token) | per-token accuracy |",
         "|---|---:|---:|",
@@ -226,7 +243,13 @@ def markdown(summary: dict) -> str:
         *_routes_section(summary),
         "## 6. Training loss per step",
         "",
-        "![training loss per optimizer step: SFT, then each route's continuation](loss.svg)",
+        f"The loss each step trained on, averaged over {loss_scope(sft)} of its records (the recipe's loss_on).",
+        "",
+        "![training loss per optimizer step of SFT](loss.svg)",
+        "",
+        "Each route's own run on the new data, from its step 1 (each starts its own schedule):",
+        "",
+        "![training loss per optimizer step of each route](continuation.svg)",
         "",
         *_reference_section(summary.get("reference_run")),
     ]
@@ -260,6 +283,15 @@ def _routes_section(summary: dict) -> list[str]:
         "the route.)",
         "",
     ]
+    merged = next((r for r in summary["routes"] if r["name"] == "merge" and r["run"]), None)
+    if merged:
+        lines += [
+            f"The merged route starts from a model of its own: the SFT adapter folded into the base in bf16, then "
+            f"quantised again to NF4 to train on, which rounds the adapter's update. So its old-data loss before "
+            f"({merged['before']['old']['loss']:.3f}) is close to, not equal to, SFT's after "
+            f"({summary['learning']['after']['loss']:.3f}).",
+            "",
+        ]
     for route in summary["routes"]:
         if route["run"]:
             mode = route["run"]["adapter"].get("mode", "")

@@ -172,7 +172,7 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
             more, pipeline.model, str(out / "sft"), pipeline.new_data, columns, out / "routes", scorer, say
         )
 
-    with clock.stage("report", "report.md, loss.svg, routes.svg"):
+    with clock.stage("report", "report.md, loss.svg, continuation.svg, routes.svg"):
         summary = {
             "pipeline": {**asdict(pipeline), "overrides": [recipes.shown(o) for o in pipeline.overrides]},  # X7
             "continue_overrides": continue_overrides(pipeline.continue_steps),
@@ -183,12 +183,13 @@ def run(pipeline: Pipeline, output: str | Path, say=print) -> dict:
             "sft": report.run_summary(sft, out),
             "learning": {
                 "records": len(scorer.sets["old"]),
+                "vocabulary": len(scorer.tokenizer),
                 "before": before["old"].to_dict(),
                 "after": after["old"].to_dict(),
             },
             "outputs": answers,
             "routes": [report.route_summary(r, out) for r in taken],
-            "verdict": routes.verdict(taken, before["old"].loss, after["old"].loss),
+            "verdict": routes.verdict(taken, before["old"].loss, after["old"].loss, after["old"].accuracy),
             "reference_run": compare_with_reference(out, say) if is_default(pipeline) else None,
             "output": "output.jsonl",
         }

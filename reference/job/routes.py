@@ -102,17 +102,27 @@ def run_routes(recipe, base: str, sft_adapter: str, new_data: str, columns: dict
     return routes
 
 
-def verdict(routes: list[Route], base_old: float, sft_old: float) -> str:
-    """One sentence: which routes keep what was learned first, which lose it, which was refused."""
-    keep, lose = [], []
+def verdict(routes: list[Route], base_old: float, sft_old: float, sft_accuracy: float | None = None) -> str:
+    """One sentence from the numbers the report shows: which routes keep most of SFT's drop in old-data loss (the
+    share kept, and the old-data accuracy after, beside SFT's `sft_accuracy`), which lose it, which was refused."""
+    keep, lose, accuracy_fell = [], [], []
     for route in routes:
         share = kept_share(route, base_old, sft_old)
         if share is not None:
-            (keep if share >= KEEPS else lose).append(f"{route.title} ({share:.0%} kept)")
+            accuracy = route.after["old"].accuracy
+            text = f"{route.title} ({share:.0%} of the loss drop kept, old-data accuracy {accuracy:.1%})"
+            (keep if share >= KEEPS else lose).append(text)
+            if share >= KEEPS and sft_accuracy is not None and accuracy < sft_accuracy:
+                accuracy_fell.append(route.title)
     refused = [route.title for route in routes if route.refused]
     parts = []
     if keep:
-        parts.append(f"{' and '.join(keep)} keep what SFT learned from the old data while learning the new")
+        fell = (
+            f", though their old-data accuracy falls below SFT's {sft_accuracy:.1%}"
+            if accuracy_fell and len(accuracy_fell) == len(keep)
+            else ""
+        )
+        parts.append(f"{' and '.join(keep)} keep most of SFT's drop in old-data loss while learning the new{fell}")
     if lose:
         parts.append(f'{" and ".join(lose)} learns the new data but loses the old ("it only learned the new data")')
     if refused:
