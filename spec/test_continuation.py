@@ -11,6 +11,17 @@ training goes on for six steps on the magpie sample (the "new" data), a module f
 that look at it. The same continuation tests run on the CPU and, with a 4-bit base, on CUDA when a GPU is
 there (A6; skipped with the reason when none is). Resuming a run is spec/test_resume.py, merging the adapter
 into its base spec/test_merge.py; the `continue` command built on these calls is checked in spec/test_cli.py.
+
+The numbers the tests lean on, defined in spec/adapters.py:
+- SIX_STEPS: the llm2024 recipe cut to 6 steps of 4 records, warmup 2, learning rate 2e-3, a checkpoint every 3
+  steps, records cut to 40 tokens;
+- SCHEDULE: the rate of each of those steps, by hand: 0, 1e-3, 2e-3, 1.5e-3, 1e-3, 5e-4 (warmup over steps 1 and 2,
+  then linear decay to 0 at step 6);
+- TOLERANCE: 2^-7, bf16's resolution near 1 (fp32 norms in training against bf16 ones in a plain reload).
+
+Where it leads: the main job measures what each route keeps of the old data (reference/job/routes.py, its report's
+section 5; spec/test_reproduce.py pins it). The adapter loaded trainable keeps most of SFT's drop in old-data loss,
+and a fresh adapter loses it.
 """
 
 from __future__ import annotations

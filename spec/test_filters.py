@@ -4,6 +4,18 @@ Hand-made cases need characters that are *not* rare, so each builds on BASE: for
 two Japanese sentences (every character of them is counted 40+ times, far above the pass-1 limit of 19).
 `filtered` runs our filter and also the seed's algorithm, transcribed literally (reference/records/seed_filter.py),
 on the same records, and asserts that both keep the same rows; the test then checks by hand why.
+
+The rules, in the order the seed applies them (seed 001 §2.2.1; spec/SOURCES.md), each with its reject name:
+1. pass 1 counts every character over all records (response + " " + instruction) before anything changes; a
+   character counted 19 times or fewer joins the NG list, after the note's own NG strings;
+2. the replacement dict, key by key in dict order (built from the note's pairs, so a repeated key counts once), on
+   response and instruction;
+3. a record holding an NG string is dropped: ``ng_string`` (one of the note's) or ``rare_char_pass1``; an
+   ``instruct_ng_list`` string in the instruction: ``instruct_ng``;
+4. pycld2 must report Japanese (the whitelist) at 60% or more for the instruction, then the response: ``language``
+   (``detector_error`` when it fails);
+5. pass 2 recounts over the kept records; a character counted fewer than 10 times drops its records:
+   ``rare_char_pass2``. A line that is not a record: ``unreadable``.
 """
 
 from __future__ import annotations
