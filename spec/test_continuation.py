@@ -74,6 +74,7 @@ def saved_fresh_adapter(tiny_gemma2_dir, tmp_path_factory):
 
 
 @pytest.mark.claim("A2")
+@pytest.mark.library("peft")
 def test_peft_loads_a_saved_adapter_frozen_unless_asked_for_is_trainable(saved_fresh_adapter, tiny_gemma2_dir):
     """Seed 000's "it only learned the new data": PeftModel.from_pretrained(base, dir) has
     is_trainable=False, so not one adapter weight can change. With is_trainable=True every LoRA weight

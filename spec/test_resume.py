@@ -66,6 +66,7 @@ def rates_logged(trainer: Trainer) -> list[tuple[int, float, float]]:
 
 
 @pytest.mark.claim("A4")
+@pytest.mark.library("transformers")
 def test_trainer_train_resume_from_checkpoint_goes_on_at_its_step_with_its_schedule(tmp_path):
     """The library call under `train --resume`: Trainer.train(resume_from_checkpoint=DIR), on a one-weight
     model. A new Trainer resumed from checkpoint-3 of a six-step run takes steps 4-6 only, at the same

@@ -229,6 +229,7 @@ def test_neftune_bound_by_hand():
 
 
 @pytest.mark.claim("C14")
+@pytest.mark.library("transformers")
 def test_neftune_adds_bounded_uniform_noise_to_embeddings_in_training_only(tiny_gemma2, tmp_path):
     """The Trainer's neftune_noise_alpha hook, with the llm2024 recipe's alpha (5), on the real model's
     embedding layer. In training mode every value moves by at most alpha/sqrt(L*d) = 5/sqrt(16*64) = 0.15625
