@@ -323,7 +323,7 @@ def test_the_recipes_train_on_the_chunked_loss_to_the_per_step_losses_of_the_mod
 def test_on_cuda_liger_kernels_fused_linear_cross_entropy_gives_the_models_own_loss_and_gradients(fixtures_dir):
     """On CUDA with liger-kernel installed, `use_chunked_loss` goes through liger's fused kernel (its own fp32
     accumulation order, so a looser tolerance than fp32 rounding: rtol 1e-4)."""
-    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install liger-kernel)")
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (`tox -e gpu` installs it)")
     from reference.methods.chunked_loss import liger_runs_here
 
     model = causal_lm(fixtures_dir / "models" / "tiny-gemma2", lora=True).to("cuda")
