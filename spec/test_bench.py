@@ -139,3 +139,29 @@ def test_a_part_that_fails_loses_nothing_already_measured_and_a_missing_trl_says
     assert code == 2 and measured["training"]["steps"] == 2
     assert measured["errors"] == ["generation: RuntimeError: the device went away"]
     assert measured["notes"] == [peer.install_hint()] and "pip install 'trl==" in err
+
+
+@pytest.mark.claim("X13", "C1")
+@pytest.mark.parametrize("quantization, marked", [("", "nf4-dq"), ("bnb_4bit_use_double_quant = false\n", "nf4")])
+def test_the_plan_reads_the_recipe_as_the_loader_does(tmp_path, quantization, marked):
+    """A recipe that asks for 4 bits without naming double quantisation gets it (the loader's BitsAndBytesConfig,
+    as the seed's), so the plan's run is NF4 with double quantisation; naming it false gives plain NF4. Batch, LoRA
+    and optimizer come from the TrainingArguments and LoraConfig the run would build, their defaults included (batch
+    8 and r 8; the optimizer transformers' own default)."""
+    import transformers
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'name = "r"\nsource = "x"\n[quantization]\nload_in_4bit = true\n{quantization}[lora]\n'
+        'target_modules = ["q_proj"]\n',
+        encoding="utf-8",
+    )
+    code, out, err = run_main(
+        "bench", "--plan", "--shape", "gemma-2-2b", "--recipe", recipe, "--output", tmp_path / "o"
+    )
+    assert code == 0, err
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert rows[f"weights {marked}"].endswith("<- this run")
+    assert "8 x 2048" in rows["batch x sequence"] and rows["LoRA"].startswith("LoRA  ") and "r=8 on q_proj:" in out
+    default = transformers.TrainingArguments.__dataclass_fields__["optim"].default
+    assert f"optimizer ({getattr(default, 'value', default)})" in out

@@ -86,7 +86,7 @@ def training(recipe, model_dir: str, output: Path, steps: int, say) -> dict:
     # OUTPUT/run is the benchmark's own: a second bench into OUTPUT times it again (a user's folder is still refused)
     record = train.run(recipe, model_dir, records, str(output / "run"), say=say, overwrite=True)
     args = record.settings["training_arguments"]
-    device = "cuda" if not args.get("use_cpu") and _cuda() else "cpu"
+    device = "cuda" if not args.get("use_cpu") and cuda_available() else "cpu"
     dtype = "bfloat16" if args.get("bf16") else "float32"
     steady = record.steps[1:]
     mean_length = record.data["tokens"] / record.data["records"]
@@ -115,7 +115,7 @@ def training(recipe, model_dir: str, output: Path, steps: int, say) -> dict:
     }
 
 
-def _cuda() -> bool:
+def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()

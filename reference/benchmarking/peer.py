@@ -45,6 +45,7 @@ def sft_trainer(recipe, model_dir: str, records: Path, output: Path, padding_fre
 
     from reference.modeling import models
     from reference.modeling.formats import ALPACA_PROMPT_JP
+    from reference.settings import sections
     from reference.settings.training_arguments import gradient_checkpointing, map_training_arguments
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -62,7 +63,7 @@ def sft_trainer(recipe, model_dir: str, records: Path, output: Path, padding_fre
         activation_checkpointing=gradient_checkpointing(recipe, arguments),
         disable_tqdm=True,
         dataset_text_field="text",
-        max_length=recipe.sft.get("max_seq_length", 2048),
+        max_length=sections.resolve("sft", recipe.sft).max_seq_length,
         packing=False,
         padding_free=padding_free,
     )

@@ -118,6 +118,23 @@ def recipe_of(args: argparse.Namespace):
     return recipe
 
 
+def run_method(args: argparse.Namespace, run, columns: dict | None, **extra) -> int:
+    """A training command's work: the recipe with its overrides (recipe_of), the method's `run` on --model, --data
+    and --output with --resume or --overwrite (reference.training.runs), and the run's summary printed."""
+    record = run(
+        recipe_of(args),
+        args.model,
+        args.data,
+        args.output,
+        columns=columns,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        **extra,
+    )
+    print_run(record)
+    return 0
+
+
 def print_run(record) -> None:
     """A training run's summary as JSON on stdout, from the main process only under torchrun."""
     from reference.training import runs

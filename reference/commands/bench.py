@@ -46,29 +46,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plan(args, recipe) -> int:
+    """The plan of --shape under the recipe, read as a run reads it: the TrainingArguments it resolves to
+    (training_arguments.resolve), peft's LoraConfig of its [lora], and the BitsAndBytesConfig the loader builds."""
     from reference.benchmarking import plan as planning
-    from reference.modeling import shapes
-    from reference.settings import sections
-    from reference.settings.training_arguments import gradient_checkpointing
+    from reference.modeling import lora, models, shapes
+    from reference.settings import sections, training_arguments
 
     config = shapes.load_config(args.shape)
-    quantization = recipe.quantization
-    scheme = "none"
-    if quantization.get("load_in_4bit"):
-        scheme = "nf4-dq" if quantization.get("bnb_4bit_use_double_quant") else "nf4"
-    elif quantization.get("load_in_8bit"):
-        scheme = "8bit"
-    arguments = recipe.training_arguments
+    arguments = training_arguments.resolve(recipe, str(Path(args.output) / "checkpoints")).arguments
+    quantization, bnb_4bit = models.recipe_quantization(recipe.quantization)
+    if quantization == "nf4" and models.bnb_config(quantization, bnb_4bit).bnb_4bit_use_double_quant:
+        quantization = "nf4-dq"
+    adapter = lora.lora_config(recipe.lora)
+    chosen = adapter.target_modules or shapes.PROJECTIONS  # peft keeps a set: shown in the projections' order
+    targets = [m for m in shapes.PROJECTIONS if m in chosen] + sorted(set(chosen) - set(shapes.PROJECTIONS))
     result = planning.plan(
         config,
         args.shape,
-        recipe.lora.get("r", 8),
-        recipe.lora.get("target_modules", list(shapes.PROJECTIONS)),
-        arguments.get("per_device_train_batch_size", 8),
+        adapter.r,
+        targets,
+        arguments.per_device_train_batch_size,
         sections.resolve("sft", recipe.sft).max_seq_length,
-        scheme,
-        arguments.get("optim", "adamw_torch"),
-        gradient_checkpointing(recipe, arguments),
+        quantization,
+        str(getattr(arguments.optim, "value", arguments.optim)),
+        arguments.activation_checkpointing,
         args.mfu,
     )
     print(planning.table(result))
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         part("trl", trl)
     if "generation" not in args.skip:
         say(f"bench: generating {args.batch_size} x {args.new_tokens} tokens")
-        dtype = "bfloat16" if recipe.training_arguments.get("bf16") and measure._cuda() else "float32"
+        dtype = "bfloat16" if recipe.training_arguments.get("bf16") and measure.cuda_available() else "float32"
         part("generation", lambda: measure.generation(args.model, args.new_tokens, args.batch_size, dtype))
     print(measure.table(results))
     for line in results["notes"] + results["errors"]:

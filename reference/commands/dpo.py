@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from reference.commands.arguments import add_run_options, print_run, recipe_of
+from reference.commands.arguments import add_run_options, run_method
 
 NAME = "dpo"
 HELP = "DPO with a LoRA policy, a run like `train`; the reference is the starting adapter, frozen (D3, X9, X12)"
@@ -34,17 +34,4 @@ def run(args: argparse.Namespace) -> int:
     from reference.methods import dpo
     from reference.records import data
 
-    recipe = recipe_of(args)
-    columns = data.parse_columns(args.columns, dpo.COLUMNS)
-    record = dpo.run(
-        recipe,
-        args.model,
-        args.data,
-        args.output,
-        adapter=args.adapter,
-        columns=columns,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
-    print_run(record)
-    return 0
+    return run_method(args, dpo.run, data.parse_columns(args.columns, dpo.COLUMNS), adapter=args.adapter)

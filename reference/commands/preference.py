@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from reference.commands.arguments import add_run_options, at_least, declare_paths, positive_int, print_run, recipe_of
+from reference.commands.arguments import add_run_options, at_least, declare_paths, positive_int, run_method
 
 NAME = "preference"
 HELP = "the LMSYS 3-class preference classifier: train (a run like `train`) or predict (claims L1, A5, X12)"
@@ -72,19 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     columns = data.parse_columns(args.columns, preference.COLUMNS[:3])
     if args.action == "train":
-        recipe = recipe_of(args)
-        record = preference.run(
-            recipe,
-            args.model,
-            args.data,
-            args.output,
-            adapter=args.adapter,
-            columns=columns,
-            resume=args.resume,
-            overwrite=args.overwrite,
-        )
-        print_run(record)
-        return 0
+        return run_method(args, preference.run, columns, adapter=args.adapter)
     config = config_of(args)
     result = preference.predict_file(args.model, args.data, args.output, config, adapter=args.adapter, columns=columns)
     print(json.dumps(result, indent=2))

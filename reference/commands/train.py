@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from reference.commands.arguments import add_run_options, print_run, recipe_of
+from reference.commands.arguments import add_run_options, run_method
 from reference.settings.recipes import builtin_names
 
 NAME = "train"
@@ -20,10 +20,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from reference.methods import train
 
-    recipe = recipe_of(args)
-    columns = train.parse_columns(args.columns)
-    record = train.run(
-        recipe, args.model, args.data, args.output, columns=columns, resume=args.resume, overwrite=args.overwrite
-    )
-    print_run(record)
-    return 0
+    return run_method(args, train.run, train.parse_columns(args.columns))

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import peft
@@ -237,9 +237,6 @@ class DirectPreference(runs.Method):
                 f"dpo: recipe {recipe.name!r} has no [lora] and no --adapter was given: the policy is a "
                 "LoRA adapter (a fresh one from [lora], or a saved one)"
             )
-
-    def resolved_section(self, recipe) -> dict:
-        return {"dpo": asdict(sections.resolve("dpo", recipe.dpo))}
 
     def trainer_settings(self, recipe) -> dict:
         return {"beta": sections.resolve("dpo", recipe.dpo).beta}

@@ -191,9 +191,6 @@ class Classifier(runs.Method):
     section = "classifier"
     adapter_task = "SEQ_CLS"
 
-    def resolved_section(self, recipe) -> dict:
-        return {"classifier": asdict(sections.resolve("classifier", recipe.classifier))}
-
     def tokenizer(self, directory, adapter):
         tokenizer = super().tokenizer(directory, adapter)
         tokenizer.padding_side = "right"

@@ -206,7 +206,8 @@ def resolved_settings(recipe: Recipe, output_dir: str = "runs/recipe", resolved:
             "departures": recipe.departures,
             "lora": _lora_resolved(recipe.lora) if recipe.lora else {},
             "quantization": recipe.quantization,
-            "sft": dataclasses.asdict(sections.resolve("sft", recipe.sft)),  # every field, defaults written out
+            # the method sections, every field with its defaults written out (a run keeps its method's own)
+            **{name: dataclasses.asdict(sections.resolve(name, getattr(recipe, name))) for name in sections.SECTIONS},
         }
     )
     recipe_identity = given.pop("recipe")

@@ -153,10 +153,6 @@ class Method:
         """The data read and encoded, before any model loads or the output directory is claimed."""
         raise NotImplementedError
 
-    def resolved_section(self, recipe) -> dict:
-        """The method's own recipe section with its defaults written out, for the manifest: {section: values}."""
-        return {}
-
     def tokenizer(self, directory: Path, adapter: str | None):
         """The base's tokenizer, or the adapter's own when it saved one; EOS pads when it has no pad token."""
         return vocab.pad_with_eos(lora.load_tokenizer(directory, adapter))
@@ -251,8 +247,8 @@ def run_claimed(
     args = resolved.arguments  # the one object the Trainer gets (X8)
     distributed.check_arguments(args, adapter=adapter is not None or bool(recipe.lora))
     recorded = training_arguments.resolved_settings(recipe, str(checkpoint_dir), resolved)
-    recorded = {k: v for k, v in recorded.items() if k not in METHOD_SECTIONS or k == method.section}
-    settings = {"method": method.name, **recorded, **method.resolved_section(recipe)}
+    recorded = {k: v for k, v in recorded.items() if k not in METHOD_SECTIONS or k == method.section}  # its own
+    settings = {"method": method.name, **recorded}
     if args.process_index != 0:  # under torchrun the main process reports for all
         say = lambda text: None  # noqa: E731
     set_seed(args.seed)  # a fresh adapter's or head's first weights are the same in every run of the recipe
