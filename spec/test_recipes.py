@@ -556,7 +556,8 @@ def test_a_method_section_left_out_is_recorded_with_its_defaults_written_out():
     """The primer recipe has no [lora] and an [sft] of two keys: the run records every [sft] field, the defaults
     being those of the section's dataclass (reference/settings/sections.py): 2,048 tokens, the loss on the response,
     padded
-    batches, the full logits, no checkpointing, never packed, and no token."""
+    batches, the full logits, no checkpointing (and every layer recomputed when it is on), never packed, and no
+    token."""
     from reference.settings.training_arguments import resolved_settings
 
     recipe = load_recipe("primer")
@@ -567,6 +568,7 @@ def test_a_method_section_left_out_is_recorded_with_its_defaults_written_out():
         "padding_free": False,
         "chunked_loss": False,
         "gradient_checkpointing": False,
+        "recompute": "all",
         "packing": False,
         "dataset_text_field": "text",
         "dataset_num_proc": None,

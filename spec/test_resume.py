@@ -91,8 +91,12 @@ def test_trainer_train_resume_from_checkpoint_goes_on_at_its_step_with_its_sched
 
 
 def train_command(model, data, output) -> list:
-    """`train` with the uninterrupted run's settings: the llm2024 recipe cut to six steps."""
-    return ["train", "--recipe", "llm2024", "--model", model, "--data", data, *QA, "--output", output, *SIX_STEPS]
+    """`train` with the uninterrupted run's settings: the llm2024 recipe cut to six steps, in its bf16 (the
+    uninterrupted run takes the recipe as given; the command would compute the tiny model in fp32 on the CPU)."""
+    return [
+        *("train", "--recipe", "llm2024", "--model", model, "--data", data, *QA, "--output", output),
+        *("--cpu-dtype", "recipe", *SIX_STEPS),
+    ]
 
 
 @pytest.fixture(scope="module")

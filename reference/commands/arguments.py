@@ -12,6 +12,8 @@ import math
 import os
 import sys
 
+from reference.messages import say
+
 
 def _number(value: str, kind: type) -> int | float:
     """VALUE read as an int or a float; inf and nan are refused: no count or rate is endless or undefined."""
@@ -100,11 +102,22 @@ def add_run_options(
         action="store_true",
         help="start again in an OUTPUT that holds a run: its files are removed first",
     )
+    add_cpu_dtype(p)
     p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
         help=f"recipe overrides: a TrainingArguments name, or section.key ({sections})",
+    )
+
+
+def add_cpu_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cpu-dtype",
+        choices=["auto", "recipe"],
+        default="auto",
+        help="on a CPU, auto computes in fp32 where this CPU and model train faster so (a bf16 recipe is kept only "
+        "with AMX and a hidden size >= 512; reference/training/cpu.py), recipe keeps the recipe's (default: auto)",
     )
 
 
@@ -118,11 +131,39 @@ def recipe_of(args: argparse.Namespace):
     return recipe
 
 
+def for_this_machine(args: argparse.Namespace, recipe):
+    """The recipe as a command runs it here (reference.training.cpu): on a CPU, torch's threads chosen from the CPUs
+    free now, and the compute dtype this CPU trains --model fastest in (unless --cpu-dtype recipe); each said."""
+    import torch
+
+    from reference.modeling import shapes
+    from reference.training import cpu
+
+    if torch.cuda.is_available():
+        return recipe
+    threads = cpu.use_threads(cpu.choose_threads())
+    say(f"cpu: {threads.threads} torch threads ({threads.reason})")
+    if threads.warning:
+        say(f"cpu: {threads.warning}")
+    if getattr(args, "cpu_dtype", "auto") == "recipe":
+        return recipe
+    try:
+        config = shapes.load_config(args.model)
+    except (OSError, ValueError):
+        return recipe  # the run refuses the model directory itself, by name
+    hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
+    adapted, why = cpu.adapt_dtype(recipe, hidden)
+    if why:
+        say(f"cpu: fp32 compute instead of the recipe's half precision ({why})")
+    return adapted
+
+
 def run_method(args: argparse.Namespace, run, columns: dict | None, **extra) -> int:
-    """A training command's work: the recipe with its overrides (recipe_of), the method's `run` on --model, --data
-    and --output with --resume or --overwrite (reference.training.runs), and the run's summary printed."""
+    """A training command's work: the recipe with its overrides (recipe_of) as this machine runs it
+    (for_this_machine), the method's `run` on --model, --data and --output with --resume or --overwrite
+    (reference.training.runs), and the run's summary printed."""
     record = run(
-        recipe_of(args),
+        for_this_machine(args, recipe_of(args)),
         args.model,
         args.data,
         args.output,

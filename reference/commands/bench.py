@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from reference.commands.arguments import declare_paths, positive_int
+from reference.commands.arguments import add_cpu_dtype, declare_paths, positive_int
 from reference.messages import say
 
 NAME = "bench"
@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true", help="no measurement: memory and FLOPs of --shape under the recipe")
     p.add_argument("--shape", default="gemma-2-27b", help="--plan: a published shape (gemma-2-2b/9b/27b, llama-3.1-8b)")
     p.add_argument("--mfu", type=float, default=0.4, help="--plan: the MFU step times are given at (default 0.4)")
+    add_cpu_dtype(p)
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="recipe overrides (per_device_train_batch_size=2, lora.r=128)"
     )
@@ -85,12 +86,14 @@ def write(output: Path, results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference.commands.arguments import recipe_of
+    from reference.commands.arguments import for_this_machine, recipe_of
 
     recipe = recipe_of(args)
     if args.plan:
         return plan(args, recipe)
     from reference.benchmarking import measure, peer
+
+    recipe = for_this_machine(args, recipe)  # the threads and dtype a run here gets; trl is timed on the same
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

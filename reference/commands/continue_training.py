@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from reference.commands.arguments import add_run_options, print_run, recipe_of
+from reference.commands.arguments import add_run_options, for_this_machine, print_run, recipe_of
 
 NAME = "continue"
 HELP = "train further from a saved LoRA adapter (claims A1-A3)"
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from reference.methods import continuation, train
 
-    recipe = recipe_of(args)
+    recipe = for_this_machine(args, recipe_of(args))
     manifest = continuation.continue_training(
         recipe,
         args.model,

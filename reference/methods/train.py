@@ -35,7 +35,7 @@ from reference.methods import chunked_loss, sft
 from reference.modeling import lora, models
 from reference.records import data
 from reference.settings import sections
-from reference.training import runs
+from reference.training import recompute, runs
 from reference.training.manifest import AdapterMode
 
 CHECKPOINTS = runs.CHECKPOINTS
@@ -135,6 +135,10 @@ class SupervisedFineTuning(runs.Method):
         settings = sections.resolve("sft", recipe.sft)
         flattened = settings.padding_free  # X11: records end to end, no padding
         say(f"{'padding-free' if flattened else 'padded'} batches")
+        callbacks = []
+        if args.activation_checkpointing and settings.recompute == "fit":
+            longest = max(len(record["input_ids"]) for record in data.dataset)
+            callbacks.append(recompute.FitRecompute((args.per_device_train_batch_size, longest), say))
         return runs.Prepared(
             data=data,
             model=model,
@@ -143,6 +147,7 @@ class SupervisedFineTuning(runs.Method):
             adapter=adapter_info,
             collator=sft.collator(tokenizer, padding_free=flattened),
             loss=chunked_loss.train_with(model, settings.chunked_loss, args.device),
+            callbacks=callbacks,
         )
 
 

@@ -45,6 +45,10 @@ class SFTSection:
     gradient_checkpointing: bool = setting(False, FLAG)
     """Recompute activations in the backward pass (the seed's use_gradient_checkpointing); also turned on by
     [training_arguments] activation_checkpointing."""
+    recompute: str = setting("all", one_of("all", "fit"))
+    """With checkpointing on, which layers are recomputed: all (the seed's, trl's), or fit: only those whose
+    activations do not fit in half the memory free when training begins, the others kept
+    (reference/training/recompute.py). The losses are the same either way."""
     packing: bool = setting(False, Rule(("bool",), choices=("false",), note="records are never packed here"))
     """The seed's SFTTrainer argument, recorded; only false is taken: padding_free lays records end to end without
     attention across them, which packing would add."""

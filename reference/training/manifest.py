@@ -28,6 +28,7 @@ from pathlib import Path
 
 from reference.errors import InputError
 from reference.paths import write_text_atomic
+from reference.settings import sections
 
 FILE = "manifest.json"
 
@@ -97,6 +98,9 @@ class RunManifest:
     """The training method (reference.training.runs.Method.name): sft, dpo or classifier."""
     results: dict = field(default_factory=dict)
     """What the method measured besides the per-step losses (the classifier's held-out log-loss before and after)."""
+    device: dict = field(default_factory=dict)
+    """Where the run trained: the device and torch's CPU threads, with how they were chosen (reference.training.cpu).
+    Not compared by `verify`: the thread count moves a loss by a few units in its last digits."""
 
     @classmethod
     def read(cls, directory: str | Path) -> RunManifest:
@@ -165,6 +169,10 @@ def _settings(manifest: dict) -> dict:
     settings = manifest["settings"]
     arguments = {k: v for k, v in settings.get("training_arguments", {}).items() if k not in PATH_ARGUMENTS}
     parts = {k: settings.get(k) for k in ("lora", "quantization", "sft", "dpo", "classifier")}
+    for name, section in sections.SECTIONS.items():  # a field added since a run was recorded: it ran the default
+        if isinstance(parts[name], dict):
+            defaults = {f.name: f.default for f in fields(section)}
+            parts[name] = {**defaults, **parts[name]}
     return {"method": settings.get("method", "sft"), "training_arguments": arguments, **parts}
 
 

@@ -198,6 +198,16 @@ def job_folder(directory: str | Path) -> Path:
     return directory
 
 
+def recorded_device(directory: str | Path) -> dict:
+    """The `device` part of a run's run.json (threads it began with); {} where there is none to read. A damaged
+    run.json is refused by write_or_check."""
+    try:
+        device = json.loads((Path(directory) / RUN).read_text(encoding="utf-8")).get("device", {})
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return {}
+    return device if isinstance(device, dict) else {}
+
+
 def write_or_check(directory: str | Path, what_runs: dict, resume: bool) -> None:
     """Write run.json (model, data, settings) for a new run; on --resume, refuse a different one."""
     path = Path(directory) / RUN

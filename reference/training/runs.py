@@ -32,7 +32,7 @@ from reference.methods import padding_free, sft
 from reference.modeling import adapter_records, kernels, lora, models, vocab
 from reference.paths import complete_directory
 from reference.settings import training_arguments
-from reference.training import checkpoints, distributed, progress, rundir
+from reference.training import checkpoints, cpu, distributed, progress, rundir
 from reference.training.manifest import AdapterMode, RunManifest
 
 CHECKPOINTS = rundir.CHECKPOINTS
@@ -113,6 +113,8 @@ class Prepared:
     """What computes the training loss, in words."""
     results: dict = field(default_factory=dict)
     """What the method measured before training (the classifier's held-out log-loss), completed by `evaluate`."""
+    callbacks: list = field(default_factory=list)
+    """The method's own TrainerCallbacks; what each `record()`s goes into the manifest's `device`."""
 
 
 METHOD_SECTIONS = ("sft", "dpo", "classifier")
@@ -255,8 +257,11 @@ def run_claimed(
     prepared = method.prepare(recipe, directory, tokenizer, args, data, adapter, say)
     trainable, total = lora.count_trainable(prepared.model)
     model_record = asdict(prepared.identity)
+    if resume and not finished:
+        same_threads(output_dir, args, say)
+    device = {"device": str(args.device), **cpu.threads_record()}
     if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
-        what_runs = {"model": model_record, "data": prepared.data.info, "settings": settings}
+        what_runs = {"model": model_record, "data": prepared.data.info, "settings": settings, "device": device}
         rundir.write_or_check(output_dir, what_runs, resume)
     if finished:  # the same run, and it has ended: nothing to carry on
         record = RunManifest.read(output_dir)
@@ -272,7 +277,7 @@ def run_claimed(
         args=args,
         train_dataset=prepared.data.dataset,
         data_collator=prepared.collator,
-        callbacks=[reporter, checkpoints.CompletionMarker(reporter.steps), *callbacks],
+        callbacks=[reporter, checkpoints.CompletionMarker(reporter.steps), *prepared.callbacks, *callbacks],
         **method.trainer_settings(recipe),
     )
     reporter.read_windows_of(trainer)
@@ -289,6 +294,8 @@ def run_claimed(
     else:
         checkpoints.train_keeping_whole_checkpoints(trainer, resume_from, checkpoint_dir)
     train_seconds = time.perf_counter() - started
+    for callback in prepared.callbacks:
+        device.update(callback.record() if hasattr(callback, "record") else {})
     model = prepared.model
     if args.activation_checkpointing:
         model.activation_checkpointing_disable()  # generation cannot use a cache while checkpointing
@@ -311,10 +318,28 @@ def run_claimed(
         **reporter.measured(),
         use_cache={**reporter.use_cache, "after_training": model.config.use_cache},
         results=results,
+        device=device,
         trainable_sha256_per_process=gather_object([trainable_weights_sha256(model)]),  # in rank order
     )
     save(method, trainer, tokenizer, manifest, say)
     return manifest
+
+
+def same_threads(output_dir, args, say) -> None:
+    """On --resume of a CPU run: torch's threads as the run began with them (its run.json), since the thread count
+    changes the losses in their last digits (reference.training.cpu); OMP_NUM_THREADS, when set, wins."""
+    import os
+
+    import torch
+
+    recorded = rundir.recorded_device(output_dir).get("threads")
+    if not isinstance(recorded, int) or recorded < 1:  # a run.json of before this record, or damaged: torch's own
+        return
+    if str(args.device).startswith("cpu") and not os.environ.get("OMP_NUM_THREADS"):
+        if recorded != torch.get_num_threads():
+            say(f"--resume: {recorded} torch threads, as the run began with (not {torch.get_num_threads()})")
+        torch.set_num_threads(recorded)
+        cpu.use_threads(cpu.Threads(recorded, cpu.usable_cpus(), None, "as the run began with (--resume)"))
 
 
 def save(method: Method, trainer, tokenizer, manifest: RunManifest, say) -> None:
