@@ -13,8 +13,6 @@ state). The ratio is seed / ours.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import report  # noqa: E402
+from reference.benchmarking import machine  # noqa: E402
 from reference.records.synthetic import magpie_records, write_jsonl  # noqa: E402
 
 
@@ -84,21 +83,6 @@ def compare(records: int, repeats: int, response_lines=(4, 9), seed_repeats: int
     }
 
 
-def machine() -> dict:
-    from importlib import metadata
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cores": cores,
-        "python": platform.python_version(),
-        "numpy": metadata.version("numpy"),
-        "pycld2": metadata.version("pycld2"),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 def test_filter_is_faster_than_the_seeds_algorithm_with_identical_output(benchmark):
     """CI-sized: 3,000 records. The full 30,000-record comparison is this script's main()."""
     result = benchmark.pedantic(compare, args=(3000, 1), kwargs={"seed_repeats": 1}, rounds=1, iterations=1)
@@ -113,7 +97,7 @@ def main() -> int:
     parser.add_argument("--response-lines", type=int, nargs=2, default=(4, 9))
     parser.add_argument("--json", default=None, help="append the result to this JSON file (a list)")
     args = parser.parse_args()
-    result = {**compare(args.records, args.repeats, args.response_lines), **machine()}
+    result = {**compare(args.records, args.repeats, args.response_lines), **machine.describe(("numpy", "pycld2"))}
     report(result, args.json)
     return 0 if result["identical_output"] else 1
 

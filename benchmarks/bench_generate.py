@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import device_info, random_model_dir, shape_config, sync  # noqa: E402
 from benchmarks.record import SMALL_GEMMA2, report  # noqa: E402
+from reference.benchmarking import machine  # noqa: E402
 from reference.modeling.shapes import GEMMA2_COMMON  # noqa: E402
 
 
@@ -104,7 +105,7 @@ def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device:
     bandwidth = measured_bandwidth(device, 256 if device == "cpu" else 4096)
     variants = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = random_model_dir(shape, Path(tmp) / "model", device)
+        model_dir = random_model_dir(shape, Path(tmp) / "model")
         for quantization in ("none", "nf4"):
             model, _ = models.load_causal_lm(model_dir, dtype="bfloat16", quantization=quantization, device=device)
             model.eval()
@@ -139,19 +140,6 @@ def compare(shape: str, prompt: int, new: int, batch: int, repeats: int, device:
 CPU_SHAPE = {**GEMMA2_COMMON, **SMALL_GEMMA2}
 """Gemma-2's layout (GQA, soft-capping, tied embeddings) and its 256,000-token vocabulary at a width and depth
 a shared 2-core CPU runs in minutes: 69.5M parameters, 65.5M of them the embedding that is also the LM head."""
-
-
-def machine() -> dict:
-    """The CPU this ran on: model name, cores and torch's threads."""
-    import os
-
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [
-        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-    ]
-    return {"cpu": names[0] if names else None, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def task_prompts(tokenizer, count: int, k: int) -> list[str]:
@@ -228,7 +216,7 @@ def compare_tasks(config: dict, tasks: int, k: int, new: int, batch: int, repeat
         "outputs_equal": outputs[1] == outputs[batch],
         **sides,
         "ratio_tasks_per_s": sides["batched"]["tasks_per_s"] / sides["one_at_a_time"]["tasks_per_s"],
-        **machine(),
+        **machine.describe(),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         **device_info("cpu"),
     }

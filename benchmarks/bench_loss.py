@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import device_info, sync  # noqa: E402
-from benchmarks.record import installed, report  # noqa: E402
+from benchmarks.record import report  # noqa: E402
+from reference.benchmarking import machine  # noqa: E402
 
 CAP = 30.0  # Gemma-2's final_logit_softcapping
 VARIANTS = ("full", "chunked", "trl")
@@ -209,12 +209,6 @@ def compare(tokens, hidden, vocab, chunk, repeats, variants=VARIANTS, device="cp
     }
 
 
-def machine(device: str) -> dict:
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {**device_info(device), "trl": installed("trl"), "cores": cores, "python": platform.python_version()}
-
-
 def test_the_chunked_loss_peaks_lower_than_the_full_logits_for_the_same_loss(benchmark):
     """CI-sized: 512 tokens, hidden 64, vocabulary 32,000, chunks of 64; one timed repeat."""
     result = benchmark.pedantic(
@@ -246,7 +240,7 @@ def main() -> int:
     if "full" not in args.variants:
         parser.error("--variants must include full, the baseline")
     result = compare(args.tokens, args.hidden, args.vocab, args.chunk, args.repeats, args.variants, args.device)
-    result = {**result, "note": args.note, **machine(args.device)}
+    result = {**result, "note": args.note, **device_info(args.device), **machine.describe()}
     report(result, args.json)
     return 0
 

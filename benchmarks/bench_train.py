@@ -39,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.record import installed, report  # noqa: E402
+from benchmarks.record import report  # noqa: E402
+from reference.benchmarking import machine  # noqa: E402
 
 LORA = {
     "r": 64,
@@ -59,21 +60,12 @@ def shape_config(shape: str) -> dict:
     return load_config(fixture if shape not in REAL_SHAPES and fixture.is_dir() else shape)
 
 
-def random_model_dir(shape: str, directory: Path, device: str) -> Path:
-    """A model of the shape with random weights, saved as safetensors (throughput does not depend on values)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def random_model_dir(shape: str, directory: Path) -> Path:
+    """A model of the shape with random weights, as `bench --shape` builds it (reference.benchmarking.random_weights):
+    throughput does not depend on the values."""
+    from reference.benchmarking import random_weights
 
-    config = dict(shape_config(shape))
-    model_type = config.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "architectures"})
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    model.save_pretrained(directory, safe_serialization=True)
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return directory
+    return random_weights.build(shape_config(shape), directory)
 
 
 def sync(device: str) -> None:
@@ -157,7 +149,7 @@ def compare(shape: str, seq: int, batch: int, steps: int, device: str, r: int = 
     lora_parameters = lora.trainable_parameters(config, r, shapes.PROJECTIONS)
     per_token = flops.lora_training_flops_per_token(config, seq, lora_parameters)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = random_model_dir(shape, Path(tmp) / "model", device)
+        model_dir = random_model_dir(shape, Path(tmp) / "model")
         runs = [train_steps(model_dir, q, device, batch, seq, steps, r) for q in ("nf4", "none")]
     for run in runs:
         run["model_flops_per_s"] = run["tokens_per_s"] * per_token
@@ -289,26 +281,6 @@ def compare_paths(rounds: int, steps: int, threads: int | None, variants=PATHS, 
     }
 
 
-def machine() -> dict:
-    """The CPU, its cores, memory and the versions that ran."""
-
-    names = [
-        line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
-    ]
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    memory = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
-    packages = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes")
-    return {
-        "cpu": names[0] if names else platform.processor(),
-        "cores": len(os.sched_getaffinity(0)),
-        "bf16_matrix_units": [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()],
-        "memory_kib": int(memory.split()[1]),
-        "python": platform.python_version(),
-        **{p: installed(p) for p in packages},
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 def test_train_paths_cpu_smoke(benchmark):
     """CI-sized: trl, padded and padding-free, one round of a warm-up and one timed step, the fixture records."""
     result = benchmark.pedantic(
@@ -346,7 +318,7 @@ def main() -> int:
     if steps < 2:
         parser.error("--steps must be at least 2 (the first is warm-up)")
     if args.compare == "paths":
-        result = {**compare_paths(args.rounds, steps, args.threads or None, tuple(args.variants)), **machine()}
+        result = {**compare_paths(args.rounds, steps, args.threads or None, tuple(args.variants)), **machine.describe()}
     else:
         result = compare(args.shape, args.seq, args.batch, steps, args.device, args.r)
     report({**result, "note": args.note}, args.json)

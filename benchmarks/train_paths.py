@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,21 +54,15 @@ TOKENIZER = ROOT / "fixtures" / "models" / "tiny-gemma2"
 
 
 def small_model(directory: Path) -> Path:
-    """SMALL_GEMMA2 with random weights (fp32, seed 0) and the fixture tokenizer, saved where train.run loads it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """SMALL_GEMMA2 with random weights (seeded, bf16) and the fixture tokenizer, built by the `bench --shape` builder
+    (reference.benchmarking.random_weights) where train.run loads it."""
+    from transformers import AutoTokenizer
 
+    from reference.benchmarking import random_weights
     from reference.modeling.shapes import GEMMA2_COMMON
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    config = {**GEMMA2_COMMON, **SMALL_GEMMA2, "vocab_size": len(tokenizer)}
-    del config["architectures"], config["model_type"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", **config), dtype=torch.float32)
-    model.save_pretrained(directory, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER / name, directory / name)
-    return directory
+    vocabulary = len(AutoTokenizer.from_pretrained(TOKENIZER))
+    return random_weights.build({**GEMMA2_COMMON, **SMALL_GEMMA2, "vocab_size": vocabulary}, directory)
 
 
 def length_mix(synthetic_records: int = 60, seed: int = 1) -> list[dict]:

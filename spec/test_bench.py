@@ -18,6 +18,7 @@ import torch
 from reference.benchmarking import plan as planning
 from reference.modeling import lora, models, shapes
 from spec.cli_runner import run_cli, run_main
+from spec.conftest import FIXTURES
 
 R = 64
 """At r = 64 the tiny Gemma-2's smallest LoRA matrix (k_proj's B: 32 x 64 = 2,048 values) keeps fp32 optimizer
@@ -165,3 +166,44 @@ def test_the_plan_reads_the_recipe_as_the_loader_does(tmp_path, quantization, ma
     assert "8 x 2048" in rows["batch x sequence"] and rows["LoRA"].startswith("LoRA  ") and "r=8 on q_proj:" in out
     default = transformers.TrainingArguments.__dataclass_fields__["optim"].default
     assert f"optimizer ({getattr(default, 'value', default)})" in out
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X13")
+def test_a_shape_is_timed_with_random_weights_built_once_and_cut_to_the_layers_asked(tmp_path):
+    """`bench --shape DIR --layers 1` (DIR: the tiny Gemma-2's published-style config) builds the shape with random
+    weights in OUTPUT/model-NAME-1l, cut to its first layer with the fixtures' tokenizer, and times it; a second
+    bench of the same shape uses that build again."""
+    shape = FIXTURES / "configs" / "tiny-gemma2"
+    command = ("bench", "--shape", shape, "--layers", 1, "--steps", 2, "--skip", "generation", "--output", tmp_path)
+    first = run_cli(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    built = tmp_path / "model-tiny-gemma2-1l"
+    config = json.loads((built / "config.json").read_text())
+    published = json.loads((shape / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["hidden_size"] == published["hidden_size"]
+    assert config["vocab_size"] == published["vocab_size"] and (built / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "bench.json").read_text())["model"] == str(built.resolve())
+    again = run_cli(*command)
+    assert again.returncode == 0 and "holds this shape already; used again" in again.stderr
+
+
+@pytest.mark.claim("X13")
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (("--shape", "gemma-2-2b", "--model", "somewhere"), "--model and --shape name two models"),
+        (
+            (
+                "--layers",
+                "2",
+            ),
+            "--layers cuts a --shape",
+        ),
+        (("--plan", "--layers", "2"), "--layers cuts a --shape"),
+        (("--shape", "gemma-3-1b"), "--shape gemma-3-1b: not a published shape"),
+    ],
+)
+def test_a_shape_and_its_layers_are_refused_where_they_name_nothing_to_time(tmp_path, arguments, message):
+    code, out, err = run_main("bench", "--output", tmp_path, *arguments)
+    assert code == 2 and message in err and "Traceback" not in err

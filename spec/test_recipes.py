@@ -179,6 +179,7 @@ def test_llm2024_recipe_holds_the_solutions_trainer_settings():
         "dataset_num_proc": 2,
         "shuffle_seed": 45,
         "gradient_checkpointing": True,
+        "recompute": "fit",  # not the seed's: the layers whose activations fit are not recomputed, the same losses
         "use_cache_during_training": False,
         "loss_on": "all",
         "padding_free": True,  # not the seed's: records end to end, no padding computed (X11)

@@ -111,6 +111,9 @@ def training(recipe, model_dir: str, output: Path, steps: int, say) -> dict:
         "mfu": flops.model_flops_utilisation(rate, per_token, peak),
         "trainable_parameters": record.trainable_parameters,
         "base": record.model.get("quantization"),
+        "threads": record.device.get("threads"),
+        "checkpointing": bool(args.get("activation_checkpointing")),
+        "recompute": record.device.get("recompute"),
         "manifest": str(record.path),
     }
 
@@ -163,6 +166,15 @@ def generation(model_dir: str, new_tokens: int, batch: int, dtype: str) -> dict:
     }
 
 
+def recomputed(checkpointing: bool, plan: dict | None) -> str:
+    """How many layers checkpointing recomputed (reference.training.recompute's plan)."""
+    if not checkpointing:
+        return "none (no checkpointing)"
+    if plan is None:
+        return "all"
+    return f"{plan['layers'] - plan['kept']} of {plan['layers']} (the others' activations fit and were kept)"
+
+
 def table(results: dict) -> str:
     """The measured results as a person reads them."""
     rows = []
@@ -178,6 +190,7 @@ def table(results: dict) -> str:
             ("  real tokens per step", f"{t['tokens_per_step']:,.0f}"),
             ("  MFU", f"{t['mfu']:.1%} of {t['peak_flops']:.3g} FLOP/s ({t['peak_flops_source']})"),
             ("  peak memory", f"{t['peak_memory_bytes'] / 2**30:.2f} GiB"),
+            ("  threads, layers recomputed", f"{t['threads']}, {recomputed(t['checkpointing'], t['recompute'])}"),
             ("  loss, first -> last", f"{t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}"),
         ]
     if "trl" in results:

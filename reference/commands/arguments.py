@@ -154,7 +154,7 @@ def for_this_machine(args: argparse.Namespace, recipe):
     hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
     adapted, why = cpu.adapt_dtype(recipe, hidden)
     if why:
-        say(f"cpu: fp32 compute instead of the recipe's half precision ({why})")
+        say(f"cpu: fp32 compute instead of the recipe's half precision: {why}")
     return adapted
 
 

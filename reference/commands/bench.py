@@ -4,6 +4,7 @@ FLOPs of a published shape under a recipe, without weights (claim X13).
     python -m reference bench                                   the fixture model small-gemma2, the llm2024 recipe
     python -m reference bench --model DIR --recipe FILE key=value ...   your model and settings
     python -m reference bench --against trl                     trl's SFTTrainer at its best setting beside it
+    python -m reference bench --shape gemma-2-2b --layers 2     a published shape with random weights, cut to 2 layers
     python -m reference bench --plan --shape gemma-2-27b lora.r=128     does it fit, how long a step takes
 
 A table on stdout; the results as JSON in --output (bench.json), written again after each part so that a later
@@ -38,7 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", choices=["training", "generation"], action="append", default=[], help="leave a part out")
     p.add_argument("--against", choices=["trl"], default=None, help="also time trl's SFTTrainer at its best setting")
     p.add_argument("--plan", action="store_true", help="no measurement: memory and FLOPs of --shape under the recipe")
-    p.add_argument("--shape", default="gemma-2-27b", help="--plan: a published shape (gemma-2-2b/9b/27b, llama-3.1-8b)")
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="a published shape (gemma-2-2b/9b/27b, llama-3.1-8b) or a directory with its config.json: timed with "
+        "random weights (built in OUTPUT), or with --plan planned (default for --plan: gemma-2-27b)",
+    )
+    p.add_argument("--layers", type=positive_int, default=None, help="--shape: keep its first N decoder layers")
     p.add_argument("--mfu", type=float, default=0.4, help="--plan: the MFU step times are given at (default 0.4)")
     add_cpu_dtype(p)
     p.add_argument(
@@ -53,6 +60,7 @@ def plan(args, recipe) -> int:
     from reference.modeling import lora, models, shapes
     from reference.settings import sections, training_arguments
 
+    args.shape = args.shape or "gemma-2-27b"
     config = shapes.load_config(args.shape)
     arguments = training_arguments.resolve(recipe, str(Path(args.output) / "checkpoints")).arguments
     quantization, bnb_4bit = models.recipe_quantization(recipe.quantization)
@@ -79,6 +87,25 @@ def plan(args, recipe) -> int:
     return 0
 
 
+def random_model(args, output: Path) -> Path:
+    """--shape with random weights (reference.benchmarking.random_weights) in OUTPUT/model-NAME[-Nl]; refused beside
+    --model, which names another model."""
+    from reference.benchmarking import random_weights
+    from reference.errors import InputError
+    from reference.modeling import shapes
+
+    if args.model != str(FIXTURE_MODEL):
+        raise InputError("bench: --model and --shape name two models; give one")
+    try:
+        config = random_weights.shape_config(shapes.load_config(args.shape), args.layers)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"--shape {args.shape}: not a published shape nor a directory with a config.json ({error})"
+        ) from None
+    name = Path(args.shape).name + (f"-{config['num_hidden_layers']}l" if args.layers else "")
+    return random_weights.build(config, output / f"model-{name}", say)
+
+
 def write(output: Path, results: dict) -> None:
     from reference.paths import write_text_atomic
 
@@ -89,16 +116,24 @@ def run(args: argparse.Namespace) -> int:
     from reference.commands.arguments import for_this_machine, recipe_of
 
     recipe = recipe_of(args)
+    if args.layers and (args.plan or not args.shape):
+        from reference.errors import InputError
+
+        raise InputError("bench: --layers cuts a --shape timed with random weights (--plan plans the whole shape)")
     if args.plan:
         return plan(args, recipe)
     from reference.benchmarking import measure, peer
 
+    output = Path(args.output)
+    if args.shape:
+        args.model = str(random_model(args, output))
     recipe = for_this_machine(args, recipe)  # the threads and dtype a run here gets; trl is timed on the same
 
-    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    from reference.benchmarking import machine
+
     results = {"model": str(Path(args.model).resolve()), "recipe": recipe.name, "overrides": args.overrides}
-    results.update(notes=[], errors=[])
+    results.update(machine=machine.describe(), notes=[], errors=[])
 
     def part(name: str, measuring) -> None:
         """One part measured and written at once; a failure is recorded by name and the other parts still run."""

@@ -181,10 +181,10 @@ def adapt_dtype(recipe, hidden_size: int | None, bf16_matrix_units: bool | None 
     units = has_bf16_matrix_units() if bf16_matrix_units is None else bf16_matrix_units
     if compute_dtype(hidden_size, units) == "bfloat16":
         return recipe, None
+    have = "AMX bf16 tiles, but" if units else "no AMX bf16 tiles,"
     why = (
-        f"on this CPU fp32 trains faster: {'AMX bf16 tiles, but' if units else 'no AMX bf16 tiles;'} hidden size "
-        f"{hidden_size} {'<' if units else 'and'} {BF16_MIN_HIDDEN} (reference/training/cpu.py; "
-        "--cpu-dtype recipe keeps the recipe's)"
+        f"on this CPU fp32 trains faster ({have} hidden size {hidden_size} < {BF16_MIN_HIDDEN} needed: "
+        "reference/training/cpu.py); --cpu-dtype recipe keeps the recipe's"
     )
     overrides = [f"{k}=false" for k in half]
     if recipe.quantization.get("bnb_4bit_compute_dtype", "float32") != "float32":

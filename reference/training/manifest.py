@@ -165,7 +165,27 @@ def load(path: str | Path) -> dict:
     return manifest
 
 
+WITHOUT_EFFECT = {"sft": ("recompute",)}
+"""Settings that cannot change a run's numbers, so runs that differ in them still reproduce each other (a
+difference is a note): which layers checkpointing recomputes gives the same losses and weights bit for bit
+(spec/test_recompute.py), and a resumed run may keep other layers than the run it continues."""
+
+
 def _settings(manifest: dict) -> dict:
+    """The settings two runs must share to be the same run (WITHOUT_EFFECT left out)."""
+    parts = _all_settings(manifest)
+    for name, keys in WITHOUT_EFFECT.items():
+        if isinstance(parts[name], dict):
+            parts[name] = {k: v for k, v in parts[name].items() if k not in keys}
+    return parts
+
+
+def _without_effect(manifest: dict) -> dict:
+    parts = _all_settings(manifest)
+    return {f"{n}.{k}": (parts[n] or {}).get(k) for n, keys in WITHOUT_EFFECT.items() for k in keys}
+
+
+def _all_settings(manifest: dict) -> dict:
     settings = manifest["settings"]
     arguments = {k: v for k, v in settings.get("training_arguments", {}).items() if k not in PATH_ARGUMENTS}
     parts = {k: settings.get(k) for k in ("lora", "quantization", "sft", "dpo", "classifier")}
@@ -240,6 +260,7 @@ def compare(a: dict, b: dict, rtol: float = 1e-5) -> Verdict:
     diffs.update(what_ran_differences(a, b))
     diffs["step plan"] += _dict_differences("step_plan", a["step_plan"], b["step_plan"])
     verdict.notes += _dict_differences("versions", a["settings"].get("versions", {}), b["settings"].get("versions", {}))
+    verdict.notes += _dict_differences("no effect on the numbers", _without_effect(a), _without_effect(b))
     _compare_losses(a, b, rtol, verdict)
     return verdict
 

@@ -19,7 +19,9 @@ same operations on the same inputs: spec/test_recompute.py pins them equal).
 
 Free memory: on CUDA the driver's free bytes (torch.cuda.mem_get_info); on the CPU MemAvailable, capped by a cgroup
 memory limit. The other half is left for what comes after: optimizer states, gradients, the loss's chunks, the
-recomputed layer of a checkpointed one. Not handled: a model whose decoder layers are not transformers'
+recomputed layer of a checkpointed one. Under torchrun every layer is recomputed: processes with different free
+memory would keep different layers, and FSDP's all-gathers of a recomputed layer would fall out of step. Not
+handled: a model whose decoder layers are not transformers'
 GradientCheckpointingLayer (then every layer is recomputed, and the run says so).
 """
 
@@ -141,6 +143,9 @@ class FitRecompute(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not args.activation_checkpointing:
+            return
+        if args.world_size > 1:  # ranks that kept different layers would all-gather (FSDP) out of step
+            self.say(f"recompute fit: {args.world_size} processes recompute every layer alike")
             return
         self.plan = fit(model, self.batch_shape)
         if self.plan is None:
