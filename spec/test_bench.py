@@ -207,3 +207,25 @@ def test_a_shape_is_timed_with_random_weights_built_once_and_cut_to_the_layers_a
 def test_a_shape_and_its_layers_are_refused_where_they_name_nothing_to_time(tmp_path, arguments, message):
     code, out, err = run_main("bench", "--output", tmp_path, *arguments)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.claim("X13")
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_trl_is_timed_on_the_projects_own_tokens_in_either_layout(tmp_path, tiny_gemma2_dir, padding_free):
+    """`bench --against trl` hands trl's SFTTrainer the token ids the project trains on (the recipe's text, cut at
+    max_seq_length), so both sides compute the same tokens; its padding-free layout (its best on a GPU) takes them
+    already cut, with no max_length of its own (trl refuses one there)."""
+    from transformers import AutoTokenizer
+
+    from reference.benchmarking import measure, peer
+    from reference.methods import train
+    from reference.settings.recipes import apply_overrides, load_recipe
+
+    recipe = apply_overrides(load_recipe("llm2024"), ["bf16=false", "sft.max_seq_length=48"])
+    records = measure.training_records(tmp_path / "records.jsonl")
+    trainer = peer.sft_trainer(recipe, str(tiny_gemma2_dir), records, tmp_path / "trl", padding_free=padding_free)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma2_dir)
+    ours, _ = train.encode_data(recipe, tokenizer, str(records), None)
+    assert trainer.train_dataset["input_ids"] == [record["input_ids"] for record in ours]
+    assert max(len(ids) for ids in trainer.train_dataset["input_ids"]) == 48
+    assert trainer.args.padding_free is padding_free

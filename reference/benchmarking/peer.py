@@ -2,12 +2,14 @@
 device (`bench --against trl`).
 
 Best setting: on a GPU, `padding_free=True` (flash-attention runs the packed row as separate sequences); on the CPU
-its padded default, since its padding-free rows run a full N x N masked attention there and are slower
-(benchmarks/results/train-cpu.json). Everything else as the project's run: the same records rendered in the recipe's
-alpaca-ja text, the same base (loaded NF4 when the recipe says so, by reference.modeling.models), the recipe's LoRA
-given to trl as its peft_config (trl prepares a quantised base itself), its TrainingArguments, the loss on every
-token.
-Steady real tokens/s (padding left out) after a first step apart.
+its padded default, since its padding-free rows run a full N x N masked attention there and are slower (measured
+with the fixture model and the llm2024 recipe in fp32, two runs each: padded 5,479 and 6,292 real tokens/s,
+padding-free 5,110 and 5,713; on the benchmarks' small Gemma-2 2,160 and 2,284 against 1,917 and 1,950).
+Everything else as the project's run: the same records, rendered in the recipe's format and tokenized as the
+project does, cut at max_seq_length (trl takes them as token ids), the same base (loaded NF4 when the recipe says
+so, by reference.modeling.models), the recipe's LoRA given to trl as its peft_config (trl prepares a quantised base
+itself), its TrainingArguments (the same CPU threads and dtype: the command adapts the recipe before either runs),
+the loss on every token. Steady real tokens/s (padding left out) after a first step apart.
 
 trl is an extra: without it, `install_hint` says how to add it.
 """
@@ -43,15 +45,19 @@ def sft_trainer(recipe, model_dir: str, records: Path, output: Path, padding_fre
     import trl
     from transformers import AutoTokenizer, PrinterCallback
 
+    from reference.methods import sft
     from reference.modeling import models
-    from reference.modeling.formats import ALPACA_PROMPT_JP
     from reference.settings import sections
     from reference.settings.training_arguments import gradient_checkpointing, map_training_arguments
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in Path(records).read_text(encoding="utf-8").splitlines()]
-    eos = tokenizer.eos_token
-    texts = [ALPACA_PROMPT_JP.format(r["instruction"], r["response"]) + (eos if r["response"] else "") for r in rows]
+    longest = sections.resolve("sft", recipe.sft).max_seq_length
+    # the project's own token ids of the recipe's text, cut at max_seq_length: the same tokens on both sides, and
+    # already cut, as trl's padding-free layout without packing asks (it does not cut them itself)
+    encoded = [
+        sft.encode_record(tokenizer, recipe.format, row["instruction"], row["response"], longest, "all") for row in rows
+    ]
     dtype = "bfloat16" if recipe.training_arguments.get("bf16") else "float32"
     quantization, bnb_4bit = models.recipe_quantization(recipe.quantization)
     # the same base on both sides (NF4 when the recipe says so); trl prepares it and attaches the LoRA itself
@@ -62,15 +68,14 @@ def sft_trainer(recipe, model_dir: str, records: Path, output: Path, padding_fre
         **arguments,
         activation_checkpointing=gradient_checkpointing(recipe, arguments),
         disable_tqdm=True,
-        dataset_text_field="text",
-        max_length=sections.resolve("sft", recipe.sft).max_seq_length,
+        max_length=None if padding_free else longest,
         packing=False,
         padding_free=padding_free,
     )
     trainer = trl.SFTTrainer(
         model=model,
         args=config,
-        train_dataset=datasets.Dataset.from_list([{"text": t} for t in texts]),
+        train_dataset=datasets.Dataset.from_list([{"input_ids": e["input_ids"]} for e in encoded]),
         processing_class=tokenizer,
         peft_config=lora,
     )
