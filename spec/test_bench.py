@@ -86,6 +86,7 @@ def test_the_plans_nf4_weights_are_what_bitsandbytes_allocates(tiny_gemma2_dir):
     assert plan.weights["nf4-dq"] == sum(layers.values()) + rest
 
 
+@pytest.mark.slow
 @pytest.mark.claim("X13")
 def test_the_plan_answers_the_seeds_question_for_gemma_2_27b_at_r_64_and_128(tmp_path):
     """`bench --plan --shape gemma-2-27b` with the llm2024 recipe (NF4 + double quantisation, adamw_8bit, batch 4
@@ -102,6 +103,40 @@ def test_the_plan_answers_the_seeds_question_for_gemma_2_27b_at_r_64_and_128(tmp
     rows = {line.split("  ")[0]: line for line in out.splitlines()}
     assert "does NOT fit" in rows["L4 (22.49 GiB)"] and "does NOT fit" in rows["RTX 4090 (23.99 GiB)"]
     assert "fits" in rows["A100 40GB (40.00 GiB)"] and "NOT" not in rows["A100 40GB (40.00 GiB)"]
+
+
+@pytest.mark.claim("X13")
+def test_a_layers_activations_planned_on_the_meta_device_are_what_the_same_forward_saves_in_real_tensors():
+    """The plan builds the shape on the meta device (no memory) and counts what one decoder layer saves for its
+    backward; the same forward on the CPU, with real tensors, saves exactly as many bytes (tiny Gemma-2 shape,
+    LoRA r=8 on the seven projections, a batch of 2 x 32)."""
+    import transformers
+
+    from reference.training import recompute
+
+    config = shapes.load_config(FIXTURES / "configs" / "tiny-gemma2")
+    planned, attention = planning.measured_layer_bytes(config, 8, shapes.PROJECTIONS, 2, 32)
+    settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    real = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(config["model_type"], **settings), dtype=torch.bfloat16
+    )
+    real = lora.attach(real, {"r": 8, "lora_alpha": 8, "target_modules": list(shapes.PROJECTIONS)})
+    real.activation_checkpointing_enable({"use_reentrant": False})
+    real.train()
+    assert planned == recompute.saved_bytes_per_layer(real, (2, 32), recompute.decoder_layers(real))
+    assert attention == real.config._attn_implementation == "eager"
+
+
+@pytest.mark.slow
+@pytest.mark.claim("X13")
+def test_gemma_2_27b_keeps_its_attention_scores_for_each_layer_not_checkpointed(tmp_path):
+    """By hand: eager attention keeps the softmax's fp32 output and the bf16 probabilities the value product reads,
+    batch x heads x T x T = 4 x 32 x 2,048 x 2,048 values at 4 + 2 bytes: at least 3 GiB a layer, which is why the
+    seed checkpoints every layer; of the GPUs named only those with room to spare after the lower bound keep any."""
+    code, out, err = run_main("bench", "--plan", "--shape", "gemma-2-27b", "--output", tmp_path)
+    planned = json.loads((tmp_path / "bench.json").read_text())["plan"]
+    assert code == 0 and planned["layer_bytes"] >= 4 * 32 * 2048 * 2048 * (4 + 2)
+    assert planned["gpus"]["L4"]["kept_layers"] == 0 and planned["gpus"]["H100 80GB"]["kept_layers"] >= 1
 
 
 @pytest.mark.slow

@@ -10,8 +10,14 @@ projection and layer), B the batch, T the sequence length, L layers, d the hidde
                  keeps 2 x (n + 4 ceil(n / 256)) bytes (uint8 moments, an fp32 absmax per 256), a smaller one
                  2 x 4n (bitsandbytes' min_8bit_size)
     activations  with gradient checkpointing, at least each layer's input: L x B x T x d x 2 bytes (bf16); the
-                 recomputed layer's own tensors and the loss's come on top (not estimated here). Without
-                 checkpointing the saved tensors depend on the attention kernel: not estimated.
+                 recomputed layer's own tensors and the loss's come on top (not in the lower bound).
+    a layer kept what one decoder layer saves for its backward when it is not checkpointed, measured: the shape
+                 built on the meta device (no memory, no arithmetic) with the recipe's LoRA, one training forward
+                 at B x T counted by reference.training.recompute (every saved tensor, each storage once), with the
+                 model's attention as transformers picks it without a GPU (Gemma-2: eager, which keeps the B x
+                 heads x T x T scores; flash-attention keeps none). Without checkpointing the activations are L of
+                 these; with `recompute = fit` a GPU keeps as many as half its memory left by the lower bound
+                 holds (`kept_layers`).
 
 FLOPs per token are reference.modeling.flops.lora_training_flops_per_token; the step time at a stated MFU on a
 GPU is B x T x FLOPs per token / (MFU x its dense bf16 peak). `fits` compares the sum of the rows above with
@@ -78,12 +84,16 @@ class RunPlan:
     gradient_bytes: int = 0
     optimizer_bytes: int = 0
     activation_bytes: int | None = None
-    """With checkpointing, the layers' inputs (a lower bound); None without (not estimated)."""
+    """With checkpointing, the layers' inputs (a lower bound); None without (see layer_bytes)."""
+    layer_bytes: int | None = None
+    """What one decoder layer keeps when it is not checkpointed, measured on the meta device (None: not measured)."""
+    attention: str | None = None
+    """The attention implementation layer_bytes was measured with."""
     flops_per_token: float = 0.0
     total_bytes: int = 0
     """The run's weights, LoRA, gradients, optimizer and activations: a lower bound of its peak."""
     gpus: dict = field(default_factory=dict)
-    """{name: {memory, fits, step_seconds}} at the stated MFU."""
+    """{name: {memory, fits, step_seconds, kept_layers}} at the stated MFU."""
     mfu: float = 0.4
 
     def to_dict(self) -> dict:
@@ -101,8 +111,10 @@ def plan(
     optimizer: str,
     checkpointing: bool,
     mfu: float = 0.4,
+    layer_bytes: tuple[int, str] | None = None,
 ) -> RunPlan:
-    """The plan of one run (see the module docstring); `quantization` is none, 8bit, nf4 or nf4-dq."""
+    """The plan of one run (see the module docstring); `quantization` is none, 8bit, nf4 or nf4-dq; `layer_bytes`
+    (bytes, attention) from measured_layer_bytes."""
     params = memory.parameters(config)
     matrices = lora_matrices(config, r, targets)
     lora_parameters = lora.trainable_parameters(config, r, targets)
@@ -118,10 +130,38 @@ def plan(
     result.total_bytes = (
         weights + result.lora_bytes + result.gradient_bytes + result.optimizer_bytes + (result.activation_bytes or 0)
     )
+    if layer_bytes:
+        result.layer_bytes, result.attention = layer_bytes
+    layers = config["num_hidden_layers"]
     for name, (capacity, peak) in GPUS.items():
         seconds = batch * seq_len * result.flops_per_token / (mfu * peak)
-        result.gpus[name] = {"memory": capacity, "fits": result.total_bytes <= capacity, "step_seconds": seconds}
+        fits = result.total_bytes <= capacity
+        kept = None
+        if result.layer_bytes and fits:  # reference.training.recompute's rule, on what the lower bound leaves
+            from reference.training.recompute import FREE_FRACTION
+
+            kept = min(layers, int(FREE_FRACTION * (capacity - result.total_bytes) // result.layer_bytes))
+        result.gpus[name] = {"memory": capacity, "fits": fits, "step_seconds": seconds, "kept_layers": kept}
     return result
+
+
+def measured_layer_bytes(config: dict, r: int, targets, batch: int, seq_len: int) -> tuple[int, str]:
+    """(bytes, attention implementation): what one decoder layer of the shape keeps for its backward, measured by
+    a training forward on the meta device with the LoRA attached (the module docstring)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from reference.training import recompute
+
+    settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    shape = AutoConfig.for_model(config["model_type"], **settings)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape, dtype=torch.bfloat16)
+    model = lora.attach(model, {"r": r, "lora_alpha": r, "target_modules": list(targets)})
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    layers = recompute.decoder_layers(model)
+    return recompute.saved_bytes_per_layer(model, (batch, seq_len), layers), model.config._attn_implementation
 
 
 def table(p: RunPlan) -> str:
@@ -139,13 +179,15 @@ def table(p: RunPlan) -> str:
         ("LoRA gradients (fp32)", gib(p.gradient_bytes)),
         (f"optimizer ({p.optimizer})", gib(p.optimizer_bytes)),
         ("activations" + (" (checkpointed layer inputs)" if p.checkpointing else ""), gib(p.activation_bytes)),
+        (f"a layer kept ({p.attention} attention)", gib(p.layer_bytes)),
         ("total, a lower bound", gib(p.total_bytes)),
         ("FLOPs per token", f"{p.flops_per_token:.3e}"),
     ]
     rows += [
         (
             f"{name} ({gib(g['memory'])})",
-            f"{'fits' if g['fits'] else 'does NOT fit'}; a step at {p.mfu:.0%} MFU {g['step_seconds']:.2f} s",
+            f"{'fits' if g['fits'] else 'does NOT fit'}; a step at {p.mfu:.0%} MFU {g['step_seconds']:.2f} s"
+            + (f"; recompute=fit keeps {g['kept_layers']} layers" if g["kept_layers"] is not None else ""),
         )
         for name, g in p.gpus.items()
     ]

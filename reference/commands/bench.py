@@ -69,17 +69,19 @@ def plan(args, recipe) -> int:
     adapter = lora.lora_config(recipe.lora)
     chosen = adapter.target_modules or shapes.PROJECTIONS  # peft keeps a set: shown in the projections' order
     targets = [m for m in shapes.PROJECTIONS if m in chosen] + sorted(set(chosen) - set(shapes.PROJECTIONS))
+    batch, seq_len = arguments.per_device_train_batch_size, sections.resolve("sft", recipe.sft).max_seq_length
     result = planning.plan(
         config,
         args.shape,
         adapter.r,
         targets,
-        arguments.per_device_train_batch_size,
-        sections.resolve("sft", recipe.sft).max_seq_length,
+        batch,
+        seq_len,
         quantization,
         str(getattr(arguments.optim, "value", arguments.optim)),
         arguments.activation_checkpointing,
         args.mfu,
+        layer_bytes=planning.measured_layer_bytes(config, adapter.r, targets, batch, seq_len),
     )
     print(planning.table(result))
     Path(args.output).mkdir(parents=True, exist_ok=True)

@@ -88,12 +88,12 @@ def saved_bytes_per_layer(model, batch_shape: tuple[int, int], layers: list) -> 
     counted: list[dict[int, int]] = [{} for _ in measured]
     current: list[int | None] = [None]
 
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
 
     def pack(tensor):  # activations only: a weight autograd keeps is held by the model anyway
         storage = tensor.untyped_storage()
-        if current[0] is not None and storage.data_ptr() not in weights:
-            counted[current[0]][storage.data_ptr()] = storage.nbytes()
+        if current[0] is not None and storage._cdata not in weights:
+            counted[current[0]][storage._cdata] = storage.nbytes()
         return tensor
 
     def entering(index):
