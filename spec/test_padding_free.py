@@ -291,7 +291,8 @@ def test_auto_find_batch_size_retries_a_padding_free_run_with_fewer_records_per_
     CPU allocator's out-of-memory error (a flattened row is always 1 row, so the records are counted from its
     position ids). The Trainer retries with int(4 x 0.9) = 3 records, which fails too, then int(3 x 0.9) = 2, which
     runs: 24 records / 2 = 12 micro-batches, 6 steps at accumulation 2, each step's tokens the real tokens fed, and
-    and the model's attention and embeddings as they were before training, after the failed steps too."""
+    the model's attention and embeddings as they were before training, after the failed steps too. The recipe's
+    `recompute = fit` kept every layer's activations at first; after running out of memory it recomputes them all."""
     observed, fed = Observed(), []
     recipe = apply_overrides(
         load_recipe("llm2024"),
@@ -318,6 +319,9 @@ def test_auto_find_batch_size_retries_a_padding_free_run_with_fewer_records_per_
     )
     assert manifest.batch_size_attempts == [4, 3, 2]
     assert any("out of memory at batch size 4" in line and "retries with 3" in line for line in observed.lines)
+    assert any(line.startswith("recompute fit: 2 of 2 layers keep their activations") for line in observed.lines)
+    assert any("starts again after running out of memory; every layer recomputed" in line for line in observed.lines)
+    assert manifest.device["recompute"] is None
     assert manifest.step_plan["micro_batches_per_epoch"] == 12 and manifest.step_plan["total_optimizer_steps"] == 6
     assert len(manifest.steps) == 6 and [s["tokens"] for s in manifest.steps] == [24 * 4] * 6 == [
         a + b for a, b in zip(fed[::2], fed[1::2], strict=True)

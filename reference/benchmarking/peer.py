@@ -1,7 +1,9 @@
 """The peer the benchmark is held against: trl's `SFTTrainer`, the seed's own library, at its best setting for the
 device (`bench --against trl`).
 
-Best setting: on a GPU, `padding_free=True` (flash-attention runs the packed row as separate sequences); on the CPU
+Best setting: on a GPU, `padding_free=True` (flash-attention runs the packed row as separate sequences; chosen, not
+measured: no GPU has been lent to this project, and without flash-attention installed the row runs behind an N x N
+mask, as on the CPU, so `bench` on a GPU should be read with that in mind); on the CPU
 its padded default, since its padding-free rows run a full N x N masked attention there and are slower (measured
 with the fixture model and the llm2024 recipe in fp32, two runs each: padded 5,479 and 6,292 real tokens/s,
 padding-free 5,110 and 5,713; on the benchmarks' small Gemma-2 2,160 and 2,284 against 1,917 and 1,950).

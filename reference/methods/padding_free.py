@@ -13,9 +13,9 @@ mask, its padding cut off and Gemma-2's sliding window counted from its first to
 positions back into the row; the projections, MLPs and loss still run on the row's N real tokens. It gives each
 record what its padded batch gives it, to fp32 rounding. One call per layer, not one per record: the record loop
 this replaces spent more in per-operation overhead than it saved. On the fixture model's batches (`bench`: 18% of a
-padded batch is padding) the loop ran at 0.81x the padded step's real tokens/s in bf16 and 0.94x in fp32, the grid
-at 0.93x and 1.03x; the more padding a batch holds, the more the grid gains. Grid and mask are made once per row
-and reused by every layer.
+padded batch is padding) the loop ran at 0.81x the padded step's real tokens/s in bf16 and 0.94x with bf16=false,
+the grid at 0.93x and 1.03x; the more padding a batch holds, the more the grid gains. Grid and mask are made once per
+row and reused by every layer.
 
 NEFTune (C14): the Trainer's hook draws U(-1, 1) x alpha / sqrt(L x d) for every position of the batch's rows, L
 their length: the longest record in a padded batch, N in a flattened row, so a flattened row would get other

@@ -22,8 +22,8 @@ llm2024 recipe's step (NF4 base, `bench --skip generation`), fp32 against bf16 r
 off (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, the avx512_bf16 instructions alone) 1.50x at 2,304, and 3.7x with no
 bf16 instructions (AVX512_CORE). So `compute_dtype` keeps a recipe's bf16 on the CPU only with AMX and a hidden
 size of at least BF16_MIN_HIDDEN, and otherwise computes in fp32 (the model and the 4-bit layers' compute dtype),
-recorded as a departure from the recipe with its reason. fp32 is the more exact of the two, so nothing is lost but
-the bf16 rounding. `--cpu-dtype recipe` keeps the recipe's dtype.
+recorded as a departure from the recipe with its reason. Nothing is lost: fp32 only leaves out bf16's rounding.
+`--cpu-dtype recipe` keeps the recipe's dtype.
 
 Not handled: NUMA placement, and the interop thread pool (left at torch's default).
 """

@@ -19,10 +19,11 @@ same operations on the same inputs: spec/test_recompute.py pins them equal).
 
 Free memory: on CUDA the driver's free bytes (torch.cuda.mem_get_info); on the CPU MemAvailable, capped by a cgroup
 memory limit. The other half is left for what comes after: optimizer states, gradients, the loss's chunks, the
-recomputed layer of a checkpointed one. Under torchrun every layer is recomputed: processes with different free
-memory would keep different layers, and FSDP's all-gathers of a recomputed layer would fall out of step. Not
-handled: a model whose decoder layers are not transformers'
-GradientCheckpointingLayer (then every layer is recomputed, and the run says so).
+recomputed layer of a checkpointed one. When the Trainer runs out of memory anyway and starts again with a smaller
+batch (auto_find_batch_size), every layer is recomputed from then on. Under torchrun every layer is recomputed:
+processes with different free memory would keep different layers, and FSDP's all-gathers of a recomputed layer
+would fall out of step. Not handled: a model whose decoder layers are not transformers' GradientCheckpointingLayer
+(then every layer is recomputed, and the run says so).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def free_memory(device: torch.device) -> int:
     for limit, usage in (
         ("memory.max", "memory.current"),
         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-    ):  # noqa: E501
+    ):
         try:
             room = int(Path("/sys/fs/cgroup", limit).read_text()) - int(Path("/sys/fs/cgroup", usage).read_text())
         except (OSError, ValueError):
@@ -88,6 +89,7 @@ def saved_bytes_per_layer(model, batch_shape: tuple[int, int], layers: list) -> 
     counted: list[dict[int, int]] = [{} for _ in measured]
     current: list[int | None] = [None]
 
+    # a storage's identity is its _cdata: data_ptr() is 0 for every tensor on the meta device (bench --plan)
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
 
     def pack(tensor):  # activations only: a weight autograd keeps is held by the model anyway
@@ -140,16 +142,26 @@ class FitRecompute(TrainerCallback):
 
     def __init__(self, batch_shape: tuple[int, int], say):
         self.batch_shape, self.say, self.plan = batch_shape, say, None
+        self.started = False
+        """Training has begun once: a second start is auto_find_batch_size's retry after running out of memory."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not args.activation_checkpointing:
             return
+        if self.started:  # auto_find_batch_size starts again after running out of memory: the safe choice, for good
+            if self.plan is not None:
+                for layer in decoder_layers(model):
+                    layer.gradient_checkpointing = True
+                self.plan = None
+                self.say("recompute fit: training starts again after running out of memory; every layer recomputed")
+            return
+        self.started = True
         if args.world_size > 1:  # ranks that kept different layers would all-gather (FSDP) out of step
             self.say(f"recompute fit: {args.world_size} processes recompute every layer alike")
             return
         self.plan = fit(model, self.batch_shape)
         if self.plan is None:
-            self.say("recompute fit: the model's layers are not transformers' checkpointing layers; all recomputed")
+            self.say("recompute fit: not every layer is checkpointed by transformers' flag; all recomputed as they are")
             return
         p = self.plan
         self.say(
