@@ -76,7 +76,7 @@ def tiny_lora_with_checkpointing():
 
 
 @pytest.mark.claim("X13")
-@pytest.mark.parametrize("free_layers, kept", [(0.9, 0), (2.5, 1), (4.0, 2), (100.0, 2)])
+@pytest.mark.parametrize("free_layers, kept", [(0.9, 0), (1.9, 0), (2.5, 1), (3.5, 1), (4.0, 2), (100.0, 2)])
 def test_fit_keeps_as_many_of_the_last_layers_as_half_the_free_memory_holds(monkeypatch, free_layers, kept):
     """With free memory worth F measured layers, floor(F / 2) layers are kept (at most all 2), the last ones; the
     others stay checkpointed."""
