@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -115,8 +116,9 @@ def test_reusing_a_finished_runs_directory_needs_a_flag_and_resume_checks_data_a
 @pytest.mark.slow
 @pytest.mark.claim("X5")
 def test_a_second_train_into_a_directory_another_train_is_writing_is_refused_and_the_first_finishes(tmp_path):
-    """Two real processes: while the first trains (its step plan printed, so it holds the directory), the second
-    is refused at once naming the first's process id; the first ends normally with its own manifest."""
+    """Two real processes: while the first trains (its step plan printed, so it holds the directory; then paused
+    with SIGSTOP, so that it cannot finish first however fast it trains), the second is refused at once naming the
+    first's process id; the first, let go on (SIGCONT), ends normally with its own manifest."""
     command = cli_command(*train_command(tmp_path / "d", *TINY, "max_steps=40"))
     first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=offline_env())
     seen = []
@@ -124,7 +126,11 @@ def test_a_second_train_into_a_directory_another_train_is_writing_is_refused_and
         seen.append(line)
         if line.startswith("step plan"):
             break
-    code, err = train(tmp_path / "d")
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        code, err = train(tmp_path / "d")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     seen += first.stderr.readlines()
     assert first.wait(timeout=300) == 0, "".join(seen)
     assert code == 2 and f"another run (process {first.pid}) is writing this directory" in err

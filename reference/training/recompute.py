@@ -2,7 +2,7 @@
 
 Checkpointing keeps each decoder layer's input and recomputes the rest of its forward in the backward pass. With
 LoRA on a frozen base the backward costs about one forward (the base's weights get no gradient), so recomputing
-every layer makes a step about 3 forwards instead of 2: 1.44x the real tokens/s without it on the benchmarks' small
+every layer makes a step about 3 forwards instead of 2: 1.45x the real tokens/s without it on the benchmarks' small
 Gemma-2 (`bench --model ... sft.gradient_checkpointing=false`). The seed checkpoints every layer because a 27b model
 on one GPU has no memory to spare; where memory is free, recomputing is time thrown away.
 
