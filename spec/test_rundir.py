@@ -119,7 +119,7 @@ def test_a_second_train_into_a_directory_another_train_is_writing_is_refused_and
     """Two real processes: while the first trains (its step plan printed, so it holds the directory; then paused
     with SIGSTOP, so that it cannot finish first however fast it trains), the second is refused at once naming the
     first's process id; the first, let go on (SIGCONT), ends normally with its own manifest."""
-    command = cli_command(*train_command(tmp_path / "d", *TINY, "max_steps=40"))
+    command = cli_command(*train_command(tmp_path / "d", *TINY, "max_steps=6"))
     first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=offline_env())
     seen = []
     for line in first.stderr:
@@ -134,4 +134,4 @@ def test_a_second_train_into_a_directory_another_train_is_writing_is_refused_and
     seen += first.stderr.readlines()
     assert first.wait(timeout=300) == 0, "".join(seen)
     assert code == 2 and f"another run (process {first.pid}) is writing this directory" in err
-    assert len(json.loads((tmp_path / "d" / "manifest.json").read_text())["steps"]) == 40
+    assert len(json.loads((tmp_path / "d" / "manifest.json").read_text())["steps"]) == 6

@@ -151,8 +151,11 @@ def measured_layer_bytes(config: dict, r: int, targets, batch: int, seq_len: int
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from reference.benchmarking.random_weights import shape_config
     from reference.training import recompute
 
+    # what a layer keeps does not depend on how many follow it: the measured layers alone are built
+    config = shape_config(config, recompute.MEASURED_LAYERS)
     settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     shape = AutoConfig.for_model(config["model_type"], **settings)
     with torch.device("meta"):
