@@ -17,13 +17,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from reference.settings.recipes import apply_overrides, load_recipe
-from reference.training import cpu, runs
+from reference.training import cpu, rundir
 from spec.cli_runner import run_cli
 
 
@@ -152,7 +151,7 @@ def test_a_resumed_cpu_run_goes_on_with_the_threads_it_began_with(tmp_path, monk
     before, said = torch.get_num_threads(), []
     try:
         torch.set_num_threads(2)
-        runs.same_threads(tmp_path, SimpleNamespace(device="cpu"), said.append)
+        cpu.resume_threads(rundir.recorded_device(tmp_path).get("threads"), "cpu", said.append)
         resumed = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

@@ -132,8 +132,9 @@ def recipe_of(args: argparse.Namespace):
 
 
 def for_this_machine(args: argparse.Namespace, recipe):
-    """The recipe as a command runs it here (reference.training.cpu): on a CPU, torch's threads chosen from the CPUs
-    free now, and the compute dtype this CPU trains --model fastest in (unless --cpu-dtype recipe); each said."""
+    """The recipe as a command runs it here (reference.training.cpu): on a CPU, torch's threads lowered to the CPUs
+    the process may use (a warning when other work holds some), and the compute dtype this CPU trains --model
+    fastest in (unless --cpu-dtype recipe); each said."""
     import torch
 
     from reference.modeling import shapes

@@ -145,6 +145,24 @@ def use_threads(choice: Threads) -> Threads:
     return choice
 
 
+def resume_threads(recorded, device: str, say) -> None:
+    """On --resume of a CPU run: torch's threads as the run began with them (`recorded`, from its run.json), since
+    the count changes the losses in their last digits; OMP_NUM_THREADS, when set, wins. A count that is missing or
+    not a positive whole number (a run.json from before it was recorded) leaves torch's own."""
+    import torch
+
+    if (
+        not isinstance(recorded, int)
+        or recorded < 1
+        or not device.startswith("cpu")
+        or os.environ.get("OMP_NUM_THREADS")
+    ):
+        return
+    if recorded != torch.get_num_threads():
+        say(f"--resume: {recorded} torch threads, as the run began with (not {torch.get_num_threads()})")
+    use_threads(Threads(recorded, usable_cpus(), None, "as the run began with (--resume)"))
+
+
 def threads_record() -> dict:
     """What a run records of its threads: the count torch runs on, and how it was chosen."""
     import torch

@@ -257,8 +257,8 @@ def run_claimed(
     prepared = method.prepare(recipe, directory, tokenizer, args, data, adapter, say)
     trainable, total = lora.count_trainable(prepared.model)
     model_record = asdict(prepared.identity)
-    if resume and not finished:
-        same_threads(output_dir, args, say)
+    if resume and not finished:  # the thread count the run began with (run.json), as reference.training.cpu says
+        cpu.resume_threads(rundir.recorded_device(output_dir).get("threads"), str(args.device), say)
     device = {"device": str(args.device), **cpu.threads_record()}
     if args.process_index == 0:  # X5: what this run trains, recorded (or, on --resume, checked) before it trains
         what_runs = {"model": model_record, "data": prepared.data.info, "settings": settings, "device": device}
@@ -323,23 +323,6 @@ def run_claimed(
     )
     save(method, trainer, tokenizer, manifest, say)
     return manifest
-
-
-def same_threads(output_dir, args, say) -> None:
-    """On --resume of a CPU run: torch's threads as the run began with them (its run.json), since the thread count
-    changes the losses in their last digits (reference.training.cpu); OMP_NUM_THREADS, when set, wins."""
-    import os
-
-    import torch
-
-    recorded = rundir.recorded_device(output_dir).get("threads")
-    if not isinstance(recorded, int) or recorded < 1:  # a run.json of before this record, or damaged: torch's own
-        return
-    if str(args.device).startswith("cpu") and not os.environ.get("OMP_NUM_THREADS"):
-        if recorded != torch.get_num_threads():
-            say(f"--resume: {recorded} torch threads, as the run began with (not {torch.get_num_threads()})")
-        torch.set_num_threads(recorded)
-        cpu.use_threads(cpu.Threads(recorded, cpu.usable_cpus(), None, "as the run began with (--resume)"))
 
 
 def save(method: Method, trainer, tokenizer, manifest: RunManifest, say) -> None:
